@@ -20,7 +20,13 @@ pub enum KeyMode {
 }
 
 impl KeyMode {
-    pub const ALL: [KeyMode; 5] = [KeyMode::SseS3, KeyMode::SseKms, KeyMode::SseC, KeyMode::CseKms, KeyMode::CseLocal];
+    pub const ALL: [KeyMode; 5] = [
+        KeyMode::SseS3,
+        KeyMode::SseKms,
+        KeyMode::SseC,
+        KeyMode::CseKms,
+        KeyMode::CseLocal,
+    ];
 
     /// The name used in options, metadata and messages.
     pub fn as_str(self) -> &'static str {
@@ -76,9 +82,7 @@ pub trait DataKeyProvider: Send + Sync + 'static {
 pub enum KeyError {
     #[error("key file {path}: {reason}")]
     KeyFile { path: String, reason: String },
-    #[error(
-        "key file {path} is readable by group or others (mode {mode:04o}); run: chmod 600 {path}"
-    )]
+    #[error("key file {path} is readable by group or others (mode {mode:04o}); run: chmod 600 {path}")]
     KeyFilePermissions { path: String, mode: u32 },
     #[error("{0}")]
     Config(String),

@@ -176,8 +176,13 @@ pub trait ObjectStore: Send + Sync + 'static {
     async fn create_multipart(&self, key: &str, metadata: &Metadata) -> StoreResult<String>;
 
     /// UploadPart.
-    async fn upload_part(&self, key: &str, upload_id: &str, part_number: i32, body: Bytes)
-        -> StoreResult<CompletedPart>;
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+    ) -> StoreResult<CompletedPart>;
 
     /// UploadPartCopy of `source_range` (end exclusive) of `source_key`, only if the source still has the ETag
     /// `source_if_match` when one is given.
