@@ -15,3 +15,6 @@
 pub mod format;
 pub mod keys;
 pub mod store;
+pub mod fs;
+pub mod fuse;
+pub mod run;

@@ -1,1 +1,52 @@
-fn main() {}
+//! The `s3crypt` command (also installed as `mount.s3crypt`, the mount(8) helper). All logic lives in the library.
+use clap::Parser;
+use s3crypt::cli::{self, Cli, Command, MountOptions};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut args: Vec<String> = std::env::args().collect();
+    let argv0 = args.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
+    if argv0 == "mount.s3crypt" {
+        match cli::mount_helper_args(&args[1..]) {
+            Ok(a) => args = std::iter::once("s3crypt".to_string()).chain(a).collect(),
+            Err(e) => {
+                eprintln!("mount.s3crypt: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let cli = Cli::parse_from(&args);
+    match run(cli, &args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("s3crypt: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn options(words: &[String]) -> anyhow::Result<MountOptions> {
+    let opts = MountOptions::parse(words)?;
+    opts.validate()?;
+    Ok(opts)
+}
+
+fn run(cli: Cli, args: &[String]) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Mount { source, mountpoint, foreground, options: words } => {
+            let opts = options(&words)?;
+            if !foreground {
+                return s3crypt::daemon::spawn_background(&args[1..]).map_err(anyhow::Error::msg);
+            }
+            s3crypt::run::mount(&source, &mountpoint, opts, s3crypt::notify::Readiness::from_env())
+        }
+        Command::Cat { source, options: words } => s3crypt::run::cat(&source, options(&words)?),
+        Command::Put { file, dest, options: words } => s3crypt::run::put(&file, &dest, options(&words)?),
+        Command::Keygen { file } => {
+            s3crypt::keys::keygen(&file)?;
+            eprintln!("wrote a new 32-byte master key to {} (mode 0600); keep a copy: without it the data cannot be read", file.display());
+            Ok(())
+        }
+    }
+}

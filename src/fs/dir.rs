@@ -1,0 +1,460 @@
+//! Names: lookup, getattr, readdir, mkdir, rmdir, unlink, rename, symlink, readlink and attribute changes.
+use super::inode::{attr_from_metadata, attr_to_metadata, check_name, join, Attr, Kind, Remote, ROOT_INO};
+use super::{lock, Fs, FsError, FsResult, VOLUME_OBJECT};
+use crate::store::{Metadata, ObjectInfo, PutCondition, StoreError};
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use std::time::SystemTime;
+
+/// How many copies or deletes a directory rename keeps in flight.
+const RENAME_PARALLELISM: usize = 16;
+
+/// One directory entry.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub name: String,
+    pub kind: Kind,
+}
+
+/// What S3 knows about a name.
+enum Found {
+    Object(ObjectInfo),
+    Dir(Option<ObjectInfo>),
+}
+
+impl Fs {
+    /// Looks up `name` in directory `parent` and counts one kernel reference to the result.
+    pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
+        check_name(name)?;
+        let parent_path = self.dir_path(parent)?;
+        let known = {
+            let t = lock(&self.inodes);
+            t.child(parent, name)
+                .filter(|c| c.pending || c.open_count > 0 || t.is_fresh(c.ino, self.cfg.metadata_ttl))
+                .map(|c| c.ino)
+        };
+        if let Some(ino) = known {
+            let attr = match self.open_attr(ino).await {
+                Some(a) => a,
+                None => self.cached_attr(ino)?,
+            };
+            if let Some(n) = lock(&self.inodes).get_mut(ino) {
+                n.lookups += 1;
+            }
+            return Ok(attr);
+        }
+        if parent == ROOT_INO && name == VOLUME_OBJECT {
+            return Err(FsError::NotFound);
+        }
+        let path = join(&parent_path, name);
+        let found = self.find(&path).await?;
+        self.record(parent, name, found, true)
+    }
+
+    /// Attributes of an inode, from S3 when the cached ones are older than the metadata TTL.
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        if let Some(attr) = self.open_attr(ino).await {
+            return Ok(attr);
+        }
+        let (fresh, parent, name, path) = {
+            let t = lock(&self.inodes);
+            let n = t.get(ino).ok_or(FsError::NotFound)?;
+            let fresh = ino == ROOT_INO || n.pending || t.is_fresh(ino, self.cfg.metadata_ttl);
+            (fresh, n.parent, n.name.clone(), n.path.clone())
+        };
+        if fresh {
+            return self.cached_attr(ino);
+        }
+        let found = self.find(&path).await?;
+        self.record(parent, &name, found, false)?;
+        self.cached_attr(ino)
+    }
+
+    /// Asks S3 what `path` is: an object (HEAD) or a directory (a marker or any key below it).
+    async fn find(&self, path: &str) -> FsResult<Found> {
+        let key = self.key_of(path);
+        let dir_prefix = format!("{key}/");
+        let (head, list) = tokio::join!(self.store.head(&key), self.store.list(&dir_prefix, None, None, Some(2)));
+        match head {
+            Ok(info) if !key.ends_with('/') => return Ok(Found::Object(info)),
+            Ok(_) | Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let page = list?;
+        if page.objects.is_empty() && page.common_prefixes.is_empty() {
+            return Err(FsError::NotFound);
+        }
+        let marker = if page.objects.first().is_some_and(|o| o.key == dir_prefix) {
+            match self.store.head(&dir_prefix).await {
+                Ok(info) => Some(info),
+                Err(StoreError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        Ok(Found::Dir(marker))
+    }
+
+    /// Puts what `find` said into the inode table.
+    fn record(&self, parent: u64, name: &str, found: Found, bump: bool) -> FsResult<Attr> {
+        let (attr, remote) = match found {
+            Found::Object(info) => {
+                let size = self.object_plain_size(&info);
+                let attr =
+                    attr_from_metadata(0, Kind::File, size, info.last_modified, &info.metadata, &self.defaults);
+                let remote = Remote { etag: info.etag, object_size: info.size, metadata: info.metadata };
+                (attr, Some(remote))
+            }
+            Found::Dir(marker) => {
+                let (meta, modified) = marker.map(|m| (m.metadata, m.last_modified)).unwrap_or_default();
+                let mut attr = attr_from_metadata(0, Kind::Dir, 0, modified, &meta, &self.defaults);
+                attr.kind = Kind::Dir;
+                (attr, None)
+            }
+        };
+        let mut t = lock(&self.inodes);
+        let ino = t.upsert(parent, name, attr, remote, bump).ok_or(FsError::NotFound)?;
+        t.get(ino).map(|n| n.attr.clone()).ok_or(FsError::NotFound)
+    }
+
+    /// Plaintext size from a HEAD: the header's block size in the client-side modes.
+    fn object_plain_size(&self, info: &ObjectInfo) -> u64 {
+        if self.keys.is_none() {
+            return info.size;
+        }
+        match crate::format::ObjectHeader::from_metadata(&info.metadata) {
+            Ok(Some(h)) => crate::format::plaintext_size(info.size, h.block_size).unwrap_or(info.size),
+            _ => info.size,
+        }
+    }
+
+    /// The path of a directory inode; `NotDir` if it is not one.
+    fn dir_path(&self, ino: u64) -> FsResult<String> {
+        let t = lock(&self.inodes);
+        let n = t.get(ino).ok_or(FsError::NotFound)?;
+        if n.attr.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        Ok(n.path.clone())
+    }
+
+    /// Lists a directory: S3's listing with a delimiter, plus files created here and not uploaded yet. Sizes and
+    /// kinds come from the listing, with no HEAD per entry.
+    pub async fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        let path = self.dir_path(ino)?;
+        let prefix = self.dir_prefix(&path);
+        let mut names: Vec<(String, Kind)> = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self.store.list(&prefix, Some("/"), token.as_deref(), None).await?;
+            for o in &page.objects {
+                let Some(name) = o.key.strip_prefix(&prefix) else { continue };
+                if name.is_empty() || (ino == ROOT_INO && name == VOLUME_OBJECT) || check_name(name).is_err() {
+                    continue;
+                }
+                names.push((name.to_string(), Kind::File));
+            }
+            for p in &page.common_prefixes {
+                let Some(name) = p.strip_prefix(&prefix).map(|n| n.trim_end_matches('/')) else { continue };
+                if check_name(name).is_ok() {
+                    names.push((name.to_string(), Kind::Dir));
+                }
+            }
+            token = page.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        for (name, attr) in lock(&self.inodes).pending_children(ino) {
+            names.push((name, attr.kind));
+        }
+        // A name that is both an object and a prefix shows as the directory.
+        names.sort_by(|a, b| a.0.cmp(&b.0).then((a.1 != Kind::Dir).cmp(&(b.1 != Kind::Dir))));
+        names.dedup_by(|a, b| a.0 == b.0);
+        let t = lock(&self.inodes);
+        Ok(names
+            .into_iter()
+            .map(|(name, kind)| {
+                let known = t.child(ino, &name).filter(|c| c.attr.kind == kind || kind == Kind::File);
+                DirEntry { ino: known.map(|c| c.ino).unwrap_or(0), kind: known.map(|c| c.attr.kind).unwrap_or(kind), name }
+            })
+            .collect())
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &str, perm: u16, uid: u32, gid: u32) -> FsResult<Attr> {
+        self.check_writable()?;
+        check_name(name)?;
+        let path = join(&self.dir_path(parent)?, name);
+        match self.find(&path).await {
+            Ok(_) => return Err(FsError::Exists),
+            Err(FsError::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        let attr = Attr { ino: 0, kind: Kind::Dir, size: 0, perm, uid, gid, mtime: SystemTime::now() };
+        let mut meta = Metadata::new();
+        attr_to_metadata(&attr, &mut meta);
+        let marker = format!("{}/", self.key_of(&path));
+        self.store.put(&marker, Bytes::new(), &meta, PutCondition::IfNoneMatch).await.map_err(|e| match e {
+            StoreError::PreconditionFailed(_) => FsError::Exists,
+            e => e.into(),
+        })?;
+        let mut t = lock(&self.inodes);
+        let ino = t.upsert(parent, name, attr, None, true).ok_or(FsError::NotFound)?;
+        t.get(ino).map(|n| n.attr.clone()).ok_or(FsError::NotFound)
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
+        self.check_writable()?;
+        check_name(name)?;
+        let path = join(&self.dir_path(parent)?, name);
+        match self.find(&path).await? {
+            Found::Dir(_) => {}
+            Found::Object(_) => return Err(FsError::NotDir),
+        }
+        let dir_prefix = format!("{}/", self.key_of(&path));
+        let page = self.store.list(&dir_prefix, None, None, Some(2)).await?;
+        let pending = lock(&self.inodes).child(parent, name).map(|c| c.ino);
+        let has_pending = pending.is_some_and(|ino| !lock(&self.inodes).pending_children(ino).is_empty());
+        if page.objects.iter().any(|o| o.key != dir_prefix) || !page.common_prefixes.is_empty() || has_pending {
+            return Err(FsError::NotEmpty);
+        }
+        self.store.delete(&dir_prefix).await?;
+        if let Some(ino) = pending {
+            lock(&self.inodes).detach(ino);
+        }
+        Ok(())
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &str) -> FsResult<()> {
+        self.check_writable()?;
+        check_name(name)?;
+        let attr = self.lookup(parent, name).await?;
+        lock(&self.inodes).forget(attr.ino, 1);
+        if attr.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let path = self.path_of(attr.ino)?;
+        if let Some(file) = lock(&self.open_files).get(&attr.ino).cloned() {
+            file.state.lock().await.unlinked = true;
+        }
+        self.store.delete(&self.key_of(&path)).await?;
+        lock(&self.inodes).detach(attr.ino);
+        Ok(())
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &str, target: &str, uid: u32, gid: u32) -> FsResult<Attr> {
+        self.check_writable()?;
+        check_name(name)?;
+        let path = join(&self.dir_path(parent)?, name);
+        let attr = Attr {
+            ino: 0,
+            kind: Kind::Symlink,
+            size: target.len() as u64,
+            perm: 0o777,
+            uid,
+            gid,
+            mtime: SystemTime::now(),
+        };
+        let (codec, header) = self.new_codec().await?;
+        let mut body = Vec::new();
+        codec.encode_into(0, true, target.as_bytes(), &mut body);
+        let mut meta = Metadata::new();
+        attr_to_metadata(&attr, &mut meta);
+        if let Some(h) = &header {
+            h.to_metadata(&mut meta);
+        }
+        let key = self.key_of(&path);
+        let info = self.store.put(&key, Bytes::from(body), &meta, PutCondition::IfNoneMatch).await.map_err(|e| {
+            match e {
+                StoreError::PreconditionFailed(_) => FsError::Exists,
+                e => e.into(),
+            }
+        })?;
+        let remote = Remote { etag: info.etag, object_size: info.size, metadata: meta };
+        let mut t = lock(&self.inodes);
+        let ino = t.upsert(parent, name, attr, Some(remote), true).ok_or(FsError::NotFound)?;
+        t.get(ino).map(|n| n.attr.clone()).ok_or(FsError::NotFound)
+    }
+
+    pub async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let key = self.key_of(&self.path_of(ino)?);
+        let out = self.store.get(&key, None, None).await?;
+        let version = self.version_of(&out.info).await?;
+        version
+            .codec
+            .decode(version.plain_size, 0, &out.data)
+            .map_err(|source| FsError::Format { key: key.clone(), source })
+    }
+
+    /// Renames a file, symlink or directory. `no_replace`: fail with EEXIST if the target exists.
+    pub async fn rename(&self, parent: u64, name: &str, new_parent: u64, new_name: &str, no_replace: bool) -> FsResult<()> {
+        self.check_writable()?;
+        check_name(name)?;
+        check_name(new_name)?;
+        let src = self.lookup(parent, name).await?;
+        lock(&self.inodes).forget(src.ino, 1);
+        let dst_path = join(&self.dir_path(new_parent)?, new_name);
+        let dst = match self.find(&dst_path).await {
+            Ok(f) => Some(f),
+            Err(FsError::NotFound) => None,
+            Err(e) => return Err(e),
+        };
+        if dst.is_some() && no_replace {
+            return Err(FsError::Exists);
+        }
+        let src_path = self.path_of(src.ino)?;
+        match (src.kind, dst) {
+            (Kind::Dir, Some(Found::Object(_))) => return Err(FsError::NotDir),
+            (Kind::File | Kind::Symlink, Some(Found::Dir(_))) => return Err(FsError::IsDir),
+            (Kind::Dir, Some(Found::Dir(_))) => {
+                let p = format!("{}/", self.key_of(&dst_path));
+                let page = self.store.list(&p, None, None, Some(2)).await?;
+                if page.objects.iter().any(|o| o.key != p) || !page.common_prefixes.is_empty() {
+                    return Err(FsError::NotEmpty);
+                }
+                self.store.delete(&p).await?;
+            }
+            _ => {}
+        }
+        // A file replaced by the rename is gone; its open handles must not upload it again.
+        let replaced = lock(&self.inodes).child(new_parent, new_name).map(|c| c.ino).filter(|i| *i != src.ino);
+        if let Some(file) = replaced.and_then(|i| lock(&self.open_files).get(&i).cloned()) {
+            file.state.lock().await.unlinked = true;
+        }
+        if src.kind == Kind::Dir {
+            self.rename_dir(&src_path, &dst_path).await?;
+        } else {
+            self.rename_object(src.ino, &src_path, &dst_path).await?;
+        }
+        lock(&self.inodes).rename(src.ino, new_parent, new_name);
+        Ok(())
+    }
+
+    /// Server-side copy, then delete; an open file with unsaved data is uploaded first.
+    async fn rename_object(&self, ino: u64, src_path: &str, dst_path: &str) -> FsResult<()> {
+        let file = lock(&self.open_files).get(&ino).cloned();
+        if let Some(file) = &file {
+            self.upload_file(ino, file).await?;
+        }
+        let (src, dst) = (self.key_of(src_path), self.key_of(dst_path));
+        let info = self.store.copy(&src, &dst, None, PutCondition::None).await?;
+        self.store.delete(&src).await?;
+        if let Some(file) = file {
+            file.state.lock().await.moved_to(&info);
+        }
+        if let Some(n) = lock(&self.inodes).get_mut(ino) {
+            n.remote = Some(Remote { etag: info.etag, object_size: info.size, metadata: info.metadata });
+        }
+        Ok(())
+    }
+
+    /// Copies every object below the directory to the new prefix, then deletes the old ones.
+    async fn rename_dir(&self, src_path: &str, dst_path: &str) -> FsResult<()> {
+        let (src, dst) = (format!("{}/", self.key_of(src_path)), format!("{}/", self.key_of(dst_path)));
+        let open: Vec<_> = {
+            let t = lock(&self.inodes);
+            lock(&self.open_files)
+                .iter()
+                .filter(|(ino, _)| t.get(**ino).is_some_and(|n| n.path.starts_with(&format!("{src_path}/"))))
+                .map(|(ino, f)| (*ino, f.clone()))
+                .collect()
+        };
+        for (ino, f) in &open {
+            self.upload_file(*ino, f).await?;
+        }
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self.store.list(&src, None, token.as_deref(), None).await?;
+            keys.extend(page.objects.into_iter().map(|o| o.key));
+            token = page.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        if keys.is_empty() {
+            return Err(FsError::NotFound);
+        }
+        let copies: Vec<(String, ObjectInfo)> = stream::iter(keys.iter().cloned())
+            .map(|k| {
+                let target = format!("{dst}{}", &k[src.len()..]);
+                async move { self.store.copy(&k, &target, None, PutCondition::None).await.map(|i| (target, i)) }
+            })
+            .buffer_unordered(RENAME_PARALLELISM)
+            .try_collect()
+            .await?;
+        self.store.delete_many(&keys).await?;
+        for (ino, f) in open {
+            let path = self.path_of(ino)?;
+            let new_key = self.key_of(&format!("{dst_path}/{}", &path[src_path.len() + 1..]));
+            if let Some((_, info)) = copies.iter().find(|(k, _)| *k == new_key) {
+                f.state.lock().await.moved_to(info);
+            }
+        }
+        Ok(())
+    }
+
+    /// chmod, chown and utimens on a name with no open file: rewrites the object's metadata in place (a copy
+    /// onto itself, conditional on its ETag), or the directory marker's.
+    pub(super) async fn set_metadata(&self, ino: u64, change: &AttrChange) -> FsResult<Attr> {
+        let attr = self.getattr(ino).await?;
+        let mut new = attr.clone();
+        change.apply(&mut new);
+        let path = self.path_of(ino)?;
+        if attr.kind == Kind::Dir {
+            if ino == ROOT_INO {
+                lock(&self.inodes).get_mut(ino).map(|n| n.attr = new.clone());
+                return Ok(new);
+            }
+            let mut meta = Metadata::new();
+            attr_to_metadata(&new, &mut meta);
+            self.store.put(&format!("{}/", self.key_of(&path)), Bytes::new(), &meta, PutCondition::None).await?;
+        } else {
+            let key = self.key_of(&path);
+            let head = self.store.head(&key).await?;
+            let mut meta = head.metadata.clone();
+            attr_to_metadata(&new, &mut meta);
+            let info = self.store.copy(&key, &key, Some(&meta), PutCondition::IfMatch(head.etag)).await?;
+            if let Some(n) = lock(&self.inodes).get_mut(ino) {
+                n.remote = Some(Remote { etag: info.etag, object_size: info.size, metadata: meta });
+            }
+        }
+        if let Some(n) = lock(&self.inodes).get_mut(ino) {
+            n.attr = new.clone();
+            n.refreshed = std::time::Instant::now();
+        }
+        Ok(new)
+    }
+}
+
+/// The attribute part of a setattr.
+#[derive(Clone, Debug, Default)]
+pub struct AttrChange {
+    pub perm: Option<u16>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mtime: Option<SystemTime>,
+}
+
+impl AttrChange {
+    pub fn is_empty(&self) -> bool {
+        self.perm.is_none() && self.uid.is_none() && self.gid.is_none() && self.mtime.is_none()
+    }
+
+    pub fn apply(&self, a: &mut Attr) {
+        if let Some(p) = self.perm {
+            a.perm = p & 0o7777;
+        }
+        if let Some(u) = self.uid {
+            a.uid = u;
+        }
+        if let Some(g) = self.gid {
+            a.gid = g;
+        }
+        if let Some(m) = self.mtime {
+            a.mtime = m;
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Errors of the file-system core and their one mapping to errno.
+//!
+//! [`FsError::errno`] is an exhaustive `match` with no catch-all arm, over this enum and over the store, key and
+//! format errors it wraps, so that every new variant anywhere below forces a decision about what a program sees.
+use crate::format::FormatError;
+use crate::keys::KeyError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("file exists")]
+    Exists,
+    #[error("invalid name")]
+    InvalidName,
+    #[error("name too long")]
+    NameTooLong,
+    #[error("read-only mount")]
+    ReadOnly,
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("operation not supported: {0}")]
+    NotSupported(&'static str),
+    /// An object without s3crypt metadata in a client-side mount (no silent downgrade to plaintext).
+    #[error("{0} has no s3crypt metadata (not written by s3crypt in a client-side mode); mount with -o allow_plaintext to read it as is")]
+    Plaintext(String),
+    /// Someone else changed the object since it was opened; the local data was saved to `recovery`.
+    #[error("{key} was changed by someone else since it was opened; this file's data was saved to {recovery}")]
+    Conflict { key: String, recovery: String },
+    /// An earlier upload of this open file failed; the file must be closed and opened again.
+    #[error("an earlier upload of this file failed; close and reopen it")]
+    Poisoned,
+    #[error("local I/O: {0}")]
+    Local(#[from] std::io::Error),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("{key}: {source}")]
+    Format { key: String, source: FormatError },
+    /// The error of a fetch that several readers waited on.
+    #[error("{0}")]
+    Shared(std::sync::Arc<FsError>),
+}
+
+impl FsError {
+    /// The errno a program sees.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Exists => libc::EEXIST,
+            FsError::InvalidName => libc::EINVAL,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::BadHandle => libc::EBADF,
+            FsError::NotSupported(_) => libc::ENOTSUP,
+            FsError::Plaintext(_) => libc::EACCES,
+            FsError::Conflict { .. } => libc::EIO,
+            FsError::Poisoned => libc::EIO,
+            FsError::Local(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Store(e) => store_errno(e),
+            FsError::Key(e) => key_errno(e),
+            FsError::Format { source, .. } => format_errno(source),
+            FsError::Shared(inner) => inner.errno(),
+        }
+    }
+}
+
+fn store_errno(e: &StoreError) -> i32 {
+    match e {
+        StoreError::NotFound(_) => libc::ENOENT,
+        StoreError::NoSuchBucket(_) => libc::EIO,
+        StoreError::AccessDenied(_) => libc::EACCES,
+        StoreError::PreconditionFailed(_) => libc::EIO,
+        StoreError::InvalidRange(_) => libc::EIO,
+        StoreError::Transient(_) => libc::EIO,
+        StoreError::InvalidRequest(_) => libc::EIO,
+        StoreError::Other(_) => libc::EIO,
+    }
+}
+
+fn key_errno(e: &KeyError) -> i32 {
+    match e {
+        KeyError::KeyFile { .. } => libc::EIO,
+        KeyError::KeyFilePermissions { .. } => libc::EIO,
+        KeyError::Config(_) => libc::EIO,
+        KeyError::WrongKey(_) => libc::EIO,
+        KeyError::Kms(_) => libc::EIO,
+        KeyError::Volume(_) => libc::EIO,
+        KeyError::Store(s) => store_errno(s),
+    }
+}
+
+fn format_errno(e: &FormatError) -> i32 {
+    match e {
+        FormatError::Auth { .. } => libc::EIO,
+        FormatError::BadSize { .. } => libc::EIO,
+        FormatError::BadMetadata(_) => libc::EIO,
+        FormatError::UnsupportedVersion(_) => libc::EIO,
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;

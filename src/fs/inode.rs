@@ -1,0 +1,404 @@
+//! The inode table: a map from inode numbers to paths and cached attributes.
+//!
+//! S3 has keys, not inodes. Each name the kernel looks up gets an inode number that stays the same for as long as
+//! the kernel remembers it (until `forget`) or a file is open, so that open files survive renames. An inode
+//! records its path relative to the mount root; a rename rewrites the paths of the renamed inode and of every
+//! inode below it. Attributes are cached for the metadata TTL; an open file's own state is always fresher than
+//! S3's and wins.
+//!
+//! POSIX attributes live in object metadata under the keys s3fs uses (`mode`, `uid`, `gid`, `mtime`), so a bucket
+//! in an SSE mode reads the same through s3fs and through s3crypt.
+use crate::store::Metadata;
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// Attributes as the kernel sees them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    /// Plaintext size in bytes.
+    pub size: u64,
+    /// Permission bits only (no file-type bits).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+}
+
+/// What S3 said about the object behind a file or symlink, from a HEAD or a completed upload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Remote {
+    pub etag: String,
+    /// Size of the object body (ciphertext in the client-side modes).
+    pub object_size: u64,
+    pub metadata: Metadata,
+}
+
+#[derive(Debug)]
+pub struct Inode {
+    pub ino: u64,
+    pub parent: u64,
+    pub name: String,
+    /// Path relative to the mount root: "" for the root, "a/b" below it.
+    pub path: String,
+    pub attr: Attr,
+    pub remote: Option<Remote>,
+    /// When `attr` was last read from S3.
+    pub refreshed: Instant,
+    pub lookups: u64,
+    /// Open handles on this inode.
+    pub open_count: u64,
+    /// Created here and not yet uploaded: listings must show it, S3 does not know it yet.
+    pub pending: bool,
+}
+
+/// Defaults for attributes that S3 objects do not carry.
+#[derive(Clone, Copy, Debug)]
+pub struct AttrDefaults {
+    pub uid: u32,
+    pub gid: u32,
+    pub file_perm: u16,
+    pub dir_perm: u16,
+}
+
+impl AttrDefaults {
+    pub fn new(uid: u32, gid: u32, umask: u32) -> Self {
+        AttrDefaults {
+            uid,
+            gid,
+            file_perm: (0o666 & !umask) as u16,
+            dir_perm: (0o777 & !umask) as u16,
+        }
+    }
+}
+
+pub const META_MODE: &str = "mode";
+pub const META_UID: &str = "uid";
+pub const META_GID: &str = "gid";
+pub const META_MTIME: &str = "mtime";
+
+/// The file-type bits s3fs stores in `mode`.
+pub fn type_bits(kind: Kind) -> u32 {
+    match kind {
+        Kind::File => libc::S_IFREG,
+        Kind::Dir => libc::S_IFDIR,
+        Kind::Symlink => libc::S_IFLNK,
+    }
+}
+
+/// Reads kind and POSIX attributes from object metadata; `fallback_kind` and the defaults fill what is missing.
+pub fn attr_from_metadata(
+    ino: u64,
+    fallback_kind: Kind,
+    size: u64,
+    last_modified: Option<SystemTime>,
+    meta: &Metadata,
+    d: &AttrDefaults,
+) -> Attr {
+    let mode: Option<u32> = meta.get(META_MODE).and_then(|m| m.trim().parse().ok());
+    let kind = match mode.map(|m| m & libc::S_IFMT) {
+        Some(t) if t == libc::S_IFLNK => Kind::Symlink,
+        Some(t) if t == libc::S_IFDIR => Kind::Dir,
+        _ => fallback_kind,
+    };
+    let perm = match (mode, kind) {
+        (Some(m), _) => (m & 0o7777) as u16,
+        (None, Kind::Dir) => d.dir_perm,
+        (None, Kind::Symlink) => 0o777,
+        (None, Kind::File) => d.file_perm,
+    };
+    let mtime = meta
+        .get(META_MTIME)
+        .and_then(|s| parse_mtime(s))
+        .or(last_modified)
+        .unwrap_or(UNIX_EPOCH);
+    Attr {
+        ino,
+        kind,
+        size,
+        perm,
+        uid: meta.get(META_UID).and_then(|s| s.trim().parse().ok()).unwrap_or(d.uid),
+        gid: meta.get(META_GID).and_then(|s| s.trim().parse().ok()).unwrap_or(d.gid),
+        mtime,
+    }
+}
+
+/// `mtime` as s3fs writes it: seconds since the epoch, optionally with a fraction.
+fn parse_mtime(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: u64 = secs.parse().ok()?;
+    let nanos: u32 = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().take(9).collect();
+        let scale = 10u32.pow(9 - digits.len() as u32);
+        digits.parse::<u32>().ok()? * scale
+    };
+    Some(UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+/// Writes the POSIX attributes into object metadata (s3fs's keys).
+pub fn attr_to_metadata(attr: &Attr, meta: &mut Metadata) {
+    meta.insert(META_MODE.into(), (type_bits(attr.kind) | u32::from(attr.perm)).to_string());
+    meta.insert(META_UID.into(), attr.uid.to_string());
+    meta.insert(META_GID.into(), attr.gid.to_string());
+    let secs = attr.mtime.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    meta.insert(META_MTIME.into(), secs.to_string());
+}
+
+/// Checks one path component.
+pub fn check_name(name: &str) -> Result<(), super::FsError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(super::FsError::InvalidName);
+    }
+    if name.len() > 255 {
+        return Err(super::FsError::NameTooLong);
+    }
+    Ok(())
+}
+
+pub fn join(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+pub struct InodeTable {
+    inodes: HashMap<u64, Inode>,
+    children: HashMap<(u64, String), u64>,
+    next_ino: u64,
+}
+
+impl InodeTable {
+    pub fn new(root_attr: Attr) -> Self {
+        let mut inodes = HashMap::new();
+        inodes.insert(
+            ROOT_INO,
+            Inode {
+                ino: ROOT_INO,
+                parent: ROOT_INO,
+                name: String::new(),
+                path: String::new(),
+                attr: root_attr,
+                remote: None,
+                refreshed: Instant::now(),
+                lookups: 1,
+                open_count: 0,
+                pending: false,
+            },
+        );
+        InodeTable { inodes, children: HashMap::new(), next_ino: ROOT_INO + 1 }
+    }
+
+    pub fn get(&self, ino: u64) -> Option<&Inode> {
+        self.inodes.get(&ino)
+    }
+
+    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Inode> {
+        self.inodes.get_mut(&ino)
+    }
+
+    pub fn child(&self, parent: u64, name: &str) -> Option<&Inode> {
+        self.children.get(&(parent, name.to_string())).and_then(|i| self.inodes.get(i))
+    }
+
+    /// Records what a lookup found: keeps the inode number if the kind is unchanged, else makes a new inode.
+    /// Returns the inode number. `bump` counts one kernel lookup reference.
+    pub fn upsert(
+        &mut self,
+        parent: u64,
+        name: &str,
+        mut attr: Attr,
+        remote: Option<Remote>,
+        bump: bool,
+    ) -> Option<u64> {
+        let parent_path = self.inodes.get(&parent)?.path.clone();
+        let key = (parent, name.to_string());
+        if let Some(&ino) = self.children.get(&key) {
+            let node = self.inodes.get_mut(&ino)?;
+            if node.attr.kind == attr.kind {
+                attr.ino = ino;
+                node.attr = attr;
+                node.remote = remote;
+                node.refreshed = Instant::now();
+                node.pending = false;
+                if bump {
+                    node.lookups += 1;
+                }
+                return Some(ino);
+            }
+            self.detach(ino);
+        }
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        attr.ino = ino;
+        self.inodes.insert(
+            ino,
+            Inode {
+                ino,
+                parent,
+                name: name.to_string(),
+                path: join(&parent_path, name),
+                attr,
+                remote,
+                refreshed: Instant::now(),
+                lookups: u64::from(bump),
+                open_count: 0,
+                pending: false,
+            },
+        );
+        self.children.insert(key, ino);
+        Some(ino)
+    }
+
+    /// Removes a name from its directory; the inode itself lives on while the kernel or an open handle holds it.
+    pub fn detach(&mut self, ino: u64) {
+        let Some(node) = self.inodes.get(&ino) else { return };
+        let key = (node.parent, node.name.clone());
+        if self.children.get(&key) == Some(&ino) {
+            self.children.remove(&key);
+        }
+        self.maybe_drop(ino);
+    }
+
+    /// Forgets `n` kernel references.
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        if let Some(node) = self.inodes.get_mut(&ino) {
+            node.lookups = node.lookups.saturating_sub(n);
+        }
+        self.maybe_drop(ino);
+    }
+
+    fn maybe_drop(&mut self, ino: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let Some(node) = self.inodes.get(&ino) else { return };
+        if node.lookups > 0 || node.open_count > 0 {
+            return;
+        }
+        let key = (node.parent, node.name.clone());
+        if self.children.get(&key) == Some(&ino) {
+            // Still named and nobody holds it: keep the name mapping out of the table too.
+            self.children.remove(&key);
+        }
+        self.inodes.remove(&ino);
+    }
+
+    /// Moves `ino` to (`new_parent`, `new_name`), replacing whatever had that name, and rewrites the paths of
+    /// everything below it.
+    pub fn rename(&mut self, ino: u64, new_parent: u64, new_name: &str) {
+        let Some(parent_path) = self.inodes.get(&new_parent).map(|p| p.path.clone()) else { return };
+        if let Some(&old) = self.children.get(&(new_parent, new_name.to_string())) {
+            if old != ino {
+                self.detach(old);
+            }
+        }
+        let Some(node) = self.inodes.get(&ino) else { return };
+        let old_key = (node.parent, node.name.clone());
+        let old_path = node.path.clone();
+        if self.children.get(&old_key) == Some(&ino) {
+            self.children.remove(&old_key);
+        }
+        let new_path = join(&parent_path, new_name);
+        if let Some(node) = self.inodes.get_mut(&ino) {
+            node.parent = new_parent;
+            node.name = new_name.to_string();
+            node.path = new_path.clone();
+        }
+        self.children.insert((new_parent, new_name.to_string()), ino);
+        let below = format!("{old_path}/");
+        for n in self.inodes.values_mut() {
+            if let Some(rest) = n.path.strip_prefix(&below) {
+                n.path = format!("{new_path}/{rest}");
+            }
+        }
+    }
+
+    /// Inodes created here and not yet uploaded, directly in directory `parent`.
+    pub fn pending_children(&self, parent: u64) -> Vec<(String, Attr)> {
+        self.inodes
+            .values()
+            .filter(|n| n.parent == parent && n.pending && n.ino != ROOT_INO)
+            .filter(|n| self.children.get(&(n.parent, n.name.clone())) == Some(&n.ino))
+            .map(|n| (n.name.clone(), n.attr.clone()))
+            .collect()
+    }
+
+    pub fn is_fresh(&self, ino: u64, ttl: Duration) -> bool {
+        self.inodes.get(&ino).is_some_and(|n| n.refreshed.elapsed() < ttl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(kind: Kind) -> Attr {
+        Attr { ino: 0, kind, size: 0, perm: 0o644, uid: 0, gid: 0, mtime: UNIX_EPOCH }
+    }
+
+    #[test]
+    fn rename_rewrites_paths_below() {
+        let mut t = InodeTable::new(attr(Kind::Dir));
+        let a = t.upsert(ROOT_INO, "a", attr(Kind::Dir), None, true).unwrap();
+        let b = t.upsert(a, "b", attr(Kind::Dir), None, true).unwrap();
+        let c = t.upsert(b, "c", attr(Kind::File), None, true).unwrap();
+        t.rename(a, ROOT_INO, "z");
+        assert_eq!(t.get(c).unwrap().path, "z/b/c");
+        assert_eq!(t.child(ROOT_INO, "z").unwrap().ino, a);
+        assert!(t.child(ROOT_INO, "a").is_none());
+    }
+
+    #[test]
+    fn same_kind_keeps_inode_number_and_kind_change_does_not() {
+        let mut t = InodeTable::new(attr(Kind::Dir));
+        let a = t.upsert(ROOT_INO, "a", attr(Kind::File), None, true).unwrap();
+        assert_eq!(t.upsert(ROOT_INO, "a", attr(Kind::File), None, true), Some(a));
+        let d = t.upsert(ROOT_INO, "a", attr(Kind::Dir), None, true).unwrap();
+        assert_ne!(a, d);
+    }
+
+    #[test]
+    fn metadata_round_trip_in_s3fs_keys() {
+        let d = AttrDefaults::new(1, 2, 0o022);
+        let a = Attr {
+            ino: 5,
+            kind: Kind::Symlink,
+            size: 3,
+            perm: 0o777,
+            uid: 10,
+            gid: 20,
+            mtime: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        };
+        let mut m = Metadata::new();
+        attr_to_metadata(&a, &mut m);
+        assert_eq!(m["mode"], (libc::S_IFLNK | 0o777).to_string());
+        let back = attr_from_metadata(5, Kind::File, 3, None, &m, &d);
+        assert_eq!(back, a);
+        let plain = attr_from_metadata(6, Kind::File, 0, None, &Metadata::new(), &d);
+        assert_eq!((plain.perm, plain.uid, plain.gid), (0o644, 1, 2));
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("ok").is_ok());
+        for bad in ["", ".", "..", "a/b"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(check_name(&"x".repeat(256)), Err(super::super::FsError::NameTooLong)));
+    }
+}

@@ -1,0 +1,271 @@
+//! The asynchronous file-system core: POSIX semantics over encrypted S3 objects, testable without FUSE.
+//!
+//! # Model
+//! A file is one object; a directory is a key prefix, optionally with an empty `dir/` marker object (as s3fs
+//! makes them) that carries its attributes. POSIX attributes live in object metadata under s3fs's keys.
+//!
+//! # Reads
+//! An open file has a [`codec::Version`]: the object's ETag, sizes and codec (its unwrapped data key in the
+//! client-side modes). A read asks for the whole blocks it touches with one ranged GET, conditional on the ETag;
+//! decrypted blocks go into a bounded [`blockcache::BlockCache`]. Sequential reads start read-ahead: chunks of
+//! blocks fetched in parallel ahead of the reader (see `read.rs`).
+//!
+//! # Writes
+//! Writes land in a per-inode [`write::FileState`]: dirty blocks in memory up to a bound, then sealed into a
+//! local staging file. Nothing goes to S3 until flush, fsync or close; then `upload.rs` writes a new version: one
+//! PUT for small files, otherwise a multipart upload whose parts are whole blocks, where parts with no changed
+//! block are copied inside S3 (UploadPartCopy) and only touched parts are sealed and sent. Every upload is
+//! conditional: If-Match the ETag the file was opened with, If-None-Match `*` for a new file. On a conflict the
+//! file's data is written to the recovery directory and the close fails.
+//!
+//! # Concurrency
+//! The inode table is behind a `std::sync::Mutex` never held across `.await`; each open file's state is behind a
+//! `tokio::sync::Mutex`. Everything else is lock-free or per-request.
+mod blockcache;
+pub mod codec;
+mod dir;
+mod error;
+pub mod inode;
+mod read;
+mod staging;
+mod upload;
+mod write;
+
+pub use error::{FsError, FsResult};
+pub use dir::{AttrChange, DirEntry};
+pub use inode::{Attr, Kind, ROOT_INO};
+
+use crate::format::{BlockCipher, BlockSize, ObjectHeader, FORMAT_VERSION};
+use crate::keys::{DataKeyCache, DataKeyProvider, KeyMode};
+use crate::store::{Metadata, ObjectInfo, ObjectStore};
+use blockcache::BlockCache;
+use codec::{Codec, Version};
+use inode::{AttrDefaults, InodeTable};
+use rand::RngCore;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use write::OpenFile;
+
+/// The hidden volume descriptor at the mount root (client-side modes).
+pub const VOLUME_OBJECT: &str = crate::keys::VOLUME_OBJECT;
+
+/// Settings of the file-system core.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// Bucket name, for messages.
+    pub bucket: String,
+    /// Key prefix of the mount: "" or "a/b/".
+    pub prefix: String,
+    pub key_mode: KeyMode,
+    pub block_size: BlockSize,
+    pub uid: u32,
+    pub gid: u32,
+    pub umask: u32,
+    pub read_only: bool,
+    pub allow_plaintext: bool,
+    /// How long attributes and directory entries are trusted.
+    pub metadata_ttl: Duration,
+    pub block_cache_bytes: u64,
+    pub read_ahead_bytes: u64,
+    /// Dirty bytes per open file kept in memory before spilling to the staging area.
+    pub max_dirty_bytes: u64,
+    pub staging_dir: PathBuf,
+    pub recovery_dir: PathBuf,
+}
+
+/// Client-side key state.
+#[derive(Clone)]
+pub struct CseKeys {
+    pub provider: Arc<dyn DataKeyProvider>,
+    pub cache: Arc<DataKeyCache>,
+}
+
+/// An open handle.
+struct Handle {
+    ino: u64,
+    file: Arc<OpenFile>,
+    writable: bool,
+    /// Where the last read on this handle ended, to detect sequential reading.
+    last_read_end: AtomicU64,
+}
+
+pub struct Fs {
+    store: Arc<dyn ObjectStore>,
+    keys: Option<CseKeys>,
+    cfg: FsConfig,
+    defaults: AttrDefaults,
+    inodes: Mutex<InodeTable>,
+    open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    cache: Arc<BlockCache>,
+    reader: read::ReadAhead,
+}
+
+/// A poisoned std mutex only means a panic elsewhere; the data is still consistent for our use.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Fs {
+    pub fn new(store: Arc<dyn ObjectStore>, keys: Option<CseKeys>, cfg: FsConfig) -> Self {
+        let defaults = AttrDefaults::new(cfg.uid, cfg.gid, cfg.umask);
+        let root = Attr {
+            ino: ROOT_INO,
+            kind: Kind::Dir,
+            size: 0,
+            perm: defaults.dir_perm,
+            uid: cfg.uid,
+            gid: cfg.gid,
+            mtime: SystemTime::now(),
+        };
+        let cache = Arc::new(BlockCache::new(cfg.block_cache_bytes, cfg.block_size.get()));
+        let reader = read::ReadAhead::new(cfg.read_ahead_bytes, cfg.block_size);
+        Fs {
+            store,
+            keys,
+            defaults,
+            inodes: Mutex::new(InodeTable::new(root)),
+            open_files: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            cache,
+            reader,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    pub fn metadata_ttl(&self) -> Duration {
+        self.cfg.metadata_ttl
+    }
+
+    /// The object key of a path relative to the mount root.
+    fn key_of(&self, path: &str) -> String {
+        format!("{}{}", self.cfg.prefix, path)
+    }
+
+    /// The key prefix of a directory's children.
+    fn dir_prefix(&self, path: &str) -> String {
+        if path.is_empty() {
+            self.cfg.prefix.clone()
+        } else {
+            format!("{}{}/", self.cfg.prefix, path)
+        }
+    }
+
+    fn path_of(&self, ino: u64) -> FsResult<String> {
+        lock(&self.inodes).get(ino).map(|n| n.path.clone()).ok_or(FsError::NotFound)
+    }
+
+    fn cached_attr(&self, ino: u64) -> FsResult<Attr> {
+        lock(&self.inodes).get(ino).map(|n| n.attr.clone()).ok_or(FsError::NotFound)
+    }
+
+    fn check_writable(&self) -> FsResult<()> {
+        if self.cfg.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The codec for an existing object, from its metadata: the unwrapped data key in the client-side modes.
+    async fn codec_for(&self, key: &str, meta: &Metadata) -> FsResult<(Arc<Codec>, Option<ObjectHeader>)> {
+        let Some(keys) = &self.keys else {
+            return Ok((Arc::new(Codec::Plain { bs: self.cfg.block_size }), None));
+        };
+        match ObjectHeader::from_metadata(meta) {
+            Ok(Some(h)) => {
+                let dk = keys.cache.get_or_unwrap(keys.provider.as_ref(), &h.file_id, &h.wrapped_key).await?;
+                let cipher = BlockCipher::new(&dk, h.file_id);
+                Ok((Arc::new(Codec::Sealed { bs: h.block_size, cipher }), Some(h)))
+            }
+            Ok(None) if self.cfg.allow_plaintext => Ok((Arc::new(Codec::Plain { bs: self.cfg.block_size }), None)),
+            Ok(None) => {
+                log::warn!("refusing {key}: no s3crypt metadata in a client-side mount (use -o allow_plaintext)");
+                Err(FsError::Plaintext(key.to_string()))
+            }
+            Err(source) => Err(FsError::Format { key: key.to_string(), source }),
+        }
+    }
+
+    /// A fresh codec and header for a new file: a new file id and a new data key (one KMS call in cse-kms).
+    async fn new_codec(&self) -> FsResult<(Arc<Codec>, Option<ObjectHeader>)> {
+        let Some(keys) = &self.keys else {
+            return Ok((Arc::new(Codec::Plain { bs: self.cfg.block_size }), None));
+        };
+        let mut file_id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut file_id);
+        let (dk, wrapped) = keys.provider.generate(&file_id).await?;
+        let cipher = BlockCipher::new(&dk, file_id);
+        keys.cache.insert(&wrapped, dk);
+        let header = ObjectHeader {
+            version: FORMAT_VERSION,
+            key_mode: self.cfg.key_mode.as_str().to_string(),
+            block_size: self.cfg.block_size,
+            file_id,
+            wrapped_key: wrapped,
+        };
+        Ok((Arc::new(Codec::Sealed { bs: self.cfg.block_size, cipher }), Some(header)))
+    }
+
+    /// The version behind `info` (a HEAD or an upload's answer).
+    async fn version_of(&self, info: &ObjectInfo) -> FsResult<Version> {
+        let (codec, header) = self.codec_for(&info.key, &info.metadata).await?;
+        let plain = codec
+            .plain_size(info.size)
+            .map_err(|source| FsError::Format { key: info.key.clone(), source })?;
+        Ok(Version::new(info.etag.clone(), info.size, plain, codec, header))
+    }
+
+    /// The plaintext size of an object from its size alone (listings), without a HEAD.
+    fn listed_plain_size(&self, object_size: u64) -> u64 {
+        if self.keys.is_some() {
+            crate::format::plaintext_size(object_size, self.cfg.block_size).unwrap_or(object_size)
+        } else {
+            object_size
+        }
+    }
+
+    /// Flushes every open file with unsaved data (shutdown path: SIGTERM, unmount). Returns how many failed.
+    pub async fn flush_all(&self) -> usize {
+        let files: Vec<(u64, Arc<OpenFile>)> = lock(&self.open_files).iter().map(|(k, v)| (*k, v.clone())).collect();
+        let mut failed = 0;
+        for (ino, file) in files {
+            if let Err(e) = self.upload_file(ino, &file).await {
+                log::error!("flushing inode {ino} at shutdown failed: {e}");
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    /// File-system statistics: S3 has no capacity limit, so report a large, constant one.
+    pub fn statfs(&self) -> StatFs {
+        StatFs { blocks: 1 << 40, bfree: 1 << 40, files: 1 << 32, ffree: 1 << 32, bsize: 4096, namelen: 255 }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+impl Fs {
+    /// The kernel forgets `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        lock(&self.inodes).forget(ino, n);
+    }
+}

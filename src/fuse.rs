@@ -1,0 +1,343 @@
+//! The thin `fuser::Filesystem` adapter.
+//!
+//! Each callback moves its `Reply*` into a task on the tokio runtime, calls the asynchronous core and answers
+//! with the result or the error's errno: exactly one answer per request on every path, and no callback blocks
+//! a FUSE thread on S3. Directory listings are taken once at `opendir` and served by offset from the handle.
+use crate::fs::{Attr, Fs, FsError, Kind};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// Largest read and write request the kernel may send (the kernel's limit is 256 pages).
+const MAX_IO: u32 = 1024 * 1024;
+
+pub struct FuseAdapter {
+    fs: Arc<Fs>,
+    rt: tokio::runtime::Handle,
+    ttl: Duration,
+    dirs: Arc<Mutex<HashMap<u64, Vec<(u64, FileType, String)>>>>,
+    next_dir: AtomicU64,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> Self {
+        let ttl = fs.metadata_ttl();
+        FuseAdapter { fs, rt, ttl, dirs: Arc::new(Mutex::new(HashMap::new())), next_dir: AtomicU64::new(1) }
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    let n = e.errno();
+    match n {
+        libc::ENOENT | libc::EEXIST | libc::ENOTEMPTY | libc::ENOTDIR | libc::EISDIR => {
+            log::debug!("{e}")
+        }
+        _ => log::warn!("{e}"),
+    }
+    Errno::from_i32(n)
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: if a.kind == Kind::Dir { 2 } else { 1 },
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 64 * 1024,
+        flags: 0,
+    }
+}
+
+fn name_str(name: &OsStr) -> Result<String, Errno> {
+    name.to_str().map(str::to_string).ok_or(Errno::EINVAL)
+}
+
+fn time(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+/// A stable, non-zero stand-in inode number for listed names the kernel has not looked up yet.
+fn placeholder_ino(parent: u64, name: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (parent, name).hash(&mut h);
+    h.finish() | (1 << 63)
+}
+
+macro_rules! run {
+    ($self:ident, $reply:ident, |$fs:ident| $body:expr, |$ok:ident| $done:expr) => {{
+        let $fs = $self.fs.clone();
+        $self.rt.spawn(async move {
+            match $body.await {
+                Ok($ok) => $done,
+                Err(e) => $reply.error(errno(&e)),
+            }
+        });
+    }};
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_IO);
+        let _ = config.set_max_readahead(MAX_IO);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let ttl = self.ttl;
+        run!(self, reply, |fs| fs.lookup(parent.0, &name), |a| reply.entry(&ttl, &file_attr(&a), Generation(0)))
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.ttl;
+        run!(self, reply, |fs| fs.getattr(ino.0), |a| reply.attr(&ttl, &file_attr(&a)))
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let change = crate::fs::AttrChange {
+            perm: mode.map(|m| (m & 0o7777) as u16),
+            uid,
+            gid,
+            mtime: mtime.map(time),
+        };
+        let ttl = self.ttl;
+        run!(self, reply, |fs| fs.setattr(ino.0, size, change), |a| reply.attr(&ttl, &file_attr(&a)))
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        run!(self, reply, |fs| fs.readlink(ino.0), |d| reply.data(&d))
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
+        let perm = (mode & !umask & 0o7777) as u16;
+        run!(self, reply, |fs| fs.mkdir(parent.0, &name, perm, uid, gid), |a| reply.entry(
+            &ttl,
+            &file_attr(&a),
+            Generation(0)
+        ))
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        run!(self, reply, |fs| fs.unlink(parent.0, &name), |_u| reply.ok())
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        run!(self, reply, |fs| fs.rmdir(parent.0, &name), |_u| reply.ok())
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (name, target) = match (name_str(link_name), target.to_str()) {
+            (Ok(n), Some(t)) => (n, t.to_string()),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
+        run!(self, reply, |fs| fs.symlink(parent.0, &name, &target, uid, gid), |a| reply.entry(
+            &ttl,
+            &file_attr(&a),
+            Generation(0)
+        ))
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (name, newname) = match (name_str(name), name_str(newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let bits = flags.bits();
+        if bits & libc::RENAME_EXCHANGE != 0 || bits & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        }
+        let no_replace = bits & libc::RENAME_NOREPLACE != 0;
+        run!(self, reply, |fs| fs.rename(parent.0, &name, newparent.0, &newname, no_replace), |_u| reply.ok())
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let acc = flags.0 & libc::O_ACCMODE;
+        let writable = acc != libc::O_RDONLY;
+        let truncate = flags.0 & libc::O_TRUNC != 0;
+        run!(self, reply, |fs| fs.open(ino.0, writable, truncate), |fh| reply.opened(FileHandle(fh), FopenFlags::empty()))
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        run!(self, reply, |fs| fs.read(fh.0, offset, size), |d| reply.data(&d))
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        run!(self, reply, |fs| fs.write(fh.0, offset, &data), |n| reply.written(n))
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        run!(self, reply, |fs| fs.flush(fh.0), |_u| reply.ok())
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        run!(self, reply, |fs| fs.release(fh.0), |_u| reply.ok())
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        run!(self, reply, |fs| fs.flush(fh.0), |_u| reply.ok())
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let dirs = self.dirs.clone();
+        let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
+        run!(self, reply, |fs| fs.readdir(ino.0), |entries| {
+            let mut list = vec![(ino.0, FileType::Directory, ".".to_string()), (ino.0, FileType::Directory, "..".to_string())];
+            list.extend(entries.into_iter().map(|e| {
+                let n = if e.ino == 0 { placeholder_ino(ino.0, &e.name) } else { e.ino };
+                (n, file_type(e.kind), e.name)
+            }));
+            dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, list);
+            reply.opened(FileHandle(fh), FopenFlags::empty())
+        })
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(list) = dirs.get(&fh.0) else { return reply.error(Errno::EBADF) };
+        for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        reply.statfs(s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize)
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
+        let perm = (mode & !umask & 0o7777) as u16;
+        run!(self, reply, |fs| fs.create(parent.0, &name, perm, uid, gid), |r| {
+            let (a, fh) = r;
+            reply.created(&ttl, &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+        })
+    }
+}

@@ -1,0 +1,356 @@
+//! Wiring: runtime, store, keys, file system, FUSE session, readiness and signals; and the one-file commands.
+use crate::cli::{self, MountOptions, StoreKind};
+use crate::format::{self, BlockSize};
+use crate::fs::{CseKeys, Fs, FsConfig};
+use crate::keys::{self, KeyConfig};
+use crate::notify::Readiness;
+use crate::store::memory::MemoryStore;
+use crate::store::retry::{RetryPolicy, Retrying};
+use crate::store::s3::S3Store;
+use crate::store::{ObjectStore, StoreError};
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything a command needs to read and write objects of one volume.
+pub struct Backend {
+    pub store: Arc<dyn ObjectStore>,
+    pub keys: Option<CseKeys>,
+    pub key_stats: Arc<keys::KeyStats>,
+    pub block_size: BlockSize,
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn key_config(opts: &MountOptions) -> KeyConfig {
+    KeyConfig {
+        mode: opts.key_mode,
+        kms_key_id: opts.kms_key_id.clone(),
+        sse_c_key_file: opts.sse_c_key_file.clone(),
+        master_key_file: opts.master_key_file.clone(),
+        key_cache_size: opts.key_cache_size,
+        key_cache_ttl: opts.key_cache_ttl,
+    }
+}
+
+/// Loads the SDK configuration and the keys the options ask for.
+pub async fn load_keys(opts: &MountOptions) -> Result<(aws_config::SdkConfig, keys::Keys)> {
+    let sdk = crate::store::s3::sdk_config(opts.region.clone(), opts.endpoint.clone()).await;
+    let keys = keys::build_keys(&key_config(opts), &sdk).await?;
+    Ok((sdk, keys))
+}
+
+/// The store the options ask for: S3 (with retries) or, for benchmarks, memory.
+pub fn make_store(opts: &MountOptions, sdk: &aws_config::SdkConfig, bucket: &str, keys: &keys::Keys) -> Arc<dyn ObjectStore> {
+    match opts.store {
+        StoreKind::Memory => {
+            log::warn!("store=memory: benchmark mode, nothing is written to S3 and all data is lost at unmount");
+            Arc::new(MemoryStore::new())
+        }
+        StoreKind::S3 => {
+            let client = crate::store::s3::client_from(sdk, opts.path_style);
+            let s3 = S3Store::new(client, bucket.to_string(), keys.sse.clone());
+            Arc::new(Retrying::new(s3, RetryPolicy::default()))
+        }
+    }
+}
+
+/// Connects to the bucket, checks it is there, loads the keys and, in the client-side modes, opens (or makes)
+/// the volume descriptor, which refuses a wrong key or block size here rather than as EIO later.
+pub async fn backend(opts: &MountOptions, bucket: &str, prefix: &str) -> Result<Backend> {
+    let (sdk, keys) = load_keys(opts).await?;
+    let store = make_store(opts, &sdk, bucket, &keys);
+    open_volume(opts, bucket, prefix, store, &keys).await
+}
+
+/// Checks the bucket and opens the volume on a given store.
+pub async fn open_volume(
+    opts: &MountOptions,
+    bucket: &str,
+    prefix: &str,
+    store: Arc<dyn ObjectStore>,
+    keys: &keys::Keys,
+) -> Result<Backend> {
+    check_bucket(store.as_ref(), bucket, prefix).await?;
+    let mut block_size = opts.block_size.unwrap_or_default();
+    let cse = match &keys.provider {
+        Some(provider) => {
+            let vol = keys::open_or_create_volume(store.as_ref(), prefix, provider.as_ref(), opts.block_size)
+                .await
+                .with_context(|| format!("opening the volume s3://{bucket}/{prefix}"))?;
+            block_size = vol.block_size;
+            Some(CseKeys { provider: provider.clone(), cache: keys.cache.clone() })
+        }
+        None => None,
+    };
+    Ok(Backend { store, keys: cse, key_stats: keys.stats.clone(), block_size })
+}
+
+async fn check_bucket(store: &dyn ObjectStore, bucket: &str, prefix: &str) -> Result<()> {
+    match store.list(prefix, Some("/"), None, Some(1)).await {
+        Ok(_) => Ok(()),
+        Err(StoreError::NoSuchBucket(_)) => {
+            bail!("bucket '{bucket}' does not exist (or is in another region); create it or fix the name/region")
+        }
+        Err(StoreError::AccessDenied(m)) => {
+            bail!("access to bucket '{bucket}' was denied: {m}; check the credentials and the bucket policy")
+        }
+        Err(e) => Err(anyhow!("cannot reach bucket '{bucket}': {e}")),
+    }
+}
+
+fn state_dir(name: &str) -> PathBuf {
+    let base = std::env::var_os("STATE_DIRECTORY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| if nix_is_root() { PathBuf::from("/var/lib/s3crypt") } else { std::env::temp_dir().join("s3crypt") });
+    base.join(name)
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn fs_config(opts: &MountOptions, bucket: &str, prefix: &str, bs: BlockSize) -> FsConfig {
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    FsConfig {
+        bucket: bucket.to_string(),
+        prefix: prefix.to_string(),
+        key_mode: opts.key_mode,
+        block_size: bs,
+        uid: opts.uid.unwrap_or(uid),
+        gid: opts.gid.unwrap_or(gid),
+        umask: opts.umask.unwrap_or(0o022),
+        read_only: opts.read_only,
+        allow_plaintext: opts.allow_plaintext,
+        metadata_ttl: opts.metadata_ttl,
+        block_cache_bytes: opts.block_cache_mib * 1024 * 1024,
+        read_ahead_bytes: opts.read_ahead_kib * 1024,
+        max_dirty_bytes: opts.max_write_mib * 1024 * 1024,
+        staging_dir: opts.staging_dir.clone().unwrap_or_else(std::env::temp_dir),
+        recovery_dir: opts.recovery_dir.clone().unwrap_or_else(|| state_dir("recovery")),
+    }
+}
+
+/// Checks the mount point before mounting, and names a stale mount left by a killed daemon.
+fn check_mountpoint(mnt: &Path) -> Result<()> {
+    match std::fs::metadata(mnt) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => bail!("mount point {} is not a directory", mnt.display()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "mount point {0} is a stale mount left by a daemon that was killed; clear it with: fusermount3 -u {0} (or: umount -l {0})",
+            mnt.display()
+        ),
+        Err(e) => bail!("mount point {}: {e}; create it with: mkdir -p {}", mnt.display(), mnt.display()),
+    }
+}
+
+/// `s3crypt mount` in the foreground (the background start re-executes this with --foreground).
+pub fn mount(source: &str, mountpoint: &Path, opts: MountOptions, readiness: Readiness) -> Result<()> {
+    let result = mount_inner(source, mountpoint, opts, &readiness);
+    if let Err(e) = &result {
+        readiness.failed(&format!("{e:#}"));
+    }
+    result
+}
+
+fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions, readiness: &Readiness) -> Result<()> {
+    let (bucket, prefix) = cli::parse_volume_url(source)?;
+    check_mountpoint(mountpoint)?;
+    let rt = runtime()?;
+    let backend = rt.block_on(backend(&opts, &bucket, &prefix))?;
+    let cfg = fs_config(&opts, &bucket, &prefix, backend.block_size);
+    std::fs::create_dir_all(&cfg.staging_dir).with_context(|| format!("staging dir {}", cfg.staging_dir.display()))?;
+    let fs = Arc::new(Fs::new(backend.store, backend.keys, cfg));
+    let bg = start_session(fs.clone(), rt.handle().clone(), mountpoint, &opts, source)?;
+    log::info!("mounted s3://{bucket}/{prefix} at {} ({})", mountpoint.display(), opts.key_mode);
+    readiness.ready();
+    let signal = rt.block_on(wait_for_end(&bg));
+    crate::notify::stopping();
+    if let Some(sig) = signal {
+        log::info!("{sig}: saving open files, then unmounting");
+    }
+    let failed = rt.block_on(fs.flush_all());
+    let unmounted = bg.umount_and_join();
+    rt.shutdown_timeout(Duration::from_secs(5));
+    if failed > 0 {
+        bail!("{failed} open file(s) could not be saved to S3; see the log for their recovery files");
+    }
+    if let Err(e) = unmounted {
+        if signal.is_some() {
+            bail!("unmounting {}: {e}; clear it with: fusermount3 -u {}", mountpoint.display(), mountpoint.display());
+        }
+    }
+    Ok(())
+}
+
+/// Mounts `fs` at `mountpoint` and serves it on background threads; returns once the mount answers.
+pub fn start_session(
+    fs: Arc<Fs>,
+    rt: tokio::runtime::Handle,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    source: &str,
+) -> Result<fuser::BackgroundSession> {
+    let adapter = crate::fuse::FuseAdapter::new(fs, rt);
+    let mut mount_options = vec![
+        fuser::MountOption::FSName(opts.fsname.clone().unwrap_or_else(|| source.to_string())),
+        fuser::MountOption::Subtype("s3crypt".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    if opts.read_only {
+        mount_options.push(fuser::MountOption::RO);
+    }
+    let mut config = fuser::Config::default();
+    config.mount_options = mount_options;
+    config.acl = if opts.allow_other {
+        fuser::SessionACL::All
+    } else if opts.allow_root {
+        fuser::SessionACL::RootAndOwner
+    } else {
+        fuser::SessionACL::Owner
+    };
+    config.n_threads = Some(opts.fuse_threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::Session::new(adapter, mountpoint, &config)
+        .with_context(|| format!("mounting at {} (is FUSE available: /dev/fuse, fuse3?)", mountpoint.display()))?;
+    let bg = session.spawn().context("starting the FUSE session")?;
+    wait_until_answers(mountpoint)?;
+    Ok(bg)
+}
+
+/// Waits until the mount point is served by this file system (its device differs from the parent's).
+fn wait_until_answers(mnt: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let parent = mnt.parent().unwrap_or(Path::new("/"));
+    let parent_dev = std::fs::metadata(parent).map(|m| m.dev()).unwrap_or(0);
+    for _ in 0..200 {
+        if let Ok(m) = std::fs::metadata(mnt) {
+            if m.dev() != parent_dev {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    bail!("the mount at {} did not answer within 5 s", mnt.display())
+}
+
+/// Waits for SIGTERM, SIGINT or the end of the session (an external unmount). Returns the signal's name.
+async fn wait_for_end(bg: &fuser::BackgroundSession) -> Option<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        log::error!("cannot install signal handlers; the mount ends only by unmounting");
+        while !bg.guard.is_finished() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        return None;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Some("SIGTERM"),
+            _ = int.recv() => return Some("SIGINT"),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if bg.guard.is_finished() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// `s3crypt cat s3://BUCKET/KEY`: writes one object's plaintext to stdout.
+pub fn cat(source: &str, opts: MountOptions) -> Result<()> {
+    use std::io::Write;
+    let (bucket, key) = cli::parse_object_url(source)?;
+    let rt = runtime()?;
+    let data = rt.block_on(async {
+        let (prefix, _) = split_key(&key);
+        let b = backend(&opts, &bucket, prefix).await?;
+        let out = b.store.get(&key, None, None).await.with_context(|| format!("reading s3://{bucket}/{key}"))?;
+        decode_object(&b, &opts, &key, &out.info.metadata, &out.data).await
+    })?;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&data)?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// The directory part (with its slash) and the name of a key.
+fn split_key(key: &str) -> (&str, &str) {
+    match key.rfind('/') {
+        Some(i) => (&key[..=i], &key[i + 1..]),
+        None => ("", key),
+    }
+}
+
+async fn decode_object(
+    b: &Backend,
+    opts: &MountOptions,
+    key: &str,
+    meta: &crate::store::Metadata,
+    body: &[u8],
+) -> Result<Vec<u8>> {
+    let Some(keys) = &b.keys else { return Ok(body.to_vec()) };
+    match format::ObjectHeader::from_metadata(meta)? {
+        Some(h) => {
+            let dk = keys.cache.get_or_unwrap(keys.provider.as_ref(), &h.file_id, &h.wrapped_key).await?;
+            let cipher = format::BlockCipher::new(&dk, h.file_id);
+            Ok(format::decrypt_object(&cipher, body, h.block_size).with_context(|| format!("decrypting {key}"))?)
+        }
+        None if opts.allow_plaintext => Ok(body.to_vec()),
+        None => bail!("{key} has no s3crypt metadata (it was not written by s3crypt in a client-side mode); use -o allow_plaintext to read it as is"),
+    }
+}
+
+/// `s3crypt put FILE s3://BUCKET/KEY`: writes one file as an object, encrypted as the mount would.
+pub fn put(file: &Path, dest: &str, opts: MountOptions) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (bucket, key) = cli::parse_object_url(dest)?;
+    let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let md = std::fs::metadata(file)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let (prefix, _) = split_key(&key);
+        let b = backend(&opts, &bucket, prefix).await?;
+        let mut meta = crate::store::Metadata::new();
+        let attr = crate::fs::Attr {
+            ino: 0,
+            kind: crate::fs::Kind::File,
+            size: data.len() as u64,
+            perm: (md.mode() & 0o7777) as u16,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime: md.modified().unwrap_or_else(|_| std::time::SystemTime::now()),
+        };
+        crate::fs::inode::attr_to_metadata(&attr, &mut meta);
+        let body = match &b.keys {
+            Some(keys) => {
+                let mut file_id = [0u8; 16];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut file_id);
+                let (dk, wrapped) = keys.provider.generate(&file_id).await?;
+                let cipher = format::BlockCipher::new(&dk, file_id);
+                let header = format::ObjectHeader {
+                    version: format::FORMAT_VERSION,
+                    key_mode: opts.key_mode.as_str().to_string(),
+                    block_size: b.block_size,
+                    file_id,
+                    wrapped_key: wrapped,
+                };
+                header.to_metadata(&mut meta);
+                format::encrypt_object(&cipher, &data, b.block_size, &mut rand::thread_rng())
+            }
+            None => data,
+        };
+        b.store
+            .put(&key, bytes::Bytes::from(body), &meta, crate::store::PutCondition::None)
+            .await
+            .with_context(|| format!("writing s3://{bucket}/{key}"))?;
+        anyhow::Ok(())
+    })
+}
