@@ -124,15 +124,37 @@ async fn ranged_get_edges(store: Store) {
         .get("r/obj", None, Some("\"0123456789abcdef0123456789abcdef\""))
         .await;
     assert!(matches!(stale, Err(StoreError::PreconditionFailed(_))), "{stale:?}");
+    let no_suffix = get(ByteRange::Suffix(0)).await;
+    assert!(matches!(no_suffix, Err(StoreError::InvalidRange(_))), "{no_suffix:?}");
+    let empty = put(&store, "r/empty", Bytes::new()).await;
+    for r in [
+        ByteRange::Range { start: 0, end: 10 },
+        ByteRange::Range { start: 5, end: 10 },
+        ByteRange::Suffix(10),
+    ] {
+        let got = store
+            .get("r/empty", Some(r), Some(&empty.etag))
+            .await
+            .expect("a range of an empty object");
+        assert_eq!((got.data.len(), got.info.size), (0, 0), "{r:?}");
+    }
 }
 
 async fn metadata_round_trip(store: Store) {
     let m = meta(&[("s3crypt-version", "1"), ("plain-size", "12345"), ("mode", "0100644")]);
     let before = SystemTime::now() - Duration::from_secs(60);
-    store
+    let put = store
         .put("m/obj", Bytes::from_static(b"payload"), &m, PutCondition::None)
         .await
         .unwrap();
+    assert_eq!(
+        (put.size, put.etag.as_str(), &put.metadata),
+        (7, md5_etag(b"payload").as_str(), &m)
+    );
+    assert_eq!(
+        (put.last_modified, put.sse_algorithm.as_deref()),
+        (None, Some("AES256"))
+    );
     let head = store.head("m/obj").await.unwrap();
     assert_eq!(
         (head.metadata.clone(), head.size, head.key.as_str()),
@@ -233,6 +255,10 @@ async fn multipart_with_part_copy(store: Store) {
         Some("\"00000000000000000000000000000000\""),
     );
     assert!(matches!(stale.await, Err(StoreError::PreconditionFailed(_))));
+    let past_end = store
+        .upload_part_copy("mp/stale", &id, 1, "mp/source", 0..11 * MIB as u64 + 1, None)
+        .await;
+    assert!(matches!(past_end, Err(StoreError::InvalidRequest(_))), "{past_end:?}");
     let small = store
         .upload_part("mp/stale", &id, 1, Bytes::from_static(b"small"))
         .await

@@ -8,6 +8,8 @@
 //!   [`StoreError::InvalidRange`]; a suffix longer than the object returns the whole object.
 //! - Conditions: `If-None-Match: *` fails on an existing key, `If-Match` fails on another ETag and on a missing
 //!   key (as S3 answers 404 there, this is [`StoreError::NotFound`]).
+//! - PUT returns no `last_modified` (S3's PutObject response has none); HEAD, GET and listings do.
+//! - UploadPartCopy of a range outside the source is [`StoreError::InvalidRequest`] (S3: 400 InvalidArgument).
 //! - Multipart: parts are listed in ascending order; every part but the last is at least 5 MiB
 //!   ([`MIN_PART_SIZE`]); a completed or aborted upload id is gone ([`StoreError::NotFound`]).
 //! - Listing: lexicographic by key (bytes), common prefixes count toward `max_keys`, and the continuation
@@ -236,7 +238,11 @@ impl ObjectStore for MemoryStore {
             metadata: metadata.clone(),
             last_modified: SystemTime::now(),
         };
-        let info = self.info(key, &obj);
+        // S3's PutObject response carries no Last-Modified; only HEAD, GET and listings report it.
+        let info = ObjectInfo {
+            last_modified: None,
+            ..self.info(key, &obj)
+        };
         state.objects.insert(key.to_string(), obj);
         Ok(info)
     }
@@ -286,8 +292,9 @@ impl ObjectStore for MemoryStore {
         check_source_etag(source_key, source, source_if_match)?;
         let size = source.data.len() as u64;
         if source_range.start >= source_range.end || source_range.end > size {
-            return Err(StoreError::InvalidRange(format!(
-                "{source_key}: copy range {source_range:?} outside the object ({size} bytes)"
+            // S3 answers 400 InvalidArgument here, not 416.
+            return Err(StoreError::InvalidRequest(format!(
+                "{source_key}: InvalidArgument: copy range {source_range:?} outside the object ({size} bytes)"
             )));
         }
         let data = source

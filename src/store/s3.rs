@@ -7,6 +7,8 @@
 //!   UploadPart, GET, HEAD) and, on CopyObject and UploadPartCopy, both as destination and as copy-source key.
 //! - **No SDK retries.** The client is built with one attempt per call; [`super::retry::Retrying`] owns retry
 //!   policy for every store alike. Errors are mapped to [`StoreError`] with the transient ones marked as such.
+//! - **Empty objects.** S3 answers any range of an empty object with 416; [`ByteRange`] promises an empty body,
+//!   so a 416 is followed by a HEAD to tell the two cases apart.
 //! - **Full facts after compound writes.** CompleteMultipartUpload and CopyObject do not report the size or the
 //!   metadata of what they made, so both are followed by a HEAD to return a complete [`ObjectInfo`].
 use super::{
@@ -238,7 +240,10 @@ impl ObjectStore for S3Store {
         let range = range.map(|r| range_header(key, r)).transpose()?;
         let req = self.client.get_object().bucket(&self.bucket).key(key).set_range(range);
         let req = sse_c!(req, &self.sse).set_if_match(if_match.map(str::to_string));
-        let out = req.send().await.map_err(|e| self.err("GET", key, e))?;
+        let out = match req.send().await.map_err(|e| self.err("GET", key, e)) {
+            Err(StoreError::InvalidRange(msg)) => return self.empty_object_range(key, if_match, msg).await,
+            other => other?,
+        };
         let info = ObjectInfo {
             key: key.to_string(),
             size: total_from_content_range(out.content_range())
@@ -322,7 +327,7 @@ impl ObjectStore for S3Store {
         source_if_match: Option<&str>,
     ) -> StoreResult<CompletedPart> {
         if source_range.end <= source_range.start {
-            return Err(StoreError::InvalidRange(format!(
+            return Err(StoreError::InvalidRequest(format!(
                 "{source_key}: empty copy range {source_range:?}"
             )));
         }
@@ -466,6 +471,26 @@ impl ObjectStore for S3Store {
 }
 
 impl S3Store {
+    /// S3 refuses every range of an empty object with 416, while the [`ByteRange`] contract gives an empty body
+    /// there (a start past the end is an error only for a non-empty object). After a 416 one HEAD tells which
+    /// case it was; the extra request happens only on this error path.
+    async fn empty_object_range(&self, key: &str, if_match: Option<&str>, msg: String) -> StoreResult<GetOutput> {
+        let info = self.head(key).await?;
+        if info.size != 0 {
+            return Err(StoreError::InvalidRange(msg));
+        }
+        if if_match.is_some_and(|etag| etag != info.etag) {
+            return Err(StoreError::PreconditionFailed(format!(
+                "GET {key}: If-Match {if_match:?} but ETag {}",
+                info.etag
+            )));
+        }
+        Ok(GetOutput {
+            data: Bytes::new(),
+            info,
+        })
+    }
+
     async fn delete_batch(&self, keys: &[String]) -> StoreResult<()> {
         let first = keys.first().map(String::as_str).unwrap_or("");
         let ids = keys
