@@ -6,6 +6,17 @@
 //! Keys passed to a store are full object keys within its bucket; the file system adds the mount's prefix.
 //! Server-side encryption is a property of the store ([`Sse`]): the S3 implementation puts the right headers on
 //! every request that needs them, so callers never think about them.
+pub mod failing;
+pub mod memory;
+pub mod retry;
+pub mod s3;
+mod shared;
+
+pub use failing::{Action, FailingStore, FaultKind, OpKind, OpStats, Rule, Stats, When};
+pub use memory::MemoryStore;
+pub use retry::{RetryPolicy, Retrying};
+pub use s3::S3Store;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::BTreeMap;

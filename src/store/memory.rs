@@ -1,0 +1,500 @@
+//! [`MemoryStore`]: the [`ObjectStore`] semantics of S3, held in memory.
+//!
+//! It exists so that the file system can be tested fast and deterministically, with the same suite that runs
+//! against a real S3 API server. It therefore follows S3 where S3 is observable to s3crypt:
+//! - ETags are the quoted hex MD5 of the body for single PUTs and copies, and `"HEX-N"` for multipart uploads
+//!   (HEX is the MD5 of the concatenated binary part MD5s, N the number of parts), as S3 computes them.
+//! - Ranges: an end past the object is cut to the object; a start at or past the end of a non-empty object is
+//!   [`StoreError::InvalidRange`]; a suffix longer than the object returns the whole object.
+//! - Conditions: `If-None-Match: *` fails on an existing key, `If-Match` fails on another ETag and on a missing
+//!   key (as S3 answers 404 there, this is [`StoreError::NotFound`]).
+//! - PUT returns no `last_modified` (S3's PutObject response has none); HEAD, GET and listings do.
+//! - UploadPartCopy of a range outside the source is [`StoreError::InvalidRequest`] (S3: 400 InvalidArgument).
+//! - Multipart: parts are listed in ascending order; every part but the last is at least 5 MiB
+//!   ([`MIN_PART_SIZE`]); a completed or aborted upload id is gone ([`StoreError::NotFound`]).
+//! - Listing: lexicographic by key (bytes), common prefixes count toward `max_keys`, and the continuation
+//!   token is opaque.
+//! - Server-side encryption: the [`Sse`] the store was built with is reported in [`ObjectInfo`] the way S3
+//!   reports it (no header: `AES256`, the default encryption of a new bucket).
+//!
+//! All state sits behind one `std::sync::Mutex`, never held across an `.await` (no method awaits).
+use super::{
+    ByteRange, CompletedPart, GetOutput, ListEntry, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition, Sse,
+    StoreError, StoreResult,
+};
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use md5::{Digest, Md5};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+/// The smallest size of a multipart part other than the last, in bytes (S3's limit: 5 MiB).
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+
+/// The default and largest page size of a listing (S3: 1,000).
+const MAX_LIST_KEYS: usize = 1000;
+
+#[derive(Clone, Debug)]
+struct Object {
+    data: Bytes,
+    etag: String,
+    metadata: Metadata,
+    last_modified: SystemTime,
+}
+
+#[derive(Debug)]
+struct Upload {
+    key: String,
+    metadata: Metadata,
+    /// Part number → (data, ETag).
+    parts: BTreeMap<i32, (Bytes, String)>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    objects: BTreeMap<String, Object>,
+    uploads: HashMap<String, Upload>,
+    next_upload: u64,
+}
+
+/// An in-memory object store with S3's semantics. See the module documentation.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    sse: Sse,
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    /// An empty store reporting no server-side encryption header (objects show `AES256`, as on a new bucket).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty store that reports `sse` on every object, as S3 would for objects written with that mode.
+    pub fn with_sse(sse: Sse) -> Self {
+        MemoryStore {
+            sse,
+            state: Mutex::default(),
+        }
+    }
+
+    /// The number of objects held (for tests).
+    pub fn len(&self) -> usize {
+        self.lock().objects.len()
+    }
+
+    /// Whether the store holds no objects.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The number of multipart uploads started and neither completed nor aborted (for leak checks in tests).
+    pub fn open_uploads(&self) -> usize {
+        self.lock().uploads.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that matters to tests.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn info(&self, key: &str, obj: &Object) -> ObjectInfo {
+        let (sse_algorithm, sse_kms_key_id, sse_customer_algorithm) = match &self.sse {
+            Sse::None | Sse::S3 => (Some("AES256".to_string()), None, None),
+            Sse::Kms { key_id } => (Some("aws:kms".to_string()), key_id.clone(), None),
+            Sse::Customer(_) => (None, None, Some("AES256".to_string())),
+        };
+        ObjectInfo {
+            key: key.to_string(),
+            size: obj.data.len() as u64,
+            etag: obj.etag.clone(),
+            last_modified: Some(obj.last_modified),
+            metadata: obj.metadata.clone(),
+            sse_algorithm,
+            sse_kms_key_id,
+            sse_customer_algorithm,
+        }
+    }
+}
+
+fn md5_etag(data: &[u8]) -> String {
+    format!("\"{}\"", hex::encode(Md5::digest(data)))
+}
+
+/// The multipart ETag S3 computes: MD5 of the concatenated binary MD5s of the parts, then `-N`.
+fn multipart_etag(parts: &[Bytes]) -> String {
+    let mut all = Md5::new();
+    for p in parts {
+        all.update(Md5::digest(p));
+    }
+    format!("\"{}-{}\"", hex::encode(all.finalize()), parts.len())
+}
+
+fn check_cond(state: &State, key: &str, cond: &PutCondition) -> StoreResult<()> {
+    let existing = state.objects.get(key);
+    match (cond, existing) {
+        (PutCondition::None, _) => Ok(()),
+        (PutCondition::IfNoneMatch, None) => Ok(()),
+        (PutCondition::IfNoneMatch, Some(_)) => Err(StoreError::PreconditionFailed(format!(
+            "{key}: If-None-Match: * but the object exists"
+        ))),
+        (PutCondition::IfMatch(_), None) => Err(StoreError::NotFound(format!("{key} (If-Match on a missing key)"))),
+        (PutCondition::IfMatch(etag), Some(obj)) if &obj.etag == etag => Ok(()),
+        (PutCondition::IfMatch(etag), Some(obj)) => Err(StoreError::PreconditionFailed(format!(
+            "{key}: If-Match {etag} but the object has ETag {}",
+            obj.etag
+        ))),
+    }
+}
+
+fn check_source_etag(key: &str, obj: &Object, if_match: Option<&str>) -> StoreResult<()> {
+    match if_match {
+        Some(etag) if etag != obj.etag => Err(StoreError::PreconditionFailed(format!(
+            "{key}: If-Match {etag} but the object has ETag {}",
+            obj.etag
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Resolves a GET range against an object of `size` bytes as S3 does.
+fn resolve_range(key: &str, size: u64, range: ByteRange) -> StoreResult<Range<u64>> {
+    match range {
+        ByteRange::Range { start, end } if end <= start => {
+            Err(StoreError::InvalidRequest(format!("{key}: empty range {start}..{end}")))
+        }
+        ByteRange::Range { .. } if size == 0 => Ok(0..0),
+        ByteRange::Range { start, .. } if start >= size => Err(StoreError::InvalidRange(format!(
+            "{key}: start {start} at or past the end ({size} bytes)"
+        ))),
+        ByteRange::Range { start, end } => Ok(start..end.min(size)),
+        ByteRange::Suffix(0) => Err(StoreError::InvalidRange(format!("{key}: empty suffix range"))),
+        ByteRange::Suffix(n) => Ok(size.saturating_sub(n)..size),
+    }
+}
+
+/// Where a listing resumes: after a key, or after every key under a common prefix.
+fn encode_token(last_key: Option<&str>, last_prefix: Option<&str>) -> String {
+    match (last_key, last_prefix) {
+        (_, Some(p)) => format!("p:{p}"),
+        (Some(k), None) => format!("k:{k}"),
+        (None, None) => String::new(),
+    }
+}
+
+fn token_passes(token: Option<&str>, key: &str) -> StoreResult<bool> {
+    let Some(token) = token else { return Ok(true) };
+    if let Some(p) = token.strip_prefix("p:") {
+        Ok(key > p && !key.starts_with(p))
+    } else if let Some(k) = token.strip_prefix("k:") {
+        Ok(key > k)
+    } else {
+        Err(StoreError::InvalidRequest(format!(
+            "invalid continuation token {token:?}"
+        )))
+    }
+}
+
+#[async_trait]
+impl ObjectStore for MemoryStore {
+    async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
+        let state = self.lock();
+        let obj = state
+            .objects
+            .get(key)
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        Ok(self.info(key, obj))
+    }
+
+    async fn get(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetOutput> {
+        let state = self.lock();
+        let obj = state
+            .objects
+            .get(key)
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        check_source_etag(key, obj, if_match)?;
+        let data = match range {
+            None => obj.data.clone(),
+            Some(r) => {
+                let r = resolve_range(key, obj.data.len() as u64, r)?;
+                obj.data.slice(r.start as usize..r.end as usize)
+            }
+        };
+        Ok(GetOutput {
+            data,
+            info: self.info(key, obj),
+        })
+    }
+
+    async fn put(&self, key: &str, body: Bytes, metadata: &Metadata, cond: PutCondition) -> StoreResult<ObjectInfo> {
+        let mut state = self.lock();
+        check_cond(&state, key, &cond)?;
+        let etag = md5_etag(&body);
+        let obj = Object {
+            data: body,
+            etag,
+            metadata: metadata.clone(),
+            last_modified: SystemTime::now(),
+        };
+        // S3's PutObject response carries no Last-Modified; only HEAD, GET and listings report it.
+        let info = ObjectInfo {
+            last_modified: None,
+            ..self.info(key, &obj)
+        };
+        state.objects.insert(key.to_string(), obj);
+        Ok(info)
+    }
+
+    async fn create_multipart(&self, key: &str, metadata: &Metadata) -> StoreResult<String> {
+        let mut state = self.lock();
+        state.next_upload += 1;
+        let id = format!("mem-upload-{}", state.next_upload);
+        let upload = Upload {
+            key: key.to_string(),
+            metadata: metadata.clone(),
+            parts: BTreeMap::new(),
+        };
+        state.uploads.insert(id.clone(), upload);
+        Ok(id)
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+    ) -> StoreResult<CompletedPart> {
+        let mut state = self.lock();
+        let upload = find_upload(&mut state, key, upload_id)?;
+        check_part_number(part_number)?;
+        let etag = md5_etag(&body);
+        upload.parts.insert(part_number, (body, etag.clone()));
+        Ok(CompletedPart { part_number, etag })
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        source_key: &str,
+        source_range: Range<u64>,
+        source_if_match: Option<&str>,
+    ) -> StoreResult<CompletedPart> {
+        let mut state = self.lock();
+        let source = state
+            .objects
+            .get(source_key)
+            .ok_or_else(|| StoreError::NotFound(source_key.to_string()))?;
+        check_source_etag(source_key, source, source_if_match)?;
+        let size = source.data.len() as u64;
+        if source_range.start >= source_range.end || source_range.end > size {
+            // S3 answers 400 InvalidArgument here, not 416.
+            return Err(StoreError::InvalidRequest(format!(
+                "{source_key}: InvalidArgument: copy range {source_range:?} outside the object ({size} bytes)"
+            )));
+        }
+        let data = source
+            .data
+            .slice(source_range.start as usize..source_range.end as usize);
+        let upload = find_upload(&mut state, key, upload_id)?;
+        check_part_number(part_number)?;
+        let etag = md5_etag(&data);
+        upload.parts.insert(part_number, (data, etag.clone()));
+        Ok(CompletedPart { part_number, etag })
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+        cond: PutCondition,
+    ) -> StoreResult<ObjectInfo> {
+        let mut state = self.lock();
+        let upload = find_upload(&mut state, key, upload_id)?;
+        let datas = assemble_parts(key, upload, &parts)?;
+        check_cond(&state, key, &cond)?;
+        let upload = state.uploads.remove(upload_id).expect("upload found above");
+        let mut data = BytesMut::with_capacity(datas.iter().map(Bytes::len).sum());
+        datas.iter().for_each(|d| data.extend_from_slice(d));
+        let etag = multipart_etag(&datas);
+        let obj = Object {
+            data: data.freeze(),
+            etag,
+            metadata: upload.metadata,
+            last_modified: SystemTime::now(),
+        };
+        let info = self.info(key, &obj);
+        state.objects.insert(key.to_string(), obj);
+        Ok(info)
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        let mut state = self.lock();
+        find_upload(&mut state, key, upload_id)?;
+        state.uploads.remove(upload_id);
+        Ok(())
+    }
+
+    async fn copy(
+        &self,
+        source_key: &str,
+        dest_key: &str,
+        metadata: Option<&Metadata>,
+        cond: PutCondition,
+    ) -> StoreResult<ObjectInfo> {
+        let mut state = self.lock();
+        let source = state
+            .objects
+            .get(source_key)
+            .ok_or_else(|| StoreError::NotFound(source_key.to_string()))?;
+        let metadata = metadata.cloned().unwrap_or_else(|| source.metadata.clone());
+        // A copy is a new object: S3 gives it the MD5 ETag of its bytes, even when the source was multipart.
+        let obj = Object {
+            etag: md5_etag(&source.data),
+            data: source.data.clone(),
+            metadata,
+            last_modified: SystemTime::now(),
+        };
+        check_cond(&state, dest_key, &cond)?;
+        let info = self.info(dest_key, &obj);
+        state.objects.insert(dest_key.to_string(), obj);
+        Ok(info)
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.lock().objects.remove(key);
+        Ok(())
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        let mut state = self.lock();
+        for key in keys {
+            state.objects.remove(key);
+        }
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        continuation: Option<&str>,
+        max_keys: Option<i32>,
+    ) -> StoreResult<ListPage> {
+        let max = match max_keys {
+            None => MAX_LIST_KEYS,
+            Some(n) if n < 0 => return Err(StoreError::InvalidRequest(format!("max_keys {n} is negative"))),
+            Some(n) => (n as usize).min(MAX_LIST_KEYS),
+        };
+        let state = self.lock();
+        list_page(&state, prefix, delimiter.filter(|d| !d.is_empty()), continuation, max)
+    }
+}
+
+fn find_upload<'a>(state: &'a mut State, key: &str, upload_id: &str) -> StoreResult<&'a mut Upload> {
+    match state.uploads.get_mut(upload_id) {
+        Some(u) if u.key == key => Ok(u),
+        _ => Err(StoreError::NotFound(format!("{key}: no such upload {upload_id}"))),
+    }
+}
+
+fn check_part_number(n: i32) -> StoreResult<()> {
+    if (1..=10_000).contains(&n) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidRequest(format!("part number {n} outside 1..=10000")))
+    }
+}
+
+/// Checks the part list of a CompleteMultipartUpload as S3 does and returns the parts' data in order.
+fn assemble_parts(key: &str, upload: &Upload, parts: &[CompletedPart]) -> StoreResult<Vec<Bytes>> {
+    if parts.is_empty() {
+        return Err(StoreError::InvalidRequest(format!("{key}: MalformedXML: no parts")));
+    }
+    let mut datas = Vec::with_capacity(parts.len());
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 && part.part_number <= parts[i - 1].part_number {
+            return Err(StoreError::InvalidRequest(format!("{key}: InvalidPartOrder")));
+        }
+        let (data, etag) = upload.parts.get(&part.part_number).ok_or_else(|| {
+            StoreError::InvalidRequest(format!(
+                "{key}: InvalidPart: part {} was not uploaded",
+                part.part_number
+            ))
+        })?;
+        if etag != &part.etag {
+            return Err(StoreError::InvalidRequest(format!(
+                "{key}: InvalidPart: ETag of part {}",
+                part.part_number
+            )));
+        }
+        if i + 1 < parts.len() && (data.len() as u64) < MIN_PART_SIZE {
+            return Err(StoreError::InvalidRequest(format!(
+                "{key}: EntityTooSmall: part {} has {} bytes",
+                part.part_number,
+                data.len()
+            )));
+        }
+        datas.push(data.clone());
+    }
+    Ok(datas)
+}
+
+fn list_page(
+    state: &State,
+    prefix: &str,
+    delimiter: Option<&str>,
+    continuation: Option<&str>,
+    max: usize,
+) -> StoreResult<ListPage> {
+    let mut page = ListPage::default();
+    if max == 0 {
+        return Ok(page);
+    }
+    let (mut last_key, mut last_prefix): (Option<&str>, Option<String>) = (None, None);
+    let mut count = 0;
+    let mut truncated = false;
+    for (key, obj) in state.objects.range(prefix.to_string()..) {
+        if !key.starts_with(prefix) {
+            break;
+        }
+        if !token_passes(continuation, key)? {
+            continue;
+        }
+        let common = delimiter.and_then(|d| key[prefix.len()..].find(d).map(|i| &key[..prefix.len() + i + d.len()]));
+        if let Some(cp) = common {
+            if page.common_prefixes.last().map(String::as_str) == Some(cp) {
+                continue;
+            }
+        }
+        if count == max {
+            truncated = true;
+            break;
+        }
+        count += 1;
+        match common {
+            Some(cp) => {
+                page.common_prefixes.push(cp.to_string());
+                (last_key, last_prefix) = (None, Some(cp.to_string()));
+            }
+            None => {
+                page.objects.push(ListEntry {
+                    key: key.clone(),
+                    size: obj.data.len() as u64,
+                    etag: obj.etag.clone(),
+                    last_modified: Some(obj.last_modified),
+                });
+                (last_key, last_prefix) = (Some(key.as_str()), None);
+            }
+        }
+    }
+    if truncated {
+        page.next_token = Some(encode_token(last_key, last_prefix.as_deref()));
+    }
+    Ok(page)
+}

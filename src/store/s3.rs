@@ -1,0 +1,655 @@
+//! [`S3Store`]: the [`ObjectStore`] over aws-sdk-s3.
+//!
+//! Design points:
+//! - **One place for encryption headers.** The store's [`Sse`] decides the headers of every request: SSE-S3 and
+//!   SSE-KMS go on PUT, CreateMultipartUpload and CopyObject (S3 derives parts and copies-to-part from the
+//!   upload); SSE-C goes on every request that reads or writes object data (PUT, CreateMultipartUpload,
+//!   UploadPart, GET, HEAD) and, on CopyObject and UploadPartCopy, both as destination and as copy-source key.
+//! - **No SDK retries.** The client is built with one attempt per call; [`super::retry::Retrying`] owns retry
+//!   policy for every store alike. Errors are mapped to [`StoreError`] with the transient ones marked as such.
+//! - **Empty objects.** S3 answers any range of an empty object with 416; [`ByteRange`] promises an empty body,
+//!   so a 416 is followed by a HEAD to tell the two cases apart.
+//! - **Full facts after compound writes.** CompleteMultipartUpload and CopyObject do not report the size or the
+//!   metadata of what they made, so both are followed by a HEAD to return a complete [`ObjectInfo`].
+use super::{
+    ByteRange, CompletedPart, GetOutput, ListEntry, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition, Sse,
+    StoreError, StoreResult,
+};
+use async_trait::async_trait;
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart as S3CompletedPart, Delete, MetadataDirective, ObjectIdentifier,
+    ServerSideEncryption,
+};
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::{Duration, SystemTime};
+
+/// DeleteObjects takes at most this many keys per request.
+const DELETE_BATCH: usize = 1000;
+
+/// The region used when neither the argument nor the environment or profile names one.
+pub const DEFAULT_REGION: &str = "us-east-1";
+
+/// An SDK configuration from aws-config's standard chains (credentials: environment, profile, SSO, web identity,
+/// ECS, IMDS; region: argument, then environment and profile, then [`DEFAULT_REGION`]), with the SDK's retries
+/// off. `endpoint: None` leaves the endpoint to the environment (`AWS_ENDPOINT_URL`) or AWS. Share it with the
+/// KMS client.
+pub async fn sdk_config(region: Option<String>, endpoint: Option<String>) -> SdkConfig {
+    let region = RegionProviderChain::first_try(region.map(Region::new))
+        .or_default_provider()
+        .or_else(Region::new(DEFAULT_REGION));
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(region)
+        .retry_config(RetryConfig::standard().with_max_attempts(1))
+        .timeout_config(timeouts);
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    loader.load().await
+}
+
+/// An S3 client from [`sdk_config`]; `path_style` for servers addressed by IP or without virtual-host DNS.
+pub async fn s3_client(region: Option<String>, endpoint: Option<String>, path_style: bool) -> Client {
+    s3_client_from(&sdk_config(region, endpoint).await, path_style)
+}
+
+/// An S3 client from a shared SDK configuration.
+pub fn s3_client_from(conf: &SdkConfig, path_style: bool) -> Client {
+    Client::from_conf(
+        aws_sdk_s3::config::Builder::from(conf)
+            .force_path_style(path_style)
+            .build(),
+    )
+}
+
+/// The object store over one bucket of S3 (or an S3-compatible server).
+#[derive(Clone, Debug)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    sse: Sse,
+}
+
+/// Applies the destination encryption headers of a write (PUT, CreateMultipartUpload, CopyObject).
+macro_rules! write_sse {
+    ($req:expr, $sse:expr) => {
+        match $sse {
+            Sse::None => $req,
+            Sse::S3 => $req.server_side_encryption(ServerSideEncryption::Aes256),
+            Sse::Kms { key_id } => $req
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .set_ssekms_key_id(key_id.clone()),
+            Sse::Customer(k) => customer_key!($req, k),
+        }
+    };
+}
+
+/// Applies the SSE-C headers (only) of a request that reads or writes object data.
+macro_rules! sse_c {
+    ($req:expr, $sse:expr) => {
+        match $sse {
+            Sse::Customer(k) => customer_key!($req, k),
+            _ => $req,
+        }
+    };
+}
+
+macro_rules! customer_key {
+    ($req:expr, $k:expr) => {
+        $req.sse_customer_algorithm("AES256")
+            .sse_customer_key($k.key_base64().as_str())
+            .sse_customer_key_md5($k.key_md5_base64())
+    };
+}
+
+/// Applies the copy-source SSE-C headers of CopyObject and UploadPartCopy.
+macro_rules! copy_source_sse_c {
+    ($req:expr, $sse:expr) => {
+        match $sse {
+            Sse::Customer(k) => $req
+                .copy_source_sse_customer_algorithm("AES256")
+                .copy_source_sse_customer_key(k.key_base64().as_str())
+                .copy_source_sse_customer_key_md5(k.key_md5_base64()),
+            _ => $req,
+        }
+    };
+}
+
+/// Applies a [`PutCondition`] to a request with `if_match` / `if_none_match`.
+macro_rules! condition {
+    ($req:expr, $cond:expr) => {
+        match $cond {
+            PutCondition::None => $req,
+            PutCondition::IfMatch(etag) => $req.if_match(etag),
+            PutCondition::IfNoneMatch => $req.if_none_match("*"),
+        }
+    };
+}
+
+impl S3Store {
+    pub fn new(client: Client, bucket: impl Into<String>, sse: Sse) -> Self {
+        S3Store {
+            client,
+            bucket: bucket.into(),
+            sse,
+        }
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    pub fn sse(&self) -> &Sse {
+        &self.sse
+    }
+
+    /// `x-amz-copy-source`: `BUCKET/KEY`, URL-encoded (the SDK sends it as given).
+    fn copy_source(&self, key: &str) -> String {
+        format!("{}/{}", url_encode(&self.bucket), url_encode(key))
+    }
+
+    fn err<E>(&self, op: &str, key: &str, e: SdkError<E, HttpResponse>) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        map_error(
+            &ErrorContext {
+                op,
+                key,
+                bucket: &self.bucket,
+                sse: &self.sse,
+            },
+            e,
+        )
+    }
+}
+
+/// Percent-encodes everything but unreserved characters and `/`.
+fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+fn to_time(t: Option<&aws_smithy_types::DateTime>) -> Option<SystemTime> {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+}
+
+fn to_metadata(m: Option<&HashMap<String, String>>) -> Metadata {
+    m.map(|m| m.iter().map(|(k, v)| (k.to_lowercase(), v.clone())).collect())
+        .unwrap_or_default()
+}
+
+fn to_sdk_metadata(m: &Metadata) -> Option<HashMap<String, String>> {
+    Some(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// The HTTP range header for a [`ByteRange`] (inclusive end on the wire).
+fn range_header(key: &str, range: ByteRange) -> StoreResult<String> {
+    match range {
+        ByteRange::Range { start, end } if end <= start => {
+            Err(StoreError::InvalidRequest(format!("{key}: empty range {start}..{end}")))
+        }
+        ByteRange::Range { start, end } => Ok(format!("bytes={start}-{}", end - 1)),
+        ByteRange::Suffix(n) => Ok(format!("bytes=-{n}")),
+    }
+}
+
+/// The whole object's size from `Content-Range: bytes a-b/TOTAL`.
+fn total_from_content_range(cr: Option<&str>) -> Option<u64> {
+    cr?.rsplit_once('/')?.1.parse().ok()
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
+        let req = self.client.head_object().bucket(&self.bucket).key(key);
+        let out = sse_c!(req, &self.sse)
+            .send()
+            .await
+            .map_err(|e| self.err("HEAD", key, e))?;
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            etag: out.e_tag().unwrap_or_default().to_string(),
+            last_modified: to_time(out.last_modified()),
+            metadata: to_metadata(out.metadata()),
+            sse_algorithm: out.server_side_encryption().map(|s| s.as_str().to_string()),
+            sse_kms_key_id: out.ssekms_key_id().map(str::to_string),
+            sse_customer_algorithm: out.sse_customer_algorithm().map(str::to_string),
+        })
+    }
+
+    async fn get(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetOutput> {
+        let range = range.map(|r| range_header(key, r)).transpose()?;
+        let req = self.client.get_object().bucket(&self.bucket).key(key).set_range(range);
+        let req = sse_c!(req, &self.sse).set_if_match(if_match.map(str::to_string));
+        let out = match req.send().await.map_err(|e| self.err("GET", key, e)) {
+            Err(StoreError::InvalidRange(msg)) => return self.empty_object_range(key, if_match, msg).await,
+            other => other?,
+        };
+        let info = ObjectInfo {
+            key: key.to_string(),
+            size: total_from_content_range(out.content_range())
+                .unwrap_or(out.content_length().unwrap_or(0).max(0) as u64),
+            etag: out.e_tag().unwrap_or_default().to_string(),
+            last_modified: to_time(out.last_modified()),
+            metadata: to_metadata(out.metadata()),
+            sse_algorithm: out.server_side_encryption().map(|s| s.as_str().to_string()),
+            sse_kms_key_id: out.ssekms_key_id().map(str::to_string),
+            sse_customer_algorithm: out.sse_customer_algorithm().map(str::to_string),
+        };
+        let data = out.body.collect().await.map_err(|e| {
+            StoreError::Transient(format!(
+                "GET {key}: reading the body failed: {}",
+                DisplayErrorContext(&e)
+            ))
+        })?;
+        Ok(GetOutput {
+            data: data.into_bytes(),
+            info,
+        })
+    }
+
+    async fn put(&self, key: &str, body: Bytes, metadata: &Metadata, cond: PutCondition) -> StoreResult<ObjectInfo> {
+        let size = body.len() as u64;
+        let req = self.client.put_object().bucket(&self.bucket).key(key).body(body.into());
+        let req = condition!(write_sse!(req, &self.sse), &cond).set_metadata(to_sdk_metadata(metadata));
+        let out = req.send().await.map_err(|e| self.err("PUT", key, e))?;
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size,
+            etag: out.e_tag().unwrap_or_default().to_string(),
+            last_modified: None,
+            metadata: metadata.clone(),
+            sse_algorithm: out.server_side_encryption().map(|s| s.as_str().to_string()),
+            sse_kms_key_id: out.ssekms_key_id().map(str::to_string),
+            sse_customer_algorithm: out.sse_customer_algorithm().map(str::to_string),
+        })
+    }
+
+    async fn create_multipart(&self, key: &str, metadata: &Metadata) -> StoreResult<String> {
+        let req = self.client.create_multipart_upload().bucket(&self.bucket).key(key);
+        let req = write_sse!(req, &self.sse).set_metadata(to_sdk_metadata(metadata));
+        let out = req
+            .send()
+            .await
+            .map_err(|e| self.err("CreateMultipartUpload", key, e))?;
+        out.upload_id()
+            .map(str::to_string)
+            .ok_or_else(|| StoreError::Other(format!("CreateMultipartUpload {key}: no upload id in the response")))
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+    ) -> StoreResult<CompletedPart> {
+        let req = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id);
+        let req = sse_c!(req.part_number(part_number).body(body.into()), &self.sse);
+        let out = req.send().await.map_err(|e| self.err("UploadPart", key, e))?;
+        Ok(CompletedPart {
+            part_number,
+            etag: out.e_tag().unwrap_or_default().to_string(),
+        })
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        source_key: &str,
+        source_range: Range<u64>,
+        source_if_match: Option<&str>,
+    ) -> StoreResult<CompletedPart> {
+        if source_range.end <= source_range.start {
+            return Err(StoreError::InvalidRequest(format!(
+                "{source_key}: empty copy range {source_range:?}"
+            )));
+        }
+        let req = self
+            .client
+            .upload_part_copy()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id);
+        let req = req
+            .part_number(part_number)
+            .copy_source(self.copy_source(source_key))
+            .copy_source_range(format!("bytes={}-{}", source_range.start, source_range.end - 1))
+            .set_copy_source_if_match(source_if_match.map(str::to_string));
+        let req = copy_source_sse_c!(sse_c!(req, &self.sse), &self.sse);
+        let out = req.send().await.map_err(|e| self.err("UploadPartCopy", key, e))?;
+        let etag = out
+            .copy_part_result()
+            .and_then(|r| r.e_tag())
+            .unwrap_or_default()
+            .to_string();
+        Ok(CompletedPart { part_number, etag })
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+        cond: PutCondition,
+    ) -> StoreResult<ObjectInfo> {
+        let parts = parts
+            .into_iter()
+            .map(|p| {
+                S3CompletedPart::builder()
+                    .part_number(p.part_number)
+                    .e_tag(p.etag)
+                    .build()
+            })
+            .collect();
+        let upload = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+        let req = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id);
+        let req = condition!(req.multipart_upload(upload), &cond);
+        req.send()
+            .await
+            .map_err(|e| self.err("CompleteMultipartUpload", key, e))?;
+        self.head(key).await
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        let req = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id);
+        req.send().await.map_err(|e| self.err("AbortMultipartUpload", key, e))?;
+        Ok(())
+    }
+
+    async fn copy(
+        &self,
+        source_key: &str,
+        dest_key: &str,
+        metadata: Option<&Metadata>,
+        cond: PutCondition,
+    ) -> StoreResult<ObjectInfo> {
+        let req = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(dest_key)
+            .copy_source(self.copy_source(source_key));
+        let req = match metadata {
+            Some(m) => req
+                .metadata_directive(MetadataDirective::Replace)
+                .set_metadata(to_sdk_metadata(m)),
+            None => req.metadata_directive(MetadataDirective::Copy),
+        };
+        let req = condition!(copy_source_sse_c!(write_sse!(req, &self.sse), &self.sse), &cond);
+        req.send().await.map_err(|e| self.err("CopyObject", dest_key, e))?;
+        self.head(dest_key).await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        let req = self.client.delete_object().bucket(&self.bucket).key(key);
+        req.send().await.map_err(|e| self.err("DeleteObject", key, e))?;
+        Ok(())
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        for batch in keys.chunks(DELETE_BATCH) {
+            self.delete_batch(batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        continuation: Option<&str>,
+        max_keys: Option<i32>,
+    ) -> StoreResult<ListPage> {
+        let req = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix);
+        let req = req
+            .set_delimiter(delimiter.map(str::to_string))
+            .set_continuation_token(continuation.map(str::to_string))
+            .set_max_keys(max_keys);
+        let out = req.send().await.map_err(|e| self.err("ListObjectsV2", prefix, e))?;
+        let objects = out
+            .contents()
+            .iter()
+            .map(|o| ListEntry {
+                key: o.key().unwrap_or_default().to_string(),
+                size: o.size().unwrap_or(0).max(0) as u64,
+                etag: o.e_tag().unwrap_or_default().to_string(),
+                last_modified: to_time(o.last_modified()),
+            })
+            .collect();
+        let common_prefixes = out
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| p.prefix().map(str::to_string))
+            .collect();
+        let next_token = match out.is_truncated() {
+            Some(true) => out.next_continuation_token().map(str::to_string),
+            _ => None,
+        };
+        Ok(ListPage {
+            objects,
+            common_prefixes,
+            next_token,
+        })
+    }
+}
+
+impl S3Store {
+    /// S3 refuses every range of an empty object with 416, while the [`ByteRange`] contract gives an empty body
+    /// there (a start past the end is an error only for a non-empty object). After a 416 one HEAD tells which
+    /// case it was; the extra request happens only on this error path.
+    async fn empty_object_range(&self, key: &str, if_match: Option<&str>, msg: String) -> StoreResult<GetOutput> {
+        let info = self.head(key).await?;
+        if info.size != 0 {
+            return Err(StoreError::InvalidRange(msg));
+        }
+        if if_match.is_some_and(|etag| etag != info.etag) {
+            return Err(StoreError::PreconditionFailed(format!(
+                "GET {key}: If-Match {if_match:?} but ETag {}",
+                info.etag
+            )));
+        }
+        Ok(GetOutput {
+            data: Bytes::new(),
+            info,
+        })
+    }
+
+    async fn delete_batch(&self, keys: &[String]) -> StoreResult<()> {
+        let first = keys.first().map(String::as_str).unwrap_or("");
+        let ids = keys
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(k).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::InvalidRequest(format!("DeleteObjects: {e}")))?;
+        let delete = Delete::builder()
+            .set_objects(Some(ids))
+            .quiet(true)
+            .build()
+            .map_err(|e| StoreError::InvalidRequest(format!("DeleteObjects: {e}")))?;
+        let req = self.client.delete_objects().bucket(&self.bucket).delete(delete);
+        let out = req.send().await.map_err(|e| self.err("DeleteObjects", first, e))?;
+        match out.errors().first() {
+            None => Ok(()),
+            Some(e) => {
+                let key = e.key().unwrap_or_default();
+                let status = match e.code() {
+                    Some("AccessDenied") => 403,
+                    Some("InternalError" | "SlowDown" | "ServiceUnavailable") => 500,
+                    _ => 0,
+                };
+                let ctx = ErrorContext {
+                    op: "DeleteObjects",
+                    key,
+                    bucket: &self.bucket,
+                    sse: &self.sse,
+                };
+                Err(classify(&ctx, status, e.code(), e.message()))
+            }
+        }
+    }
+}
+
+/// What a request was about, for error messages.
+struct ErrorContext<'a> {
+    op: &'a str,
+    key: &'a str,
+    bucket: &'a str,
+    sse: &'a Sse,
+}
+
+/// Maps an SDK error to a [`StoreError`]: by kind for failures without a response (dispatch, timeouts, broken
+/// responses: transient), else by the HTTP status and the S3 error code.
+fn map_error<E>(ctx: &ErrorContext<'_>, err: SdkError<E, HttpResponse>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let what = format!("{} {} (bucket {})", ctx.op, ctx.key, ctx.bucket);
+    match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            StoreError::Transient(format!("{what}: {}", DisplayErrorContext(&err)))
+        }
+        SdkError::ConstructionFailure(_) => {
+            StoreError::InvalidRequest(format!("{what}: {}", DisplayErrorContext(&err)))
+        }
+        _ => {
+            let status = err.raw_response().map(|r| r.status().as_u16()).unwrap_or(0);
+            classify(ctx, status, err.code(), err.message())
+        }
+    }
+}
+
+/// Classifies a service error by status and code.
+fn classify(ctx: &ErrorContext<'_>, status: u16, code: Option<&str>, message: Option<&str>) -> StoreError {
+    let what = format!("{} {}", ctx.op, ctx.key);
+    let detail = match (code, message) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c.to_string(),
+        (None, Some(m)) => m.to_string(),
+        (None, None) => format!("HTTP {status}"),
+    };
+    match (status, code.unwrap_or("")) {
+        (_, "NoSuchBucket") => StoreError::NoSuchBucket(format!("{} ({what}: {detail})", ctx.bucket)),
+        (_, "NoSuchKey" | "NoSuchUpload") | (404, _) => StoreError::NotFound(format!("{what}: {detail}")),
+        (_, "AccessDenied") | (403, _) => StoreError::AccessDenied(format!("{what}: {detail}{}", access_hint(ctx.sse))),
+        (_, "PreconditionFailed" | "ConditionalRequestConflict") | (412 | 409, _) => {
+            StoreError::PreconditionFailed(format!("{what}: {detail}"))
+        }
+        (_, "InvalidRange") | (416, _) => StoreError::InvalidRange(format!("{what}: {detail}")),
+        (_, "SlowDown" | "Throttling" | "ThrottlingException" | "RequestTimeout" | "InternalError")
+        | (429 | 500..=599, _) => StoreError::Transient(format!("{what}: {detail}")),
+        (400, c) => StoreError::InvalidRequest(format!("{what}: {detail}{}", kms_hint(ctx.sse, c, message))),
+        _ => StoreError::Other(format!("{what}: {detail}")),
+    }
+}
+
+fn access_hint(sse: &Sse) -> &'static str {
+    match sse {
+        Sse::Customer(_) => {
+            " (SSE-C: the customer key is missing or wrong for this object, or the bucket blocks SSE-C writes: \
+             new S3 buckets reject SSE-C until it is allowed in the bucket's encryption configuration \
+             with PutBucketEncryption)"
+        }
+        Sse::Kms { .. } => " (SSE-KMS: the credentials also need kms:GenerateDataKey and kms:Decrypt on the key)",
+        _ => "",
+    }
+}
+
+fn kms_hint(sse: &Sse, code: &str, message: Option<&str>) -> String {
+    let mentions_kms =
+        code.to_ascii_lowercase().contains("kms") || message.is_some_and(|m| m.to_ascii_lowercase().contains("kms"));
+    match sse {
+        Sse::Kms { key_id: Some(id) } if mentions_kms => {
+            format!(" (SSE-KMS key id {id:?}: check that the key exists in this region and is enabled)")
+        }
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_encoding_keeps_slashes_and_escapes_the_rest() {
+        assert_eq!(url_encode("a/b c+d%é"), "a/b%20c%2Bd%25%C3%A9");
+    }
+
+    #[test]
+    fn ranges_are_inclusive_on_the_wire() {
+        assert_eq!(
+            range_header("k", ByteRange::Range { start: 0, end: 1 }).unwrap(),
+            "bytes=0-0"
+        );
+        assert_eq!(range_header("k", ByteRange::Suffix(5)).unwrap(), "bytes=-5");
+        assert!(range_header("k", ByteRange::Range { start: 3, end: 3 }).is_err());
+        assert_eq!(total_from_content_range(Some("bytes 0-0/42")), Some(42));
+    }
+
+    #[test]
+    fn classification_by_status_and_code() {
+        let sse = Sse::Customer(crate::store::SseCustomerKey::new([1; 32]));
+        let ctx = ErrorContext {
+            op: "GET",
+            key: "k",
+            bucket: "b",
+            sse: &sse,
+        };
+        assert!(matches!(
+            classify(&ctx, 404, Some("NoSuchBucket"), None),
+            StoreError::NoSuchBucket(_)
+        ));
+        assert!(matches!(classify(&ctx, 404, None, None), StoreError::NotFound(_)));
+        assert!(
+            matches!(classify(&ctx, 403, None, None), StoreError::AccessDenied(m) if m.contains("PutBucketEncryption"))
+        );
+        assert!(matches!(
+            classify(&ctx, 409, Some("ConditionalRequestConflict"), None),
+            StoreError::PreconditionFailed(_)
+        ));
+        assert!(matches!(
+            classify(&ctx, 503, Some("SlowDown"), None),
+            StoreError::Transient(_)
+        ));
+        assert!(
+            matches!(classify(&ctx, 400, Some("InvalidArgument"), Some("x")), StoreError::InvalidRequest(m) if m.contains("InvalidArgument: x"))
+        );
+        assert!(matches!(classify(&ctx, 301, None, None), StoreError::Other(_)));
+    }
+}

@@ -1,0 +1,401 @@
+//! The ObjectStore conformance suite: every test is written once as a function of `Arc<dyn ObjectStore>` and run
+//! against the in-memory store and against S3Store on the local S3 server (a fresh bucket per test).
+mod common;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use md5::{Digest, Md5};
+use rand::{Rng, SeedableRng};
+use s3crypt::store::s3::s3_client;
+use s3crypt::store::{ByteRange, MemoryStore, Metadata, ObjectStore, PutCondition, S3Store, Sse, StoreError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+type Store = Arc<dyn ObjectStore>;
+
+const MIB: usize = 1024 * 1024;
+
+async fn memory_store() -> Store {
+    Arc::new(MemoryStore::new())
+}
+
+async fn s3_store() -> Store {
+    let endpoint = common::endpoint().to_string();
+    let bucket = common::create_bucket("conf").await;
+    Arc::new(S3Store::new(
+        s3_client(None, Some(endpoint), true).await,
+        bucket,
+        Sse::None,
+    ))
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::memory_store().await).await
+            })*
+        }
+        mod s3 {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::s3_store().await).await
+            })*
+        }
+    };
+}
+
+conformance!(
+    not_found,
+    ranged_get_edges,
+    metadata_round_trip,
+    conditional_put,
+    multipart_with_part_copy,
+    conditional_complete,
+    abort_multipart,
+    listing_across_pages,
+    copy_with_metadata,
+    batch_delete,
+);
+
+fn random_bytes(seed: u64, len: usize) -> Bytes {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v[..]);
+    Bytes::from(v)
+}
+
+fn md5_etag(data: &[u8]) -> String {
+    format!("\"{}\"", hex::encode(Md5::digest(data)))
+}
+
+fn meta(pairs: &[(&str, &str)]) -> Metadata {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+async fn put(store: &Store, key: &str, data: Bytes) -> s3crypt::store::ObjectInfo {
+    store
+        .put(key, data, &Metadata::new(), PutCondition::None)
+        .await
+        .expect("put")
+}
+
+async fn not_found(store: Store) {
+    assert!(matches!(store.head("no/such/key").await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.get("no/such/key", None, None).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let range = Some(ByteRange::Range { start: 0, end: 10 });
+    assert!(matches!(
+        store.get("no/such/key", range, None).await,
+        Err(StoreError::NotFound(_))
+    ));
+    store
+        .delete("no/such/key")
+        .await
+        .expect("deleting a missing key succeeds");
+}
+
+async fn ranged_get_edges(store: Store) {
+    let data = random_bytes(1, 1000);
+    let info = put(&store, "r/obj", data.clone()).await;
+    assert_eq!(info.etag, md5_etag(&data));
+    let get = |r: ByteRange| {
+        let store = store.clone();
+        async move { store.get("r/obj", Some(r), None).await }
+    };
+    let first = get(ByteRange::Range { start: 0, end: 1 }).await.unwrap();
+    assert_eq!((&first.data[..], first.info.size), (&data[..1], 1000));
+    let last = get(ByteRange::Range { start: 999, end: 1000 }).await.unwrap();
+    assert_eq!(&last.data[..], &data[999..]);
+    let cut = get(ByteRange::Range { start: 990, end: 5000 }).await.unwrap();
+    assert_eq!((&cut.data[..], cut.info.size), (&data[990..], 1000));
+    let past = get(ByteRange::Range { start: 1000, end: 1010 }).await;
+    assert!(matches!(past, Err(StoreError::InvalidRange(_))), "{past:?}");
+    let suffix = get(ByteRange::Suffix(10)).await.unwrap();
+    assert_eq!((&suffix.data[..], suffix.info.size), (&data[990..], 1000));
+    let long_suffix = get(ByteRange::Suffix(5000)).await.unwrap();
+    assert_eq!(long_suffix.data, data);
+    let whole = store.get("r/obj", None, Some(&info.etag)).await.unwrap();
+    assert_eq!((whole.data, whole.info.etag), (data, info.etag));
+    let stale = store
+        .get("r/obj", None, Some("\"0123456789abcdef0123456789abcdef\""))
+        .await;
+    assert!(matches!(stale, Err(StoreError::PreconditionFailed(_))), "{stale:?}");
+    let no_suffix = get(ByteRange::Suffix(0)).await;
+    assert!(matches!(no_suffix, Err(StoreError::InvalidRange(_))), "{no_suffix:?}");
+    let empty = put(&store, "r/empty", Bytes::new()).await;
+    for r in [
+        ByteRange::Range { start: 0, end: 10 },
+        ByteRange::Range { start: 5, end: 10 },
+        ByteRange::Suffix(10),
+    ] {
+        let got = store
+            .get("r/empty", Some(r), Some(&empty.etag))
+            .await
+            .expect("a range of an empty object");
+        assert_eq!((got.data.len(), got.info.size), (0, 0), "{r:?}");
+    }
+}
+
+async fn metadata_round_trip(store: Store) {
+    let m = meta(&[("s3crypt-version", "1"), ("plain-size", "12345"), ("mode", "0100644")]);
+    let before = SystemTime::now() - Duration::from_secs(60);
+    let put = store
+        .put("m/obj", Bytes::from_static(b"payload"), &m, PutCondition::None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (put.size, put.etag.as_str(), &put.metadata),
+        (7, md5_etag(b"payload").as_str(), &m)
+    );
+    assert_eq!(
+        (put.last_modified, put.sse_algorithm.as_deref()),
+        (None, Some("AES256"))
+    );
+    let head = store.head("m/obj").await.unwrap();
+    assert_eq!(
+        (head.metadata.clone(), head.size, head.key.as_str()),
+        (m.clone(), 7, "m/obj")
+    );
+    let modified = head.last_modified.expect("last_modified");
+    assert!(
+        modified > before && modified < SystemTime::now() + Duration::from_secs(60),
+        "{modified:?}"
+    );
+    let got = store.get("m/obj", None, None).await.unwrap();
+    assert_eq!(got.info.metadata, m);
+    assert_eq!(got.info.etag, head.etag);
+}
+
+async fn conditional_put(store: Store) {
+    let none = Metadata::new();
+    let v1 = store
+        .put("c/obj", Bytes::from_static(b"v1"), &none, PutCondition::IfNoneMatch)
+        .await
+        .unwrap();
+    let again = store
+        .put("c/obj", Bytes::from_static(b"v2"), &none, PutCondition::IfNoneMatch)
+        .await;
+    assert!(matches!(again, Err(StoreError::PreconditionFailed(_))), "{again:?}");
+    let v2 = store
+        .put(
+            "c/obj",
+            Bytes::from_static(b"v2"),
+            &none,
+            PutCondition::IfMatch(v1.etag.clone()),
+        )
+        .await;
+    let v2 = v2.unwrap();
+    let stale = store
+        .put(
+            "c/obj",
+            Bytes::from_static(b"v3"),
+            &none,
+            PutCondition::IfMatch(v1.etag),
+        )
+        .await;
+    assert!(matches!(stale, Err(StoreError::PreconditionFailed(_))), "{stale:?}");
+    let got = store.get("c/obj", None, None).await.unwrap();
+    assert_eq!((&got.data[..], got.info.etag), (&b"v2"[..], v2.etag));
+}
+
+/// Uploads a 5 MiB + 5 MiB + 1 MiB object from an 11 MiB source: copy, upload, copy (the last part short).
+async fn upload_mixed(store: &Store, key: &str, source: &Bytes, cond: PutCondition) -> Result<Bytes, StoreError> {
+    let src_etag = md5_etag(source);
+    let id = store.create_multipart(key, &meta(&[("kind", "multipart")])).await?;
+    let p1 = store
+        .upload_part_copy(key, &id, 1, "mp/source", 0..5 * MIB as u64, Some(&src_etag))
+        .await?;
+    let fresh = random_bytes(3, 5 * MIB);
+    let p2 = store.upload_part(key, &id, 2, fresh.clone()).await?;
+    let tail = (10 * MIB) as u64..source.len() as u64;
+    let p3 = store
+        .upload_part_copy(key, &id, 3, "mp/source", tail.clone(), None)
+        .await?;
+    let result = store.complete_multipart(key, &id, vec![p1, p2, p3], cond).await;
+    if result.is_err() {
+        store.abort_multipart(key, &id).await?;
+    }
+    let info = result?;
+    let expected = [&source[..5 * MIB], &fresh[..], &source[tail.start as usize..]].concat();
+    assert_eq!(info.size, expected.len() as u64);
+    assert!(info.etag.ends_with("-3\""), "multipart ETag: {}", info.etag);
+    assert_eq!(info.metadata, meta(&[("kind", "multipart")]));
+    Ok(Bytes::from(expected))
+}
+
+async fn multipart_with_part_copy(store: Store) {
+    let source = random_bytes(2, 11 * MIB);
+    put(&store, "mp/source", source.clone()).await;
+    let expected = upload_mixed(&store, "mp/dest", &source, PutCondition::IfNoneMatch)
+        .await
+        .unwrap();
+    let got = store.get("mp/dest", None, None).await.unwrap();
+    assert!(got.data == expected, "multipart content differs");
+    let ranged = store.get(
+        "mp/dest",
+        Some(ByteRange::Range {
+            start: 5 * MIB as u64 - 1,
+            end: 5 * MIB as u64 + 1,
+        }),
+        None,
+    );
+    assert_eq!(&ranged.await.unwrap().data[..], &expected[5 * MIB - 1..5 * MIB + 1]);
+
+    let id = store.create_multipart("mp/stale", &Metadata::new()).await.unwrap();
+    let stale = store.upload_part_copy(
+        "mp/stale",
+        &id,
+        1,
+        "mp/source",
+        0..10,
+        Some("\"00000000000000000000000000000000\""),
+    );
+    assert!(matches!(stale.await, Err(StoreError::PreconditionFailed(_))));
+    let past_end = store
+        .upload_part_copy("mp/stale", &id, 1, "mp/source", 0..11 * MIB as u64 + 1, None)
+        .await;
+    assert!(matches!(past_end, Err(StoreError::InvalidRequest(_))), "{past_end:?}");
+    let small = store
+        .upload_part("mp/stale", &id, 1, Bytes::from_static(b"small"))
+        .await
+        .unwrap();
+    let last = store
+        .upload_part("mp/stale", &id, 2, Bytes::from_static(b"last"))
+        .await
+        .unwrap();
+    let too_small = store
+        .complete_multipart("mp/stale", &id, vec![small, last], PutCondition::None)
+        .await;
+    assert!(matches!(too_small, Err(StoreError::InvalidRequest(_))), "{too_small:?}");
+    store.abort_multipart("mp/stale", &id).await.unwrap();
+}
+
+async fn conditional_complete(store: Store) {
+    let source = random_bytes(4, 11 * MIB);
+    put(&store, "mp/source", source.clone()).await;
+    let old = put(&store, "cc/dest", Bytes::from_static(b"old")).await;
+    let exists = upload_mixed(&store, "cc/dest", &source, PutCondition::IfNoneMatch).await;
+    assert!(matches!(exists, Err(StoreError::PreconditionFailed(_))), "{exists:?}");
+    let stale = upload_mixed(&store, "cc/dest", &source, PutCondition::IfMatch(md5_etag(b"other"))).await;
+    assert!(matches!(stale, Err(StoreError::PreconditionFailed(_))), "{stale:?}");
+    assert_eq!(&store.get("cc/dest", None, None).await.unwrap().data[..], b"old");
+    let expected = upload_mixed(&store, "cc/dest", &source, PutCondition::IfMatch(old.etag))
+        .await
+        .unwrap();
+    assert!(store.get("cc/dest", None, None).await.unwrap().data == expected);
+}
+
+async fn abort_multipart(store: Store) {
+    let id = store.create_multipart("ab/obj", &Metadata::new()).await.unwrap();
+    store
+        .upload_part("ab/obj", &id, 1, Bytes::from_static(b"part"))
+        .await
+        .unwrap();
+    store.abort_multipart("ab/obj", &id).await.unwrap();
+    let late = store.upload_part("ab/obj", &id, 2, Bytes::from_static(b"late")).await;
+    assert!(matches!(late, Err(StoreError::NotFound(_))), "{late:?}");
+    assert!(matches!(store.head("ab/obj").await, Err(StoreError::NotFound(_))));
+}
+
+/// All pages of a listing: (keys, common prefixes, number of pages).
+async fn list_all(
+    store: &Store,
+    prefix: &str,
+    delim: Option<&str>,
+    max: Option<i32>,
+) -> (Vec<String>, Vec<String>, usize) {
+    let (mut keys, mut prefixes, mut pages, mut token) = (Vec::new(), Vec::new(), 0, None::<String>);
+    loop {
+        let page = store.list(prefix, delim, token.as_deref(), max).await.expect("list");
+        pages += 1;
+        keys.extend(page.objects.into_iter().map(|o| o.key));
+        prefixes.extend(page.common_prefixes);
+        match page.next_token {
+            Some(t) => token = Some(t),
+            None => return (keys, prefixes, pages),
+        }
+    }
+}
+
+/// 2,500 keys: 2,400 under `p/a/`, 90 in directories `p/bNN/`, 10 directly under `p/`.
+fn listing_keys() -> Vec<String> {
+    let mut keys: Vec<String> = (0..2400).map(|i| format!("p/a/{i:05}")).collect();
+    keys.extend((0..90).map(|i| format!("p/b{i:02}/x")));
+    keys.extend((0..10).map(|i| format!("p/f{i}")));
+    keys
+}
+
+async fn listing_across_pages(store: Store) {
+    let keys = listing_keys();
+    let puts = futures::stream::iter(keys.iter().cloned()).map(|k| {
+        let store = store.clone();
+        async move {
+            store
+                .put(&k, Bytes::from_static(b"x"), &Metadata::new(), PutCondition::None)
+                .await
+        }
+    });
+    let results: Vec<_> = puts.buffer_unordered(32).collect().await;
+    assert!(results.iter().all(Result::is_ok));
+    put(&store, "q/outside", Bytes::from_static(b"y")).await;
+
+    let mut sorted = keys.clone();
+    sorted.sort();
+    let (all, prefixes, pages) = list_all(&store, "p/", None, None).await;
+    assert_eq!((all.len(), prefixes.len(), pages), (2500, 0, 3));
+    assert!(all == sorted, "keys in lexicographic order");
+
+    let (under_a, _, pages) = list_all(&store, "p/a/", Some("/"), None).await;
+    assert_eq!((under_a.len(), pages), (2400, 3));
+
+    let (files, dirs, pages) = list_all(&store, "p/", Some("/"), Some(7)).await;
+    let expected_files: Vec<String> = (0..10).map(|i| format!("p/f{i}")).collect();
+    let mut expected_dirs = vec!["p/a/".to_string()];
+    expected_dirs.extend((0..90).map(|i| format!("p/b{i:02}/")));
+    assert_eq!((files, dirs), (expected_files, expected_dirs));
+    assert_eq!(pages, 101usize.div_ceil(7));
+
+    let first = store.list("p/", Some("/"), None, Some(2)).await.unwrap();
+    assert_eq!((first.objects.len(), first.common_prefixes.len()), (0, 2));
+    assert!(first.next_token.is_some());
+    let (empty, no_dirs, _) = list_all(&store, "nothing/", Some("/"), None).await;
+    assert!(empty.is_empty() && no_dirs.is_empty());
+}
+
+async fn copy_with_metadata(store: Store) {
+    let m = meta(&[("a", "1")]);
+    let data = random_bytes(5, 4096);
+    store.put("cp/src", data.clone(), &m, PutCondition::None).await.unwrap();
+    let replaced = store
+        .copy("cp/src", "cp/replaced", Some(&meta(&[("b", "2")])), PutCondition::None)
+        .await
+        .unwrap();
+    assert_eq!((replaced.metadata, replaced.size), (meta(&[("b", "2")]), 4096));
+    assert_eq!(store.head("cp/replaced").await.unwrap().metadata, meta(&[("b", "2")]));
+    let kept = store.copy("cp/src", "cp/kept", None, PutCondition::None).await.unwrap();
+    assert_eq!(kept.metadata, m);
+    assert_eq!(store.get("cp/kept", None, None).await.unwrap().data, data);
+    let exists = store.copy("cp/src", "cp/kept", None, PutCondition::IfNoneMatch).await;
+    assert!(matches!(exists, Err(StoreError::PreconditionFailed(_))), "{exists:?}");
+    let missing = store.copy("cp/missing", "cp/x", None, PutCondition::None).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+}
+
+async fn batch_delete(store: Store) {
+    for i in 0..6 {
+        put(&store, &format!("d/{i}"), Bytes::from_static(b"z")).await;
+    }
+    let doomed: Vec<String> = ["d/0", "d/2", "d/4", "d/never-existed"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    store.delete_many(&doomed).await.unwrap();
+    store.delete("d/5").await.unwrap();
+    let (left, _, _) = list_all(&store, "d/", None, None).await;
+    assert_eq!(left, vec!["d/1".to_string(), "d/3".to_string()]);
+    store.delete_many(&[]).await.unwrap();
+}
