@@ -176,7 +176,7 @@ impl VolumeDescriptor {
             Ok(key) => key,
             Err(KeyError::Kms(msg)) => {
                 return Err(KeyError::Kms(format!(
-                    "the volume's key check could not be unwrapped: {msg}; was the volume made with another KMS key?"
+                    "this volume's key check could not be unwrapped: {msg}"
                 )))
             }
             Err(e) => return Err(e),
