@@ -75,7 +75,7 @@ fn key_file_encodings() {
         let path = write_key(dir.path(), name, &content, 0o600);
         assert_eq!(*read_key_file(spec(&path)).unwrap(), KNOWN, "{name}");
     }
-    let wrong: [(&str, Vec<u8>); 5] = [
+    let wrong: [(&str, Vec<u8>); 6] = [
         ("raw31", KNOWN[..31].to_vec()),
         ("raw33", [&KNOWN[..], &[0u8]].concat()),
         ("hex62", hex::encode(&KNOWN[..31]).into_bytes()),
@@ -86,6 +86,7 @@ fn key_file_encodings() {
                 .into_bytes(),
         ),
         ("garbage", b"this is not a key at all\n".to_vec()),
+        ("huge", vec![b'a'; 1 << 20]),
     ];
     for (name, content) in wrong {
         let path = write_key(dir.path(), name, &content, 0o600);

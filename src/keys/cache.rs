@@ -225,6 +225,20 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn failures_are_not_cached() {
+        let (stats, p, cache) = setup(8, DEFAULT_TTL);
+        let other = LocalProvider::new(&[5; 32], "other-master", stats.clone());
+        let (_, wrapped) = p.generate(&[1; 16]).await.unwrap();
+        assert!(matches!(
+            cache.get_or_unwrap(&other, &[1; 16], &wrapped).await,
+            Err(KeyError::WrongKey(_))
+        ));
+        assert!(cache.is_empty() && cache.lock_in_flight().is_empty());
+        cache.get_or_unwrap(&p, &[1; 16], &wrapped).await.unwrap();
+        assert_eq!((stats.snapshot().local_unwrap, cache.len()), (2, 1));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_misses_coalesce() {
         let (stats, p, cache) = setup(8, DEFAULT_TTL);

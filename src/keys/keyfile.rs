@@ -32,6 +32,8 @@ pub const CREDENTIALS_DIRECTORY_VAR: &str = "CREDENTIALS_DIRECTORY";
 /// Prefix of a key-file spec that names a systemd credential.
 pub const CRED_PREFIX: &str = "cred:";
 
+/// Longest key file read: the text forms with generous whitespace fit easily; anything bigger is not a key.
+const MAX_KEY_FILE_LEN: u64 = 4096;
 const ENCODINGS: &str = "expected 32 raw bytes, 64 hex characters, or base64 of 32 bytes";
 
 /// Reads a 256-bit key from a key file named by `spec` (a path or `cred:NAME`).
@@ -49,6 +51,12 @@ pub fn read_key_file(spec: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
         });
     }
     check_mode(&shown, meta.mode() & 0o7777, in_credentials_dir)?;
+    if meta.len() > MAX_KEY_FILE_LEN {
+        return Err(KeyError::KeyFile {
+            path: shown,
+            reason: format!("{} bytes is too large for a key file: {ENCODINGS}", meta.len()),
+        });
+    }
     let content = Zeroizing::new(fs::read(&path).map_err(|e| KeyError::KeyFile {
         path: shown.clone(),
         reason: io_reason(&e),
