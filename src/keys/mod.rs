@@ -4,10 +4,40 @@
 //! [`crate::store::Sse`]. Client-side modes (`cse-kms`, `cse-local`) produce a [`DataKeyProvider`] that makes a
 //! fresh data key per file and wraps it for the object's metadata, and unwraps it again on read. Unwrapped keys
 //! are kept in the bounded [`DataKeyCache`] so that a file's key costs one KMS call however often it is read.
+//!
+//! # Layout
+//! - [`keyfile`]: reading key files (path or systemd credential, raw/hex/base64) and `keygen`.
+//! - [`sse`]: the server-side modes `sse-s3`, `sse-kms`, `sse-c` as a store [`Sse`].
+//! - [`kms`]: `cse-kms`, data keys from AWS KMS ([`KmsProvider`]).
+//! - [`local`]: `cse-local`, data keys wrapped under a local master key ([`LocalProvider`]).
+//! - [`cache`]: the bounded cache of unwrapped data keys ([`DataKeyCache`]).
+//! - [`counters`]: KMS-call and cache counters ([`KeyStats`]).
+//! - [`volume`]: the volume descriptor that fixes a client-side volume's mode and block size and checks its key.
+//!
+//! [`build_keys`] turns a [`KeyConfig`] into the pieces the rest of s3crypt needs ([`Keys`]).
 use crate::format::{DataKey, FileId};
+use crate::store::Sse;
 use async_trait::async_trait;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub mod cache;
+pub mod counters;
+pub mod keyfile;
+pub mod kms;
+pub mod local;
+pub mod sse;
+pub mod volume;
+
+pub use cache::DataKeyCache;
+pub use counters::{KeyStats, KeyStatsSnapshot};
+pub use keyfile::{keygen, read_key_file};
+pub use kms::KmsProvider;
+pub use local::LocalProvider;
+pub use sse::sse_for_mode;
+pub use volume::{open_or_create_volume, VolumeInfo, VOLUME_OBJECT};
 
 /// The five key modes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -94,4 +124,116 @@ pub enum KeyError {
     Volume(String),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("wrapped key is unusable: {0}")]
+    BadWrappedKey(String),
+    #[error("this volume was made with key_mode={volume}, but key_mode={requested} was asked for")]
+    VolumeKeyMode { volume: KeyMode, requested: KeyMode },
+    #[error(
+        "this volume was made with block_size={volume}, but block_size={requested} was asked for; omit block_size \
+         to use the volume's"
+    )]
+    VolumeBlockSize { volume: u64, requested: u64 },
+}
+
+/// What [`build_keys`] needs: the key mode and the options of that mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyConfig {
+    pub mode: KeyMode,
+    /// KMS key id, alias or ARN: required for `cse-kms`, optional for `sse-kms`.
+    pub kms_key_id: Option<String>,
+    /// Key file (path or `cred:NAME`) of the SSE-C key: required for `sse-c`.
+    pub sse_c_key_file: Option<String>,
+    /// Key file (path or `cred:NAME`) of the master key: required for `cse-local`.
+    pub master_key_file: Option<String>,
+    /// Most data keys kept unwrapped.
+    pub key_cache_size: usize,
+    /// Longest time a data key stays cached.
+    pub key_cache_ttl: Duration,
+}
+
+impl KeyConfig {
+    /// A configuration for `mode` with no options and the default cache bounds.
+    pub fn new(mode: KeyMode) -> Self {
+        KeyConfig {
+            mode,
+            kms_key_id: None,
+            sse_c_key_file: None,
+            master_key_file: None,
+            key_cache_size: cache::DEFAULT_CAPACITY,
+            key_cache_ttl: cache::DEFAULT_TTL,
+        }
+    }
+
+    /// Refuses missing required options and options that do not apply to the mode.
+    pub fn validate(&self) -> Result<(), KeyError> {
+        let mode = self.mode;
+        let (kms, sse_c, master) = match mode {
+            KeyMode::SseS3 => (Need::No, Need::No, Need::No),
+            KeyMode::SseKms => (Need::Optional, Need::No, Need::No),
+            KeyMode::SseC => (Need::No, Need::Yes, Need::No),
+            KeyMode::CseKms => (Need::Yes, Need::No, Need::No),
+            KeyMode::CseLocal => (Need::No, Need::No, Need::Yes),
+        };
+        check_option(mode, "kms_key_id", self.kms_key_id.is_some(), kms)?;
+        check_option(mode, "sse_c_key_file", self.sse_c_key_file.is_some(), sse_c)?;
+        check_option(mode, "master_key_file", self.master_key_file.is_some(), master)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Need {
+    Yes,
+    Optional,
+    No,
+}
+
+fn check_option(mode: KeyMode, name: &str, given: bool, need: Need) -> Result<(), KeyError> {
+    match (need, given) {
+        (Need::Yes, false) => Err(KeyError::Config(format!("key_mode={mode} needs {name}"))),
+        (Need::No, true) => Err(KeyError::Config(format!(
+            "{name} does not apply to key_mode={mode}; remove it"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The key layer as the rest of s3crypt uses it.
+pub struct Keys {
+    /// Headers for the store (server-side modes); [`Sse::None`] in the client-side modes.
+    pub sse: Sse,
+    /// The data-key provider of a client-side mode.
+    pub provider: Option<Arc<dyn DataKeyProvider>>,
+    pub cache: Arc<DataKeyCache>,
+    pub stats: Arc<KeyStats>,
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keys")
+            .field("sse", &self.sse)
+            .field("provider", &self.provider.as_ref().map(|p| p.mode()))
+            .field("cache", &self.cache)
+            .field("stats", &self.stats.snapshot())
+            .finish()
+    }
+}
+
+/// Validates `cfg` and builds the key layer: reads key files, makes the KMS client (`sdk` is used only in
+/// `cse-kms`).
+pub async fn build_keys(cfg: &KeyConfig, sdk: &aws_config::SdkConfig) -> Result<Keys, KeyError> {
+    cfg.validate()?;
+    let stats = Arc::new(KeyStats::new());
+    let cache = Arc::new(DataKeyCache::new(cfg.key_cache_size, cfg.key_cache_ttl, stats.clone()));
+    let sse = sse_for_mode(cfg.mode, cfg.kms_key_id.as_deref(), cfg.sse_c_key_file.as_deref())?;
+    let provider: Option<Arc<dyn DataKeyProvider>> = match (cfg.mode, &cfg.kms_key_id, &cfg.master_key_file) {
+        (KeyMode::CseKms, Some(key_id), _) => Some(Arc::new(KmsProvider::new(sdk, key_id.clone(), stats.clone()))),
+        (KeyMode::CseLocal, _, Some(file)) => Some(Arc::new(LocalProvider::from_key_file(file, stats.clone())?)),
+        _ => None,
+    };
+    Ok(Keys {
+        sse,
+        provider,
+        cache,
+        stats,
+    })
 }

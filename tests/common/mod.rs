@@ -46,7 +46,11 @@ pub fn endpoint() -> &'static str {
 }
 
 fn set_local_credentials() {
-    for (k, v) in [("AWS_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")] {
+    for (k, v) in [
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ] {
         if std::env::var_os(k).is_none() {
             unsafe { std::env::set_var(k, v) };
         }
@@ -78,14 +82,23 @@ pub async fn kms_client() -> aws_sdk_kms::Client {
 pub fn unique_name(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
     format!("t-{tag}-{}-{n}-{nanos:x}", std::process::id()).to_lowercase()
 }
 
 /// Creates a fresh bucket and returns its name.
 pub async fn create_bucket(tag: &str) -> String {
     let name = unique_name(tag);
-    s3_client().await.create_bucket().bucket(&name).send().await.expect("create bucket");
+    s3_client()
+        .await
+        .create_bucket()
+        .bucket(&name)
+        .send()
+        .await
+        .expect("create bucket");
     name
 }
 
@@ -102,7 +115,11 @@ pub async fn set_bucket_default_kms(bucket: &str, key_arn: &str) {
         .build()
         .unwrap();
     let conf = ServerSideEncryptionConfiguration::builder()
-        .rules(ServerSideEncryptionRule::builder().apply_server_side_encryption_by_default(by_default).build())
+        .rules(
+            ServerSideEncryptionRule::builder()
+                .apply_server_side_encryption_by_default(by_default)
+                .build(),
+        )
         .build()
         .unwrap();
     s3_client()
@@ -121,10 +138,16 @@ pub async fn set_bucket_default_s3(bucket: &str) {
         ServerSideEncryption, ServerSideEncryptionByDefault, ServerSideEncryptionConfiguration,
         ServerSideEncryptionRule,
     };
-    let by_default =
-        ServerSideEncryptionByDefault::builder().sse_algorithm(ServerSideEncryption::Aes256).build().unwrap();
+    let by_default = ServerSideEncryptionByDefault::builder()
+        .sse_algorithm(ServerSideEncryption::Aes256)
+        .build()
+        .unwrap();
     let conf = ServerSideEncryptionConfiguration::builder()
-        .rules(ServerSideEncryptionRule::builder().apply_server_side_encryption_by_default(by_default).build())
+        .rules(
+            ServerSideEncryptionRule::builder()
+                .apply_server_side_encryption_by_default(by_default)
+                .build(),
+        )
         .build()
         .unwrap();
     s3_client()
@@ -139,6 +162,131 @@ pub async fn set_bucket_default_s3(bucket: &str) {
 
 /// Creates a fresh symmetric KMS key and returns its ARN.
 pub async fn create_kms_key() -> String {
-    let out = kms_client().await.create_key().description("s3crypt test key").send().await.expect("create key");
-    out.key_metadata().expect("key metadata").arn().expect("arn").to_string()
+    let out = kms_client()
+        .await
+        .create_key()
+        .description("s3crypt test key")
+        .send()
+        .await
+        .expect("create key");
+    out.key_metadata()
+        .expect("key metadata")
+        .arn()
+        .expect("arn")
+        .to_string()
+}
+
+/// A minimal in-memory [`s3crypt::store::ObjectStore`] for key-layer tests: whole-object GET/PUT with
+/// `If-None-Match: *`, HEAD and DELETE. Other operations answer `InvalidRequest`. It counts PUTs so a test can see
+/// whether something was written.
+#[derive(Default)]
+pub struct MapStore {
+    pub objects: std::sync::Mutex<std::collections::HashMap<String, bytes::Bytes>>,
+    pub puts: AtomicU32,
+}
+
+mod map_store {
+    use super::MapStore;
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use s3crypt::store::*;
+    use std::sync::atomic::Ordering;
+
+    fn info(key: &str, data: &Bytes) -> ObjectInfo {
+        ObjectInfo {
+            key: key.to_string(),
+            size: data.len() as u64,
+            etag: format!("\"{}\"", data.len()),
+            last_modified: None,
+            metadata: Metadata::new(),
+            sse_algorithm: None,
+            sse_kms_key_id: None,
+            sse_customer_algorithm: None,
+        }
+    }
+
+    fn unsupported<T>() -> StoreResult<T> {
+        Err(StoreError::InvalidRequest("not supported by the test MapStore".into()))
+    }
+
+    #[async_trait]
+    impl ObjectStore for MapStore {
+        async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
+            let objects = self.objects.lock().unwrap();
+            objects
+                .get(key)
+                .map(|d| info(key, d))
+                .ok_or_else(|| StoreError::NotFound(key.into()))
+        }
+        async fn get(&self, key: &str, range: Option<ByteRange>, _if_match: Option<&str>) -> StoreResult<GetOutput> {
+            if range.is_some() {
+                return unsupported();
+            }
+            let objects = self.objects.lock().unwrap();
+            let data = objects
+                .get(key)
+                .cloned()
+                .ok_or_else(|| StoreError::NotFound(key.into()))?;
+            Ok(GetOutput {
+                info: info(key, &data),
+                data,
+            })
+        }
+        async fn put(&self, key: &str, body: Bytes, _m: &Metadata, cond: PutCondition) -> StoreResult<ObjectInfo> {
+            let mut objects = self.objects.lock().unwrap();
+            if cond == PutCondition::IfNoneMatch && objects.contains_key(key) {
+                return Err(StoreError::PreconditionFailed(key.into()));
+            }
+            self.puts.fetch_add(1, Ordering::Relaxed);
+            let i = info(key, &body);
+            objects.insert(key.to_string(), body);
+            Ok(i)
+        }
+        async fn create_multipart(&self, _key: &str, _m: &Metadata) -> StoreResult<String> {
+            unsupported()
+        }
+        async fn upload_part(&self, _k: &str, _u: &str, _n: i32, _b: Bytes) -> StoreResult<CompletedPart> {
+            unsupported()
+        }
+        async fn upload_part_copy(
+            &self,
+            _k: &str,
+            _u: &str,
+            _n: i32,
+            _s: &str,
+            _r: std::ops::Range<u64>,
+            _m: Option<&str>,
+        ) -> StoreResult<CompletedPart> {
+            unsupported()
+        }
+        async fn complete_multipart(
+            &self,
+            _k: &str,
+            _u: &str,
+            _p: Vec<CompletedPart>,
+            _c: PutCondition,
+        ) -> StoreResult<ObjectInfo> {
+            unsupported()
+        }
+        async fn abort_multipart(&self, _k: &str, _u: &str) -> StoreResult<()> {
+            unsupported()
+        }
+        async fn copy(&self, _s: &str, _d: &str, _m: Option<&Metadata>, _c: PutCondition) -> StoreResult<ObjectInfo> {
+            unsupported()
+        }
+        async fn delete(&self, key: &str) -> StoreResult<()> {
+            self.objects.lock().unwrap().remove(key);
+            Ok(())
+        }
+        async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+            let mut objects = self.objects.lock().unwrap();
+            for k in keys {
+                objects.remove(k);
+            }
+            Ok(())
+        }
+        async fn list(&self, _p: &str, _d: Option<&str>, _c: Option<&str>, _m: Option<i32>) -> StoreResult<ListPage> {
+            unsupported()
+        }
+    }
 }
