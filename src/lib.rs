@@ -12,8 +12,11 @@
 //! - [`fuse`]: the thin `fuser::Filesystem` adapter: each callback calls the core and maps its error to an errno.
 //! - [`cli`] and [`run`]: argument parsing into a typed configuration, and the wiring of runtime, store, keys,
 //!   file system and FUSE session.
+pub mod cli;
+pub mod daemon;
 pub mod format;
 pub mod keys;
+pub mod notify;
 pub mod store;
 pub mod fs;
 pub mod fuse;
