@@ -12,7 +12,9 @@
 //!
 //! Counts are per call of the wrapper, including calls failed by a rule. Bytes are counted only for calls that
 //! reach the inner store: `bytes_up` is the body of a PUT or UploadPart, `bytes_down` the data a GET returned,
-//! `bytes_copied` the source range of an UploadPartCopy (server-side, not over the wire).
+//! `bytes_copied` the source range of an UploadPartCopy (server-side, not over the wire). Counts are of store
+//! calls, not of HTTP requests: `S3Store` follows CompleteMultipartUpload and CopyObject with a HEAD (and a GET
+//! of a range of an empty object with a HEAD) that counts as part of that one call.
 use super::{
     ByteRange, CompletedPart, GetOutput, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition, StoreError,
     StoreResult,
