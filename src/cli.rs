@@ -107,7 +107,7 @@ const fn opt(name: &'static str, value: &'static str, default: &'static str, hel
 #[rustfmt::skip]
 pub const OPTIONS: &[OptionSpec] = &[
     opt("key_mode", "MODE", "sse-s3", "sse-s3 | sse-kms | sse-c | cse-kms | cse-local; encryption is always on"),
-    opt("kms_key_id", "ID", "none", "KMS key id, ARN or alias; required by cse-kms; for sse-kms the bucket default key if unset"),
+    opt("kms_key_id", "ID", "none", "KMS key id, ARN or alias; cse-kms needs it, sse-kms defaults to the bucket key"),
     opt("sse_c_key_file", "FILE", "none", "32-byte customer key for sse-c (FILE or cred:NAME)"),
     opt("master_key_file", "FILE", "none", "32-byte master key for cse-local (FILE or cred:NAME); see `keygen`"),
     opt("block_size", "SIZE", "64K", "cse-* new volumes only: power of two from 4K to 1M (65536, 64K, 64KiB, 1M)"),
