@@ -107,12 +107,12 @@ const fn opt(name: &'static str, value: &'static str, default: &'static str, hel
 #[rustfmt::skip]
 pub const OPTIONS: &[OptionSpec] = &[
     opt("key_mode", "MODE", "sse-s3", "sse-s3 | sse-kms | sse-c | cse-kms | cse-local; encryption is always on"),
-    opt("kms_key_id", "ID", "-", "KMS key id, ARN or alias; required by cse-kms, optional for sse-kms"),
-    opt("sse_c_key_file", "FILE", "-", "32-byte customer key for sse-c (FILE or cred:NAME)"),
-    opt("master_key_file", "FILE", "-", "32-byte master key for cse-local (FILE or cred:NAME); see `keygen`"),
+    opt("kms_key_id", "ID", "none", "KMS key id, ARN or alias; cse-kms needs it, sse-kms defaults to the bucket key"),
+    opt("sse_c_key_file", "FILE", "none", "32-byte customer key for sse-c (FILE or cred:NAME)"),
+    opt("master_key_file", "FILE", "none", "32-byte master key for cse-local (FILE or cred:NAME); see `keygen`"),
     opt("block_size", "SIZE", "64K", "cse-* new volumes only: power of two from 4K to 1M (65536, 64K, 64KiB, 1M)"),
-    opt("endpoint", "URL", "-", "S3 endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)"),
-    opt("region", "REGION", "-", "S3 region (default: the AWS configuration chain)"),
+    opt("endpoint", "URL", "AWS, or $AWS_ENDPOINT_URL", "S3 endpoint URL, for S3-compatible servers"),
+    opt("region", "REGION", "from the AWS configuration", "S3 region"),
     opt("path_style", "", "off", "path-style requests (http://host/bucket/key), for most non-AWS servers"),
     opt("ro", "", "off", "mount read-only"),
     opt("rw", "", "on", "mount read-write (undoes an earlier ro)"),
@@ -127,7 +127,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("key_cache_ttl", "DURATION", "600s", "how long an unwrapped data key is kept (600, 600s, 10m, 1h)"),
     opt("metadata_ttl", "DURATION", "1s", "how long attributes and listings are cached (0: always ask S3)"),
     opt("staging_dir", "DIR", "memory", "where files being written spill once past max_write_mib"),
-    opt("recovery_dir", "DIR", "-", "where unsaved writes go if an upload keeps failing"),
+    opt("recovery_dir", "DIR", "none", "where unsaved writes go if an upload keeps failing"),
     opt("allow_plaintext", "", "off", "cse-* modes: read objects that have no s3crypt metadata as plain files"),
     opt("store", "s3|memory", "s3", "memory is for BENCHMARKS ONLY: nothing is stored, all data is lost at unmount"),
     opt("fuse_threads", "N", "4", "threads serving FUSE requests (>= 1)"),
@@ -628,7 +628,7 @@ fn check_type(t: &str) -> Result<(), OptionError> {
 }
 
 /// Translates a mount(8) helper invocation `mount.s3crypt SOURCE DIR [-sfnv] [-o OPTS] [-t s3crypt]` (the
-/// arguments after argv[0]) into the arguments of `s3crypt` after the program name: `["mount", SOURCE, DIR, "-o",
+/// arguments after `argv[0]`) into the arguments of `s3crypt` after the program name: `["mount", SOURCE, DIR, "-o",
 /// OPTS]`, plus `-v` if verbose.
 ///
 /// The mount(8) flags: `-o` may be repeated and is merged into one list; `-n` (do not write mtab) needs nothing;
