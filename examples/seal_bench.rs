@@ -1,8 +1,9 @@
 //! Seal and open throughput of the block format on one core.
 //!
 //! For each block size (4 KiB, the default 64 KiB, 1 MiB) seals a fixed amount of data block by block into one
-//! reused buffer (as the write path does), then opens it again block by block (as the read path does), and reports
-//! the best of several runs as one JSON object per line:
+//! reused buffer (`seal`), opens as much again block by block into a reused buffer (`open`), and opens it in runs of
+//! 16 blocks with `decrypt_blocks`, which allocates its output (`decrypt_blocks`). Reports the best of several runs
+//! as one JSON object per line:
 //! `{"bench":"seal","block_size":65536,"bytes":268435456,"seconds":0.08,"gb_per_s":3.2}` (GB = 10^9 bytes of
 //! plaintext). Run with `cargo run --release --example seal_bench`; `S3CRYPT_BENCH_MIB` changes the data per run
 //! (default 256 MiB).
@@ -34,18 +35,31 @@ fn main() {
             }
         });
         report("seal", bs, total, seal);
+        // One block, opened again and again into a reused buffer (as the read path does per block).
+        let sealed = cipher.seal(0, false, &plain, &mut rng);
 
-        // Open: one object of 16 blocks' worth fetched at a time, as a ranged GET of several blocks would be.
+        let open = best_of(|| {
+            let mut out = Vec::with_capacity(b);
+            for _ in 0..blocks {
+                out.clear();
+                cipher.open_into(0, false, &sealed, &mut out).expect("own block opens");
+                black_box(&out);
+            }
+        });
+        report("open", bs, total, open);
+
+        // The read path's helper: 16 blocks as one ranged GET would fetch them, into a fresh buffer each time.
         let run_blocks = 16u64;
         let object = encrypt_object(&cipher, &vec![0xA5u8; b * run_blocks as usize], bs, &mut rng);
         let plain_size = bs.get() * run_blocks;
-        let open = best_of(|| {
-            for _ in 0..blocks / run_blocks {
+        let runs = blocks.div_ceil(run_blocks);
+        let decrypt = best_of(|| {
+            for _ in 0..runs {
                 let out = decrypt_blocks(&cipher, bs, plain_size, 0, &object).expect("own object opens");
                 black_box(&out);
             }
         });
-        report("open", bs, (blocks / run_blocks) * plain_size, open);
+        report("decrypt_blocks", bs, runs * plain_size, decrypt);
     }
 }
 
