@@ -30,7 +30,13 @@ pub struct FuseAdapter {
 impl FuseAdapter {
     pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> Self {
         let ttl = fs.metadata_ttl();
-        FuseAdapter { fs, rt, ttl, dirs: Arc::new(Mutex::new(HashMap::new())), next_dir: AtomicU64::new(1) }
+        FuseAdapter {
+            fs,
+            rt,
+            ttl,
+            dirs: Arc::new(Mutex::new(HashMap::new())),
+            next_dir: AtomicU64::new(1),
+        }
     }
 }
 
@@ -117,7 +123,11 @@ impl Filesystem for FuseAdapter {
             Err(e) => return reply.error(e),
         };
         let ttl = self.ttl;
-        run!(self, reply, |fs| fs.lookup(parent.0, &name), |a| reply.entry(&ttl, &file_attr(&a), Generation(0)))
+        run!(self, reply, |fs| fs.lookup(parent.0, &name), |a| reply.entry(
+            &ttl,
+            &file_attr(&a),
+            Generation(0)
+        ))
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -126,7 +136,8 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.ttl;
-        run!(self, reply, |fs| fs.getattr(ino.0), |a| reply.attr(&ttl, &file_attr(&a)))
+        run!(self, reply, |fs| fs.getattr(ino.0), |a| reply
+            .attr(&ttl, &file_attr(&a)))
     }
 
     fn setattr(
@@ -154,7 +165,8 @@ impl Filesystem for FuseAdapter {
             mtime: mtime.map(time),
         };
         let ttl = self.ttl;
-        run!(self, reply, |fs| fs.setattr(ino.0, size, change), |a| reply.attr(&ttl, &file_attr(&a)))
+        run!(self, reply, |fs| fs.setattr(ino.0, size, change), |a| reply
+            .attr(&ttl, &file_attr(&a)))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -168,11 +180,8 @@ impl Filesystem for FuseAdapter {
         };
         let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
         let perm = (mode & !umask & 0o7777) as u16;
-        run!(self, reply, |fs| fs.mkdir(parent.0, &name, perm, uid, gid), |a| reply.entry(
-            &ttl,
-            &file_attr(&a),
-            Generation(0)
-        ))
+        run!(self, reply, |fs| fs.mkdir(parent.0, &name, perm, uid, gid), |a| reply
+            .entry(&ttl, &file_attr(&a), Generation(0)))
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -197,11 +206,9 @@ impl Filesystem for FuseAdapter {
             _ => return reply.error(Errno::EINVAL),
         };
         let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
-        run!(self, reply, |fs| fs.symlink(parent.0, &name, &target, uid, gid), |a| reply.entry(
-            &ttl,
-            &file_attr(&a),
-            Generation(0)
-        ))
+        run!(self, reply, |fs| fs.symlink(parent.0, &name, &target, uid, gid), |a| {
+            reply.entry(&ttl, &file_attr(&a), Generation(0))
+        })
     }
 
     fn rename(
@@ -223,14 +230,20 @@ impl Filesystem for FuseAdapter {
             return reply.error(Errno::from_i32(libc::EINVAL));
         }
         let no_replace = bits & libc::RENAME_NOREPLACE != 0;
-        run!(self, reply, |fs| fs.rename(parent.0, &name, newparent.0, &newname, no_replace), |_u| reply.ok())
+        run!(
+            self,
+            reply,
+            |fs| fs.rename(parent.0, &name, newparent.0, &newname, no_replace),
+            |_u| reply.ok()
+        )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let acc = flags.0 & libc::O_ACCMODE;
         let writable = acc != libc::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
-        run!(self, reply, |fs| fs.open(ino.0, writable, truncate), |fh| reply.opened(FileHandle(fh), FopenFlags::empty()))
+        run!(self, reply, |fs| fs.open(ino.0, writable, truncate), |fh| reply
+            .opened(FileHandle(fh), FopenFlags::empty()))
     }
 
     fn read(
@@ -288,9 +301,16 @@ impl Filesystem for FuseAdapter {
         let dirs = self.dirs.clone();
         let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
         run!(self, reply, |fs| fs.readdir(ino.0), |entries| {
-            let mut list = vec![(ino.0, FileType::Directory, ".".to_string()), (ino.0, FileType::Directory, "..".to_string())];
+            let mut list = vec![
+                (ino.0, FileType::Directory, ".".to_string()),
+                (ino.0, FileType::Directory, "..".to_string()),
+            ];
             list.extend(entries.into_iter().map(|e| {
-                let n = if e.ino == 0 { placeholder_ino(ino.0, &e.name) } else { e.ino };
+                let n = if e.ino == 0 {
+                    placeholder_ino(ino.0, &e.name)
+                } else {
+                    e.ino
+                };
                 (n, file_type(e.kind), e.name)
             }));
             dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, list);
@@ -300,7 +320,9 @@ impl Filesystem for FuseAdapter {
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(list) = dirs.get(&fh.0) else { return reply.error(Errno::EBADF) };
+        let Some(list) = dirs.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
         for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
                 break;
@@ -316,7 +338,9 @@ impl Filesystem for FuseAdapter {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.fs.statfs();
-        reply.statfs(s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize)
+        reply.statfs(
+            s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        )
     }
 
     fn create(

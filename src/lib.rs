@@ -15,9 +15,9 @@
 pub mod cli;
 pub mod daemon;
 pub mod format;
-pub mod keys;
-pub mod notify;
-pub mod store;
 pub mod fs;
 pub mod fuse;
+pub mod keys;
+pub mod notify;
 pub mod run;
+pub mod store;

@@ -4,15 +4,19 @@ use s3crypt::cli::{self, Cli, Command, MountOptions};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Before any thread starts: takes the readiness pipe of a background start out of the environment.
+    s3crypt::notify::Readiness::init();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let mut args: Vec<String> = std::env::args().collect();
-    let argv0 = args.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string()).unwrap_or_default();
-    if argv0 == "mount.s3crypt" {
+    if args.first().is_some_and(|a| cli::is_mount_helper(a)) {
         match cli::mount_helper_args(&args[1..]) {
+            // mount -f: the options were checked and nothing is to be mounted.
+            Ok(a) if a.is_empty() => return ExitCode::SUCCESS,
             Ok(a) => args = std::iter::once("s3crypt".to_string()).chain(a).collect(),
             Err(e) => {
                 eprintln!("mount.s3crypt: {e}");
-                return ExitCode::from(1);
+                // mount(8) convention: 32 is "mount failure".
+                return ExitCode::from(32);
             }
         }
     }
@@ -34,18 +38,30 @@ fn options(words: &[String]) -> anyhow::Result<MountOptions> {
 
 fn run(cli: Cli, args: &[String]) -> anyhow::Result<()> {
     match cli.command {
-        Command::Mount { source, mountpoint, foreground, options: words } => {
+        Command::Mount {
+            source,
+            mountpoint,
+            foreground,
+            options: words,
+        } => {
             let opts = options(&words)?;
             if !foreground {
                 return s3crypt::daemon::spawn_background(&args[1..]).map_err(anyhow::Error::msg);
             }
-            s3crypt::run::mount(&source, &mountpoint, opts, s3crypt::notify::Readiness::from_env())
+            s3crypt::run::mount(&source, &mountpoint, opts)
         }
         Command::Cat { source, options: words } => s3crypt::run::cat(&source, options(&words)?),
-        Command::Put { file, dest, options: words } => s3crypt::run::put(&file, &dest, options(&words)?),
+        Command::Put {
+            file,
+            dest,
+            options: words,
+        } => s3crypt::run::put(&file, &dest, options(&words)?),
         Command::Keygen { file } => {
             s3crypt::keys::keygen(&file)?;
-            eprintln!("wrote a new 32-byte master key to {} (mode 0600); keep a copy: without it the data cannot be read", file.display());
+            eprintln!(
+                "wrote a new 32-byte master key to {} (mode 0600); keep a copy: without it the data cannot be read",
+                file.display()
+            );
             Ok(())
         }
     }

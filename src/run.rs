@@ -22,7 +22,10 @@ pub struct Backend {
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn key_config(opts: &MountOptions) -> KeyConfig {
@@ -44,14 +47,19 @@ pub async fn load_keys(opts: &MountOptions) -> Result<(aws_config::SdkConfig, ke
 }
 
 /// The store the options ask for: S3 (with retries) or, for benchmarks, memory.
-pub fn make_store(opts: &MountOptions, sdk: &aws_config::SdkConfig, bucket: &str, keys: &keys::Keys) -> Arc<dyn ObjectStore> {
+pub fn make_store(
+    opts: &MountOptions,
+    sdk: &aws_config::SdkConfig,
+    bucket: &str,
+    keys: &keys::Keys,
+) -> Arc<dyn ObjectStore> {
     match opts.store {
         StoreKind::Memory => {
             log::warn!("store=memory: benchmark mode, nothing is written to S3 and all data is lost at unmount");
             Arc::new(MemoryStore::new())
         }
         StoreKind::S3 => {
-            let client = crate::store::s3::client_from(sdk, opts.path_style);
+            let client = crate::store::s3::s3_client_from(sdk, opts.path_style);
             let s3 = S3Store::new(client, bucket.to_string(), keys.sse.clone());
             Arc::new(Retrying::new(s3, RetryPolicy::default()))
         }
@@ -82,11 +90,19 @@ pub async fn open_volume(
                 .await
                 .with_context(|| format!("opening the volume s3://{bucket}/{prefix}"))?;
             block_size = vol.block_size;
-            Some(CseKeys { provider: provider.clone(), cache: keys.cache.clone() })
+            Some(CseKeys {
+                provider: provider.clone(),
+                cache: keys.cache.clone(),
+            })
         }
         None => None,
     };
-    Ok(Backend { store, keys: cse, key_stats: keys.stats.clone(), block_size })
+    Ok(Backend {
+        store,
+        keys: cse,
+        key_stats: keys.stats.clone(),
+        block_size,
+    })
 }
 
 async fn check_bucket(store: &dyn ObjectStore, bucket: &str, prefix: &str) -> Result<()> {
@@ -105,7 +121,13 @@ async fn check_bucket(store: &dyn ObjectStore, bucket: &str, prefix: &str) -> Re
 fn state_dir(name: &str) -> PathBuf {
     let base = std::env::var_os("STATE_DIRECTORY")
         .map(PathBuf::from)
-        .unwrap_or_else(|| if nix_is_root() { PathBuf::from("/var/lib/s3crypt") } else { std::env::temp_dir().join("s3crypt") });
+        .unwrap_or_else(|| {
+            if nix_is_root() {
+                PathBuf::from("/var/lib/s3crypt")
+            } else {
+                std::env::temp_dir().join("s3crypt")
+            }
+        });
     base.join(name)
 }
 
@@ -150,15 +172,15 @@ fn check_mountpoint(mnt: &Path) -> Result<()> {
 }
 
 /// `s3crypt mount` in the foreground (the background start re-executes this with --foreground).
-pub fn mount(source: &str, mountpoint: &Path, opts: MountOptions, readiness: Readiness) -> Result<()> {
-    let result = mount_inner(source, mountpoint, opts, &readiness);
+pub fn mount(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()> {
+    let result = mount_inner(source, mountpoint, opts);
     if let Err(e) = &result {
-        readiness.failed(&format!("{e:#}"));
+        Readiness::failed(&format!("{e:#}"));
     }
     result
 }
 
-fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions, readiness: &Readiness) -> Result<()> {
+fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()> {
     let (bucket, prefix) = cli::parse_volume_url(source)?;
     check_mountpoint(mountpoint)?;
     let rt = runtime()?;
@@ -167,10 +189,14 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions, readiness: &
     std::fs::create_dir_all(&cfg.staging_dir).with_context(|| format!("staging dir {}", cfg.staging_dir.display()))?;
     let fs = Arc::new(Fs::new(backend.store, backend.keys, cfg));
     let bg = start_session(fs.clone(), rt.handle().clone(), mountpoint, &opts, source)?;
-    log::info!("mounted s3://{bucket}/{prefix} at {} ({})", mountpoint.display(), opts.key_mode);
-    readiness.ready();
+    log::info!(
+        "mounted s3://{bucket}/{prefix} at {} ({})",
+        mountpoint.display(),
+        opts.key_mode
+    );
+    Readiness::ready();
     let signal = rt.block_on(wait_for_end(&bg));
-    crate::notify::stopping();
+    let _ = crate::notify::stopping();
     if let Some(sig) = signal {
         log::info!("{sig}: saving open files, then unmounting");
     }
@@ -182,7 +208,11 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions, readiness: &
     }
     if let Err(e) = unmounted {
         if signal.is_some() {
-            bail!("unmounting {}: {e}; clear it with: fusermount3 -u {}", mountpoint.display(), mountpoint.display());
+            bail!(
+                "unmounting {}: {e}; clear it with: fusermount3 -u {}",
+                mountpoint.display(),
+                mountpoint.display()
+            );
         }
     }
     Ok(())
@@ -218,8 +248,12 @@ pub fn start_session(
     };
     config.n_threads = Some(opts.fuse_threads.max(1));
     config.clone_fd = true;
-    let session = fuser::Session::new(adapter, mountpoint, &config)
-        .with_context(|| format!("mounting at {} (is FUSE available: /dev/fuse, fuse3?)", mountpoint.display()))?;
+    let session = fuser::Session::new(adapter, mountpoint, &config).with_context(|| {
+        format!(
+            "mounting at {} (is FUSE available: /dev/fuse, fuse3?)",
+            mountpoint.display()
+        )
+    })?;
     let bg = session.spawn().context("starting the FUSE session")?;
     wait_until_answers(mountpoint)?;
     Ok(bg)
@@ -272,7 +306,11 @@ pub fn cat(source: &str, opts: MountOptions) -> Result<()> {
     let data = rt.block_on(async {
         let (prefix, _) = split_key(&key);
         let b = backend(&opts, &bucket, prefix).await?;
-        let out = b.store.get(&key, None, None).await.with_context(|| format!("reading s3://{bucket}/{key}"))?;
+        let out = b
+            .store
+            .get(&key, None, None)
+            .await
+            .with_context(|| format!("reading s3://{bucket}/{key}"))?;
         decode_object(&b, &opts, &key, &out.info.metadata, &out.data).await
     })?;
     let mut stdout = std::io::stdout().lock();

@@ -30,7 +30,14 @@ impl World {
         if self.open.contains_key(name) {
             return;
         }
-        let o = |p: &Path| OpenOptions::new().read(true).write(true).create(true).truncate(false).open(p);
+        let o = |p: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+        };
         let mnt = o(&self.mnt.join(name)).unwrap_or_else(|e| panic!("open {name} on the mount: {e}"));
         let local = o(&self.local.join(name)).unwrap();
         self.open.insert(name, Pair { mnt, local });
@@ -60,17 +67,29 @@ impl World {
                 assert!(l == m, "step {step} ({op}): content of {name}");
             }
             (None, None) => {}
-            _ => panic!("step {step} ({op}): {name} exists locally: {}, on the mount: {}", local.is_some(), mnt.is_some()),
+            _ => panic!(
+                "step {step} ({op}): {name} exists locally: {}, on the mount: {}",
+                local.is_some(),
+                mnt.is_some()
+            ),
         }
     }
 }
 
 fn differential(mode: KeyMode) {
-    let ops: usize = std::env::var("S3CRYPT_DIFF_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let ops: usize = std::env::var("S3CRYPT_DIFF_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
     let vol = Volume::new(mode);
     let m = TestMount::mount(&vol);
     let local = tempfile::tempdir().unwrap();
-    let mut w = World { mnt: m.mnt.path().to_path_buf(), local: local.path().to_path_buf(), open: HashMap::new(), block: m.block_size };
+    let mut w = World {
+        mnt: m.mnt.path().to_path_buf(),
+        local: local.path().to_path_buf(),
+        open: HashMap::new(),
+        block: m.block_size,
+    };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed ^ mode as u64);
     let max_size = 4 * w.block;
     for step in 0..ops {

@@ -37,7 +37,11 @@ fn mount_must_fail(vol: &Volume, extra: &[&str]) -> Output {
         &words.join(","),
     ]);
     assert!(!out.status.success(), "mount should fail; stderr: {}", stderr(&out));
-    assert!(started.elapsed() < Duration::from_secs(30), "failing took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "failing took {:?}",
+        started.elapsed()
+    );
     out
 }
 
@@ -63,8 +67,14 @@ fn another_block_size_is_refused_at_mount_time() {
     TestMount::mount(&vol).unmount();
     let out = mount_must_fail(&vol, &["block_size=4K"]);
     let msg = stderr(&out);
-    assert!(msg.contains("block size") || msg.contains("block_size"), "message names the block size: {msg}");
-    assert!(msg.contains("65536") || msg.contains("64"), "message gives the volume's block size: {msg}");
+    assert!(
+        msg.contains("block size") || msg.contains("block_size"),
+        "message names the block size: {msg}"
+    );
+    assert!(
+        msg.contains("65536") || msg.contains("64"),
+        "message gives the volume's block size: {msg}"
+    );
 }
 
 #[test]
@@ -84,7 +94,10 @@ fn bad_options_list_the_valid_ones() {
     let out = mount_must_fail(&vol, &["no_such_option=1"]);
     let msg = stderr(&out);
     assert!(msg.contains("no_such_option"), "{msg}");
-    assert!(msg.contains("key_mode") && msg.contains("master_key_file"), "lists the valid options: {msg}");
+    assert!(
+        msg.contains("key_mode") && msg.contains("master_key_file"),
+        "lists the valid options: {msg}"
+    );
     let out = mount_must_fail(&vol, &["key_mode=rot13"]);
     assert!(stderr(&out).contains("cse-kms"), "{}", stderr(&out));
 }
@@ -95,7 +108,10 @@ fn missing_bucket_is_named() {
     vol.bucket = "no-such-bucket-s3crypt-test".into();
     let out = mount_must_fail(&vol, &[]);
     let msg = stderr(&out);
-    assert!(msg.contains("no-such-bucket-s3crypt-test") && msg.contains("does not exist"), "{msg}");
+    assert!(
+        msg.contains("no-such-bucket-s3crypt-test") && msg.contains("does not exist"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -121,12 +137,22 @@ fn put_and_cat_round_trip_and_read_what_the_mount_wrote() {
     let src = vol.dir.path().join("src.bin");
     let data = common::mount::pattern(300_000, 3);
     fs::write(&src, &data).unwrap();
-    let out = s3crypt(&["put", src.to_str().unwrap(), &format!("s3://{}/put.bin", vol.bucket), "-o", &opts]);
+    let out = s3crypt(&[
+        "put",
+        src.to_str().unwrap(),
+        &format!("s3://{}/put.bin", vol.bucket),
+        "-o",
+        &opts,
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = s3crypt(&["cat", &format!("s3://{}/put.bin", vol.bucket), "-o", &opts]);
     assert_eq!(out.stdout, data);
     let m = TestMount::mount(&vol);
-    assert_eq!(fs::read(m.path("put.bin")).unwrap(), data, "the mount reads what put wrote");
+    assert_eq!(
+        fs::read(m.path("put.bin")).unwrap(),
+        data,
+        "the mount reads what put wrote"
+    );
 }
 
 #[test]
@@ -136,7 +162,13 @@ fn plaintext_objects_are_refused_unless_allowed() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = common::s3_client().await;
-        c.put_object().bucket(&vol.bucket).key("plain.txt").body(b"not encrypted".to_vec().into()).send().await.unwrap();
+        c.put_object()
+            .bucket(&vol.bucket)
+            .key("plain.txt")
+            .body(b"not encrypted".to_vec().into())
+            .send()
+            .await
+            .unwrap();
     });
     let m = TestMount::mount(&vol);
     let err = fs::read(m.path("plain.txt")).unwrap_err();

@@ -35,7 +35,13 @@ macro_rules! in_all_modes {
     };
 }
 
-in_all_modes!(round_trip_sizes, random_io, overwrite_middle_of_large_file, namespace_survives_remount, two_writers_conflict);
+in_all_modes!(
+    round_trip_sizes,
+    random_io,
+    overwrite_middle_of_large_file,
+    namespace_survives_remount,
+    two_writers_conflict
+);
 
 /// Write, read back, unmount, remount, read back, for sizes around block and part boundaries; then check what S3
 /// holds for the mode.
@@ -48,7 +54,11 @@ fn round_trip_sizes(mode: KeyMode) {
     for (i, &size) in sizes.iter().enumerate() {
         let data = pattern(size as usize, i as u64);
         write_file(&m.path(&format!("f{size}")), &data).unwrap();
-        assert_eq!(fs::read(m.path(&format!("f{size}"))).unwrap(), data, "size {size} before remount");
+        assert_eq!(
+            fs::read(m.path(&format!("f{size}"))).unwrap(),
+            data,
+            "size {size} before remount"
+        );
     }
     if mode == KeyMode::CseKms {
         let generated = m.key_stats.snapshot().kms_generate - generated_before;
@@ -79,7 +89,10 @@ fn check_what_s3_holds(vol: &Volume, b: u64) {
             KeyMode::SseC => {
                 let err = head.expect_err("HEAD of an sse-c object without the key must be refused");
                 let got = c.get_object().bucket(&vol.bucket).key(&key).send().await;
-                assert!(got.is_err(), "GET of an sse-c object without the key must be refused: {err:?}");
+                assert!(
+                    got.is_err(),
+                    "GET of an sse-c object without the key must be refused: {err:?}"
+                );
                 return;
             }
             KeyMode::SseS3 => {
@@ -102,7 +115,10 @@ fn check_what_s3_holds(vol: &Volume, b: u64) {
                 let body = body.body.collect().await.unwrap().into_bytes();
                 assert_eq!(body.len() as u64, b + 1 + 2 * 28);
                 let windows: std::collections::HashSet<&[u8]> = body.windows(16).collect();
-                assert!(plain.windows(16).all(|w| !windows.contains(w)), "plaintext found in the object body");
+                assert!(
+                    plain.windows(16).all(|w| !windows.contains(w)),
+                    "plaintext found in the object body"
+                );
             }
         }
     });
@@ -120,7 +136,18 @@ fn random_io(mode: KeyMode) {
     write_file(&m.path("r"), &model).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mode as u64);
     let mut f = OpenOptions::new().read(true).write(true).open(m.path("r")).unwrap();
-    let boundaries = [0, 1, b - 1, b, b + 1, part - 1, part, part + 1, 2 * part - 3, 2 * part + b];
+    let boundaries = [
+        0,
+        1,
+        b - 1,
+        b,
+        b + 1,
+        part - 1,
+        part,
+        part + 1,
+        2 * part - 3,
+        2 * part + b,
+    ];
     for (k, &at) in boundaries.iter().enumerate() {
         let len = rng.gen_range(1..3 * b as usize);
         let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
@@ -173,17 +200,31 @@ fn overwrite_middle_of_large_file(mode: KeyMode) {
     write_file(&m.path("big"), &model).unwrap();
     m.counter.reset();
     let mid = size / 2 - 2048;
-    let mut f = OpenOptions::new().write(true).open(m.path("big")).unwrap();
+    let f = OpenOptions::new().write(true).open(m.path("big")).unwrap();
     f.write_all_at(&[0xAB; 4096], mid).unwrap();
     close_checked(f).unwrap();
     model[mid as usize..mid as usize + 4096].fill(0xAB);
     let s = m.counter.stats();
     let parts = size.div_ceil(part);
     let sent = s.bytes_up(OpKind::UploadPart) + s.bytes_up(OpKind::Put);
-    let stored_part = if mode.is_client_side() { part / b * (b + 28) } else { part };
-    assert!(s.count(OpKind::UploadPart) <= 2, "{} parts sent", s.count(OpKind::UploadPart));
-    assert!(sent <= 2 * stored_part, "{sent} bytes sent, more than two parts of {stored_part}");
-    assert!(s.count(OpKind::UploadPartCopy) >= parts - 2, "unchanged parts are copied inside S3");
+    let stored_part = if mode.is_client_side() {
+        part / b * (b + 28)
+    } else {
+        part
+    };
+    assert!(
+        s.count(OpKind::UploadPart) <= 2,
+        "{} parts sent",
+        s.count(OpKind::UploadPart)
+    );
+    assert!(
+        sent <= 2 * stored_part,
+        "{sent} bytes sent, more than two parts of {stored_part}"
+    );
+    assert!(
+        s.count(OpKind::UploadPartCopy) >= parts - 2,
+        "unchanged parts are copied inside S3"
+    );
     assert_eq!(s.count(OpKind::Put), 0);
     m.unmount();
     let m = TestMount::mount(&vol);
@@ -214,7 +255,12 @@ fn namespace_survives_remount(mode: KeyMode) {
     std::os::unix::fs::chown(m.path("b"), Some(1234), Some(5678)).unwrap();
     fs::set_permissions(m.path("empty"), fs::Permissions::from_mode(0o700)).unwrap();
     let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
-    File::options().write(true).open(m.path("b")).unwrap().set_modified(when).unwrap();
+    File::options()
+        .write(true)
+        .open(m.path("b"))
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
     m.unmount();
 
     let m = TestMount::mount(&vol);
@@ -233,8 +279,10 @@ fn namespace_survives_remount(mode: KeyMode) {
     assert_eq!((md.uid(), md.gid()), (1234, 5678));
     assert_eq!(md.mtime(), 1_600_000_000);
     assert_eq!(fs::metadata(m.path("empty")).unwrap().mode() & 0o7777, 0o700);
-    let mut names: Vec<String> =
-        fs::read_dir(m.mnt.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = fs::read_dir(m.mnt.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert_eq!(names, ["b", "e", "empty", "link"], "the volume descriptor is hidden");
 }

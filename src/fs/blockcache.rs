@@ -17,7 +17,9 @@ impl BlockCache {
     /// A cache of at most `bytes / block_len` blocks (at least 16).
     pub fn new(bytes: u64, block_len: u64) -> Self {
         let n = (bytes / block_len.max(1)).max(16) as usize;
-        BlockCache { inner: Mutex::new(LruCache::new(NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN))) }
+        BlockCache {
+            inner: Mutex::new(LruCache::new(NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN))),
+        }
     }
 
     pub fn get(&self, version: u64, index: u64) -> Option<Block> {

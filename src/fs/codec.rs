@@ -107,8 +107,21 @@ pub struct Version {
 }
 
 impl Version {
-    pub fn new(etag: String, object_size: u64, plain_size: u64, codec: Arc<Codec>, header: Option<ObjectHeader>) -> Self {
-        Version { id: NEXT_VERSION.fetch_add(1, Ordering::Relaxed), etag, object_size, plain_size, codec, header }
+    pub fn new(
+        etag: String,
+        object_size: u64,
+        plain_size: u64,
+        codec: Arc<Codec>,
+        header: Option<ObjectHeader>,
+    ) -> Self {
+        Version {
+            id: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
+            etag,
+            object_size,
+            plain_size,
+            codec,
+            header,
+        }
     }
 }
 
@@ -118,7 +131,9 @@ mod tests {
 
     #[test]
     fn plain_codec_is_the_identity_layout() {
-        let c = Codec::Plain { bs: BlockSize::new(4096).unwrap() };
+        let c = Codec::Plain {
+            bs: BlockSize::new(4096).unwrap(),
+        };
         assert_eq!(c.object_size(10_000), 10_000);
         assert_eq!(c.block_count(0), 1);
         assert_eq!(c.block_count(8192), 2);

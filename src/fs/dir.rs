@@ -102,9 +102,12 @@ impl Fs {
         let (attr, remote) = match found {
             Found::Object(info) => {
                 let size = self.object_plain_size(&info);
-                let attr =
-                    attr_from_metadata(0, Kind::File, size, info.last_modified, &info.metadata, &self.defaults);
-                let remote = Remote { etag: info.etag, object_size: info.size, metadata: info.metadata };
+                let attr = attr_from_metadata(0, Kind::File, size, info.last_modified, &info.metadata, &self.defaults);
+                let remote = Remote {
+                    etag: info.etag,
+                    object_size: info.size,
+                    metadata: info.metadata,
+                };
                 (attr, Some(remote))
             }
             Found::Dir(marker) => {
@@ -131,7 +134,7 @@ impl Fs {
     }
 
     /// The path of a directory inode; `NotDir` if it is not one.
-    fn dir_path(&self, ino: u64) -> FsResult<String> {
+    pub(super) fn dir_path(&self, ino: u64) -> FsResult<String> {
         let t = lock(&self.inodes);
         let n = t.get(ino).ok_or(FsError::NotFound)?;
         if n.attr.kind != Kind::Dir {
@@ -150,14 +153,18 @@ impl Fs {
         loop {
             let page = self.store.list(&prefix, Some("/"), token.as_deref(), None).await?;
             for o in &page.objects {
-                let Some(name) = o.key.strip_prefix(&prefix) else { continue };
+                let Some(name) = o.key.strip_prefix(&prefix) else {
+                    continue;
+                };
                 if name.is_empty() || (ino == ROOT_INO && name == VOLUME_OBJECT) || check_name(name).is_err() {
                     continue;
                 }
                 names.push((name.to_string(), Kind::File));
             }
             for p in &page.common_prefixes {
-                let Some(name) = p.strip_prefix(&prefix).map(|n| n.trim_end_matches('/')) else { continue };
+                let Some(name) = p.strip_prefix(&prefix).map(|n| n.trim_end_matches('/')) else {
+                    continue;
+                };
                 if check_name(name).is_ok() {
                     names.push((name.to_string(), Kind::Dir));
                 }
@@ -177,8 +184,14 @@ impl Fs {
         Ok(names
             .into_iter()
             .map(|(name, kind)| {
-                let known = t.child(ino, &name).filter(|c| c.attr.kind == kind || kind == Kind::File);
-                DirEntry { ino: known.map(|c| c.ino).unwrap_or(0), kind: known.map(|c| c.attr.kind).unwrap_or(kind), name }
+                let known = t
+                    .child(ino, &name)
+                    .filter(|c| c.attr.kind == kind || kind == Kind::File);
+                DirEntry {
+                    ino: known.map(|c| c.ino).unwrap_or(0),
+                    kind: known.map(|c| c.attr.kind).unwrap_or(kind),
+                    name,
+                }
             })
             .collect())
     }
@@ -192,14 +205,25 @@ impl Fs {
             Err(FsError::NotFound) => {}
             Err(e) => return Err(e),
         }
-        let attr = Attr { ino: 0, kind: Kind::Dir, size: 0, perm, uid, gid, mtime: SystemTime::now() };
+        let attr = Attr {
+            ino: 0,
+            kind: Kind::Dir,
+            size: 0,
+            perm,
+            uid,
+            gid,
+            mtime: SystemTime::now(),
+        };
         let mut meta = Metadata::new();
         attr_to_metadata(&attr, &mut meta);
         let marker = format!("{}/", self.key_of(&path));
-        self.store.put(&marker, Bytes::new(), &meta, PutCondition::IfNoneMatch).await.map_err(|e| match e {
-            StoreError::PreconditionFailed(_) => FsError::Exists,
-            e => e.into(),
-        })?;
+        self.store
+            .put(&marker, Bytes::new(), &meta, PutCondition::IfNoneMatch)
+            .await
+            .map_err(|e| match e {
+                StoreError::PreconditionFailed(_) => FsError::Exists,
+                e => e.into(),
+            })?;
         let mut t = lock(&self.inodes);
         let ino = t.upsert(parent, name, attr, None, true).ok_or(FsError::NotFound)?;
         t.get(ino).map(|n| n.attr.clone()).ok_or(FsError::NotFound)
@@ -236,7 +260,8 @@ impl Fs {
             return Err(FsError::IsDir);
         }
         let path = self.path_of(attr.ino)?;
-        if let Some(file) = lock(&self.open_files).get(&attr.ino).cloned() {
+        let open = lock(&self.open_files).get(&attr.ino).cloned();
+        if let Some(file) = open {
             file.state.lock().await.unlinked = true;
         }
         self.store.delete(&self.key_of(&path)).await?;
@@ -266,15 +291,23 @@ impl Fs {
             h.to_metadata(&mut meta);
         }
         let key = self.key_of(&path);
-        let info = self.store.put(&key, Bytes::from(body), &meta, PutCondition::IfNoneMatch).await.map_err(|e| {
-            match e {
+        let info = self
+            .store
+            .put(&key, Bytes::from(body), &meta, PutCondition::IfNoneMatch)
+            .await
+            .map_err(|e| match e {
                 StoreError::PreconditionFailed(_) => FsError::Exists,
                 e => e.into(),
-            }
-        })?;
-        let remote = Remote { etag: info.etag, object_size: info.size, metadata: meta };
+            })?;
+        let remote = Remote {
+            etag: info.etag,
+            object_size: info.size,
+            metadata: meta,
+        };
         let mut t = lock(&self.inodes);
-        let ino = t.upsert(parent, name, attr, Some(remote), true).ok_or(FsError::NotFound)?;
+        let ino = t
+            .upsert(parent, name, attr, Some(remote), true)
+            .ok_or(FsError::NotFound)?;
         t.get(ino).map(|n| n.attr.clone()).ok_or(FsError::NotFound)
     }
 
@@ -285,11 +318,21 @@ impl Fs {
         version
             .codec
             .decode(version.plain_size, 0, &out.data)
-            .map_err(|source| FsError::Format { key: key.clone(), source })
+            .map_err(|source| FsError::Format {
+                key: key.clone(),
+                source,
+            })
     }
 
     /// Renames a file, symlink or directory. `no_replace`: fail with EEXIST if the target exists.
-    pub async fn rename(&self, parent: u64, name: &str, new_parent: u64, new_name: &str, no_replace: bool) -> FsResult<()> {
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+        no_replace: bool,
+    ) -> FsResult<()> {
         self.check_writable()?;
         check_name(name)?;
         check_name(new_name)?;
@@ -319,8 +362,12 @@ impl Fs {
             _ => {}
         }
         // A file replaced by the rename is gone; its open handles must not upload it again.
-        let replaced = lock(&self.inodes).child(new_parent, new_name).map(|c| c.ino).filter(|i| *i != src.ino);
-        if let Some(file) = replaced.and_then(|i| lock(&self.open_files).get(&i).cloned()) {
+        let replaced = lock(&self.inodes)
+            .child(new_parent, new_name)
+            .map(|c| c.ino)
+            .filter(|i| *i != src.ino);
+        let replaced = replaced.and_then(|i| lock(&self.open_files).get(&i).cloned());
+        if let Some(file) = replaced {
             file.state.lock().await.unlinked = true;
         }
         if src.kind == Kind::Dir {
@@ -345,19 +392,29 @@ impl Fs {
             file.state.lock().await.moved_to(&info);
         }
         if let Some(n) = lock(&self.inodes).get_mut(ino) {
-            n.remote = Some(Remote { etag: info.etag, object_size: info.size, metadata: info.metadata });
+            n.remote = Some(Remote {
+                etag: info.etag,
+                object_size: info.size,
+                metadata: info.metadata,
+            });
         }
         Ok(())
     }
 
     /// Copies every object below the directory to the new prefix, then deletes the old ones.
     async fn rename_dir(&self, src_path: &str, dst_path: &str) -> FsResult<()> {
-        let (src, dst) = (format!("{}/", self.key_of(src_path)), format!("{}/", self.key_of(dst_path)));
+        let (src, dst) = (
+            format!("{}/", self.key_of(src_path)),
+            format!("{}/", self.key_of(dst_path)),
+        );
         let open: Vec<_> = {
             let t = lock(&self.inodes);
             lock(&self.open_files)
                 .iter()
-                .filter(|(ino, _)| t.get(**ino).is_some_and(|n| n.path.starts_with(&format!("{src_path}/"))))
+                .filter(|(ino, _)| {
+                    t.get(**ino)
+                        .is_some_and(|n| n.path.starts_with(&format!("{src_path}/")))
+                })
                 .map(|(ino, f)| (*ino, f.clone()))
                 .collect()
         };
@@ -380,7 +437,12 @@ impl Fs {
         let copies: Vec<(String, ObjectInfo)> = stream::iter(keys.iter().cloned())
             .map(|k| {
                 let target = format!("{dst}{}", &k[src.len()..]);
-                async move { self.store.copy(&k, &target, None, PutCondition::None).await.map(|i| (target, i)) }
+                async move {
+                    self.store
+                        .copy(&k, &target, None, PutCondition::None)
+                        .await
+                        .map(|i| (target, i))
+                }
             })
             .buffer_unordered(RENAME_PARALLELISM)
             .try_collect()
@@ -410,15 +472,29 @@ impl Fs {
             }
             let mut meta = Metadata::new();
             attr_to_metadata(&new, &mut meta);
-            self.store.put(&format!("{}/", self.key_of(&path)), Bytes::new(), &meta, PutCondition::None).await?;
+            self.store
+                .put(
+                    &format!("{}/", self.key_of(&path)),
+                    Bytes::new(),
+                    &meta,
+                    PutCondition::None,
+                )
+                .await?;
         } else {
             let key = self.key_of(&path);
             let head = self.store.head(&key).await?;
             let mut meta = head.metadata.clone();
             attr_to_metadata(&new, &mut meta);
-            let info = self.store.copy(&key, &key, Some(&meta), PutCondition::IfMatch(head.etag)).await?;
+            let info = self
+                .store
+                .copy(&key, &key, Some(&meta), PutCondition::IfMatch(head.etag))
+                .await?;
             if let Some(n) = lock(&self.inodes).get_mut(ino) {
-                n.remote = Some(Remote { etag: info.etag, object_size: info.size, metadata: meta });
+                n.remote = Some(Remote {
+                    etag: info.etag,
+                    object_size: info.size,
+                    metadata: meta,
+                });
             }
         }
         if let Some(n) = lock(&self.inodes).get_mut(ino) {

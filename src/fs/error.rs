@@ -98,6 +98,9 @@ fn key_errno(e: &KeyError) -> i32 {
         KeyError::Kms(_) => libc::EIO,
         KeyError::Volume(_) => libc::EIO,
         KeyError::Store(s) => store_errno(s),
+        KeyError::BadWrappedKey(_) => libc::EIO,
+        KeyError::VolumeKeyMode { .. } => libc::EIO,
+        KeyError::VolumeBlockSize { .. } => libc::EIO,
     }
 }
 

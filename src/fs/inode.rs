@@ -150,7 +150,10 @@ fn parse_mtime(s: &str) -> Option<SystemTime> {
 
 /// Writes the POSIX attributes into object metadata (s3fs's keys).
 pub fn attr_to_metadata(attr: &Attr, meta: &mut Metadata) {
-    meta.insert(META_MODE.into(), (type_bits(attr.kind) | u32::from(attr.perm)).to_string());
+    meta.insert(
+        META_MODE.into(),
+        (type_bits(attr.kind) | u32::from(attr.perm)).to_string(),
+    );
     meta.insert(META_UID.into(), attr.uid.to_string());
     meta.insert(META_GID.into(), attr.gid.to_string());
     let secs = attr.mtime.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -200,7 +203,11 @@ impl InodeTable {
                 pending: false,
             },
         );
-        InodeTable { inodes, children: HashMap::new(), next_ino: ROOT_INO + 1 }
+        InodeTable {
+            inodes,
+            children: HashMap::new(),
+            next_ino: ROOT_INO + 1,
+        }
     }
 
     pub fn get(&self, ino: u64) -> Option<&Inode> {
@@ -212,7 +219,9 @@ impl InodeTable {
     }
 
     pub fn child(&self, parent: u64, name: &str) -> Option<&Inode> {
-        self.children.get(&(parent, name.to_string())).and_then(|i| self.inodes.get(i))
+        self.children
+            .get(&(parent, name.to_string()))
+            .and_then(|i| self.inodes.get(i))
     }
 
     /// Records what a lookup found: keeps the inode number if the kind is unchanged, else makes a new inode.
@@ -301,7 +310,9 @@ impl InodeTable {
     /// Moves `ino` to (`new_parent`, `new_name`), replacing whatever had that name, and rewrites the paths of
     /// everything below it.
     pub fn rename(&mut self, ino: u64, new_parent: u64, new_name: &str) {
-        let Some(parent_path) = self.inodes.get(&new_parent).map(|p| p.path.clone()) else { return };
+        let Some(parent_path) = self.inodes.get(&new_parent).map(|p| p.path.clone()) else {
+            return;
+        };
         if let Some(&old) = self.children.get(&(new_parent, new_name.to_string())) {
             if old != ino {
                 self.detach(old);
@@ -348,7 +359,15 @@ mod tests {
     use super::*;
 
     fn attr(kind: Kind) -> Attr {
-        Attr { ino: 0, kind, size: 0, perm: 0o644, uid: 0, gid: 0, mtime: UNIX_EPOCH }
+        Attr {
+            ino: 0,
+            kind,
+            size: 0,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: UNIX_EPOCH,
+        }
     }
 
     #[test]
@@ -399,6 +418,9 @@ mod tests {
         for bad in ["", ".", "..", "a/b"] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
-        assert!(matches!(check_name(&"x".repeat(256)), Err(super::super::FsError::NameTooLong)));
+        assert!(matches!(
+            check_name(&"x".repeat(256)),
+            Err(super::super::FsError::NameTooLong)
+        ));
     }
 }

@@ -31,8 +31,8 @@ mod staging;
 mod upload;
 mod write;
 
-pub use error::{FsError, FsResult};
 pub use dir::{AttrChange, DirEntry};
+pub use error::{FsError, FsResult};
 pub use inode::{Attr, Kind, ROOT_INO};
 
 use crate::format::{BlockCipher, BlockSize, ObjectHeader, FORMAT_VERSION};
@@ -44,7 +44,7 @@ use inode::{AttrDefaults, InodeTable};
 use rand::RngCore;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use write::OpenFile;
@@ -161,11 +161,17 @@ impl Fs {
     }
 
     fn path_of(&self, ino: u64) -> FsResult<String> {
-        lock(&self.inodes).get(ino).map(|n| n.path.clone()).ok_or(FsError::NotFound)
+        lock(&self.inodes)
+            .get(ino)
+            .map(|n| n.path.clone())
+            .ok_or(FsError::NotFound)
     }
 
     fn cached_attr(&self, ino: u64) -> FsResult<Attr> {
-        lock(&self.inodes).get(ino).map(|n| n.attr.clone()).ok_or(FsError::NotFound)
+        lock(&self.inodes)
+            .get(ino)
+            .map(|n| n.attr.clone())
+            .ok_or(FsError::NotFound)
     }
 
     fn check_writable(&self) -> FsResult<()> {
@@ -179,33 +185,60 @@ impl Fs {
     /// The codec for an existing object, from its metadata: the unwrapped data key in the client-side modes.
     async fn codec_for(&self, key: &str, meta: &Metadata) -> FsResult<(Arc<Codec>, Option<ObjectHeader>)> {
         let Some(keys) = &self.keys else {
-            return Ok((Arc::new(Codec::Plain { bs: self.cfg.block_size }), None));
+            return Ok((
+                Arc::new(Codec::Plain {
+                    bs: self.cfg.block_size,
+                }),
+                None,
+            ));
         };
         match ObjectHeader::from_metadata(meta) {
             Ok(Some(h)) => {
-                let dk = keys.cache.get_or_unwrap(keys.provider.as_ref(), &h.file_id, &h.wrapped_key).await?;
+                let dk = keys
+                    .cache
+                    .get_or_unwrap(keys.provider.as_ref(), &h.file_id, &h.wrapped_key)
+                    .await?;
                 let cipher = BlockCipher::new(&dk, h.file_id);
-                Ok((Arc::new(Codec::Sealed { bs: h.block_size, cipher }), Some(h)))
+                Ok((
+                    Arc::new(Codec::Sealed {
+                        bs: h.block_size,
+                        cipher,
+                    }),
+                    Some(h),
+                ))
             }
-            Ok(None) if self.cfg.allow_plaintext => Ok((Arc::new(Codec::Plain { bs: self.cfg.block_size }), None)),
+            Ok(None) if self.cfg.allow_plaintext => Ok((
+                Arc::new(Codec::Plain {
+                    bs: self.cfg.block_size,
+                }),
+                None,
+            )),
             Ok(None) => {
                 log::warn!("refusing {key}: no s3crypt metadata in a client-side mount (use -o allow_plaintext)");
                 Err(FsError::Plaintext(key.to_string()))
             }
-            Err(source) => Err(FsError::Format { key: key.to_string(), source }),
+            Err(source) => Err(FsError::Format {
+                key: key.to_string(),
+                source,
+            }),
         }
     }
 
     /// A fresh codec and header for a new file: a new file id and a new data key (one KMS call in cse-kms).
     async fn new_codec(&self) -> FsResult<(Arc<Codec>, Option<ObjectHeader>)> {
         let Some(keys) = &self.keys else {
-            return Ok((Arc::new(Codec::Plain { bs: self.cfg.block_size }), None));
+            return Ok((
+                Arc::new(Codec::Plain {
+                    bs: self.cfg.block_size,
+                }),
+                None,
+            ));
         };
         let mut file_id = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut file_id);
         let (dk, wrapped) = keys.provider.generate(&file_id).await?;
         let cipher = BlockCipher::new(&dk, file_id);
-        keys.cache.insert(&wrapped, dk);
+        keys.cache.insert(&file_id, &wrapped, dk);
         let header = ObjectHeader {
             version: FORMAT_VERSION,
             key_mode: self.cfg.key_mode.as_str().to_string(),
@@ -213,25 +246,23 @@ impl Fs {
             file_id,
             wrapped_key: wrapped,
         };
-        Ok((Arc::new(Codec::Sealed { bs: self.cfg.block_size, cipher }), Some(header)))
+        Ok((
+            Arc::new(Codec::Sealed {
+                bs: self.cfg.block_size,
+                cipher,
+            }),
+            Some(header),
+        ))
     }
 
     /// The version behind `info` (a HEAD or an upload's answer).
     async fn version_of(&self, info: &ObjectInfo) -> FsResult<Version> {
         let (codec, header) = self.codec_for(&info.key, &info.metadata).await?;
-        let plain = codec
-            .plain_size(info.size)
-            .map_err(|source| FsError::Format { key: info.key.clone(), source })?;
+        let plain = codec.plain_size(info.size).map_err(|source| FsError::Format {
+            key: info.key.clone(),
+            source,
+        })?;
         Ok(Version::new(info.etag.clone(), info.size, plain, codec, header))
-    }
-
-    /// The plaintext size of an object from its size alone (listings), without a HEAD.
-    fn listed_plain_size(&self, object_size: u64) -> u64 {
-        if self.keys.is_some() {
-            crate::format::plaintext_size(object_size, self.cfg.block_size).unwrap_or(object_size)
-        } else {
-            object_size
-        }
     }
 
     /// Flushes every open file with unsaved data (shutdown path: SIGTERM, unmount). Returns how many failed.
@@ -249,7 +280,14 @@ impl Fs {
 
     /// File-system statistics: S3 has no capacity limit, so report a large, constant one.
     pub fn statfs(&self) -> StatFs {
-        StatFs { blocks: 1 << 40, bfree: 1 << 40, files: 1 << 32, ffree: 1 << 32, bsize: 4096, namelen: 255 }
+        StatFs {
+            blocks: 1 << 40,
+            bfree: 1 << 40,
+            files: 1 << 32,
+            ffree: 1 << 32,
+            bsize: 4096,
+            namelen: 255,
+        }
     }
 }
 

@@ -33,7 +33,11 @@ impl ReadAhead {
     pub fn new(window_bytes: u64, bs: BlockSize) -> Self {
         let chunk_blocks = (CHUNK_BYTES / bs.get()).max(1);
         let window_chunks = window_bytes.div_ceil(chunk_blocks * bs.get());
-        ReadAhead { chunk_blocks, window_chunks, inflight: Arc::new(Mutex::new(HashMap::new())) }
+        ReadAhead {
+            chunk_blocks,
+            window_chunks,
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
 }
 
@@ -47,10 +51,27 @@ async fn fetch_run(
     blocks: Range<u64>,
 ) -> FsResult<Vec<BlockResult>> {
     let r = v.codec.object_range(blocks.clone(), v.plain_size);
-    let out = store.get(&key, Some(ByteRange::Range { start: r.start, end: r.end }), Some(&v.etag)).await?;
+    let out = store
+        .get(
+            &key,
+            Some(ByteRange::Range {
+                start: r.start,
+                end: r.end,
+            }),
+            Some(&v.etag),
+        )
+        .await?;
     if out.data.len() as u64 != r.end - r.start {
-        log::error!("{key}: short read of bytes {}..{} (got {})", r.start, r.end, out.data.len());
-        return Err(FsError::Format { key, source: FormatError::BadSize { size: out.info.size } });
+        log::error!(
+            "{key}: short read of bytes {}..{} (got {})",
+            r.start,
+            r.end,
+            out.data.len()
+        );
+        return Err(FsError::Format {
+            key,
+            source: FormatError::BadSize { size: out.info.size },
+        });
     }
     let mut result = Vec::with_capacity((blocks.end - blocks.start) as usize);
     for i in blocks {
@@ -68,7 +89,10 @@ async fn fetch_run(
                         "{key}: authentication failed for block {block}: the object was modified, truncated or sealed under another key"
                     );
                 }
-                result.push(Err(Arc::new(FsError::Format { key: key.clone(), source })));
+                result.push(Err(Arc::new(FsError::Format {
+                    key: key.clone(),
+                    source,
+                })));
             }
         }
     }
@@ -83,7 +107,9 @@ impl Fs {
         if st.modified {
             return self.read_modified(&st, offset, size).await;
         }
-        let Some(base) = st.base.clone() else { return Ok(Vec::new()) };
+        let Some(base) = st.base.clone() else {
+            return Ok(Vec::new());
+        };
         drop(st);
         if offset >= base.plain_size || size == 0 {
             return Ok(Vec::new());
@@ -148,7 +174,10 @@ impl Fs {
                     Some(Err(e)) => return Err(FsError::Shared(e.clone())),
                     None => {
                         let source = FormatError::BadSize { size: v.object_size };
-                        return Err(FsError::Format { key: key.to_string(), source });
+                        return Err(FsError::Format {
+                            key: key.to_string(),
+                            source,
+                        });
                     }
                 }
                 i += 1;
@@ -159,8 +188,7 @@ impl Fs {
                 j += 1;
             }
             let run = index..blocks.start + j as u64;
-            let fetched =
-                fetch_run(self.store.clone(), self.cache_arc(), key.to_string(), v.clone(), run).await?;
+            let fetched = fetch_run(self.store.clone(), self.cache_arc(), key.to_string(), v.clone(), run).await?;
             for (k, b) in fetched.into_iter().enumerate() {
                 got[i + k] = Some(b.map_err(FsError::Shared)?);
             }
@@ -180,11 +208,19 @@ impl Fs {
         if range.clone().all(|i| self.cache.contains(v.id, i)) {
             return None;
         }
-        let (store, cache, key2, v2, map) =
-            (self.store.clone(), self.cache_arc(), key.to_string(), v.clone(), self.reader.inflight.clone());
+        let (store, cache, key2, v2, map) = (
+            self.store.clone(),
+            self.cache_arc(),
+            key.to_string(),
+            v.clone(),
+            self.reader.inflight.clone(),
+        );
         let id = v.id;
         let fut: ChunkFuture = async move {
-            let r = fetch_run(store, cache, key2, v2, range).await.map(Arc::new).map_err(Arc::new);
+            let r = fetch_run(store, cache, key2, v2, range)
+                .await
+                .map(Arc::new)
+                .map_err(Arc::new);
             lock(&map).remove(&(id, c));
             r
         }

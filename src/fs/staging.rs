@@ -26,12 +26,17 @@ impl Staging {
         rand::rngs::OsRng.fill_bytes(&mut key);
         rand::rngs::OsRng.fill_bytes(&mut id);
         let key = DataKey::from_bytes(key);
-        Ok(Staging { file, cipher: BlockCipher::new(&key, id), stored_len: format::sealed_block_len(bs) })
+        Ok(Staging {
+            file,
+            cipher: BlockCipher::new(&key, id),
+            stored_len: format::sealed_block_len(bs),
+        })
     }
 
     pub fn write_block(&self, index: u64, plain: &[u8]) -> io::Result<()> {
         let mut out = Vec::with_capacity(plain.len() + 28);
-        self.cipher.seal_into(index, false, plain, &mut rand::thread_rng(), &mut out);
+        self.cipher
+            .seal_into(index, false, plain, &mut rand::thread_rng(), &mut out);
         self.file.write_all_at(&out, index * self.stored_len)
     }
 

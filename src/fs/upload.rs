@@ -15,7 +15,7 @@ use super::codec::{Codec, Version};
 use super::inode::{attr_to_metadata, Remote};
 use super::write::{FileState, OpenFile};
 use super::{lock, Fs, FsError, FsResult};
-use crate::store::{CompletedPart, ByteRange, Metadata, PutCondition, StoreError};
+use crate::store::{ByteRange, CompletedPart, Metadata, PutCondition, StoreError};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::io::Write;
@@ -53,11 +53,19 @@ impl Fs {
                 let mut t = lock(&self.inodes);
                 if let Some(n) = t.get_mut(ino) {
                     n.pending = false;
-                    n.attr = super::Attr { ino, size: st.size, ..st.attr.clone() };
+                    n.attr = super::Attr {
+                        ino,
+                        size: st.size,
+                        ..st.attr.clone()
+                    };
                     n.refreshed = Instant::now();
                     if let Some(b) = &st.base {
                         let remote = n.remote.take().map(|r| r.metadata).unwrap_or_default();
-                        n.remote = Some(Remote { etag: b.etag.clone(), object_size: b.object_size, metadata: remote });
+                        n.remote = Some(Remote {
+                            etag: b.etag.clone(),
+                            object_size: b.object_size,
+                            metadata: remote,
+                        });
                     }
                 }
                 Ok(())
@@ -66,7 +74,9 @@ impl Fs {
                 log::debug!("{key}: condition failed: {msg}");
                 let recovery = self.save_recovery(&key, &st).await;
                 st.poisoned = true;
-                log::error!("{key} was changed by someone else since it was opened; this file's data was saved to {recovery}");
+                log::error!(
+                    "{key} was changed by someone else since it was opened; this file's data was saved to {recovery}"
+                );
                 Err(FsError::Conflict { key, recovery })
             }
             Err(e) => {
@@ -90,7 +100,10 @@ impl Fs {
         let header = st.codec.as_ref().and_then(|c| c.1.clone());
         let meta = self.metadata_for(st, header.as_ref());
         let Some(base) = st.base.as_mut() else { return Ok(()) };
-        let info = self.store.copy(key, key, Some(&meta), PutCondition::IfMatch(base.etag.clone())).await?;
+        let info = self
+            .store
+            .copy(key, key, Some(&meta), PutCondition::IfMatch(base.etag.clone()))
+            .await?;
         base.etag = info.etag;
         st.meta_dirty = false;
         Ok(())
@@ -134,7 +147,11 @@ impl Fs {
         let upload_id = self.store.create_multipart(key, meta).await?;
         let result = self.send_parts(key, &upload_id, st, codec).await;
         let result = match result {
-            Ok(parts) => self.store.complete_multipart(key, &upload_id, parts, cond).await.map_err(FsError::from),
+            Ok(parts) => self
+                .store
+                .complete_multipart(key, &upload_id, parts, cond)
+                .await
+                .map_err(FsError::from),
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -145,23 +162,42 @@ impl Fs {
         result
     }
 
-    async fn send_parts(&self, key: &str, upload_id: &str, st: &FileState, codec: &Arc<Codec>) -> FsResult<Vec<CompletedPart>> {
+    async fn send_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        st: &FileState,
+        codec: &Arc<Codec>,
+    ) -> FsResult<Vec<CompletedPart>> {
         let n = codec.block_count(st.size);
-        let per_part = PART_TARGET.div_ceil(codec.stored_block_len()).max(n.div_ceil(MAX_PARTS));
+        let per_part = PART_TARGET
+            .div_ceil(codec.stored_block_len())
+            .max(n.div_ceil(MAX_PARTS));
         let mut inflight = FuturesUnordered::new();
         let mut done = Vec::new();
         for (k, first) in (0..n).step_by(per_part as usize).enumerate() {
             let blocks = first..(first + per_part).min(n);
             let part_number = k as i32 + 1;
-            if let Some(base) = st.base.as_ref().filter(|_| blocks.clone().all(|i| self.reusable(st, codec, i))) {
+            if let Some(base) = st
+                .base
+                .as_ref()
+                .filter(|_| blocks.clone().all(|i| self.reusable(st, codec, i)))
+            {
                 let r = codec.object_range(blocks, base.plain_size);
                 let etag = base.etag.clone();
                 inflight.push(futures::future::Either::Left(async move {
-                    self.store.upload_part_copy(key, upload_id, part_number, key, r, Some(&etag)).await
+                    self.store
+                        .upload_part_copy(key, upload_id, part_number, key, r, Some(&etag))
+                        .await
                 }));
             } else {
                 let body = Bytes::from(self.assemble_blocks(key, st, codec, blocks).await?);
-                inflight.push(futures::future::Either::Right(self.store.upload_part(key, upload_id, part_number, body)));
+                inflight.push(futures::future::Either::Right(self.store.upload_part(
+                    key,
+                    upload_id,
+                    part_number,
+                    body,
+                )));
             }
             while inflight.len() >= PARTS_IN_FLIGHT {
                 if let Some(r) = inflight.next().await {
@@ -194,7 +230,13 @@ impl Fs {
 
     /// The stored bytes of `blocks` of the new version: reusable runs fetched raw from the base with one
     /// conditional GET each, the rest encoded from their current content.
-    async fn assemble_blocks(&self, key: &str, st: &FileState, codec: &Arc<Codec>, blocks: Range<u64>) -> FsResult<Vec<u8>> {
+    async fn assemble_blocks(
+        &self,
+        key: &str,
+        st: &FileState,
+        codec: &Arc<Codec>,
+        blocks: Range<u64>,
+    ) -> FsResult<Vec<u8>> {
         let n = codec.block_count(st.size);
         let r = codec.object_range(blocks.clone(), st.size);
         let mut out = Vec::with_capacity((r.end - r.start) as usize);
@@ -206,7 +248,17 @@ impl Fs {
                     j += 1;
                 }
                 let r = codec.object_range(i..j, base.plain_size);
-                let got = self.store.get(key, Some(ByteRange::Range { start: r.start, end: r.end }), Some(&base.etag)).await?;
+                let got = self
+                    .store
+                    .get(
+                        key,
+                        Some(ByteRange::Range {
+                            start: r.start,
+                            end: r.end,
+                        }),
+                        Some(&base.etag),
+                    )
+                    .await?;
                 out.extend_from_slice(&got.data);
                 i = j;
             } else {
@@ -223,14 +275,23 @@ impl Fs {
     /// path. Blocks of the opened version that can no longer be read are zeros; the log says so.
     async fn save_recovery(&self, key: &str, st: &FileState) -> String {
         let dir = &self.cfg.recovery_dir;
-        let stamp = std::time::SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let path = dir.join(format!("{}.{stamp}", key.replace('/', "%2F")));
         let shown = path.display().to_string();
         let created = std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .and_then(|_| std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path));
+            .and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+            });
         let mut file = match created {
             Ok(f) => f,
             Err(e) => {

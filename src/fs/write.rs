@@ -107,10 +107,20 @@ impl Fs {
         self.check_writable()?;
         super::inode::check_name(name)?;
         self.dir_path(parent)?;
-        let attr = Attr { ino: 0, kind: Kind::File, size: 0, perm, uid, gid, mtime: SystemTime::now() };
+        let attr = Attr {
+            ino: 0,
+            kind: Kind::File,
+            size: 0,
+            perm,
+            uid,
+            gid,
+            mtime: SystemTime::now(),
+        };
         let ino = {
             let mut t = lock(&self.inodes);
-            let ino = t.upsert(parent, name, attr.clone(), None, true).ok_or(FsError::NotFound)?;
+            let ino = t
+                .upsert(parent, name, attr.clone(), None, true)
+                .ok_or(FsError::NotFound)?;
             if let Some(n) = t.get_mut(ino) {
                 n.pending = true;
             }
@@ -133,7 +143,9 @@ impl Fs {
             poisoned: false,
             handles: 0,
         };
-        let file = Arc::new(OpenFile { state: tokio::sync::Mutex::new(state) });
+        let file = Arc::new(OpenFile {
+            state: tokio::sync::Mutex::new(state),
+        });
         lock(&self.open_files).insert(ino, file.clone());
         Ok((attr, self.new_handle(ino, file, true).await))
     }
@@ -144,7 +156,12 @@ impl Fs {
             n.open_count += 1;
         }
         file.state.lock().await.handles += 1;
-        let h = Handle { ino, file, writable, last_read_end: AtomicU64::new(u64::MAX) };
+        let h = Handle {
+            ino,
+            file,
+            writable,
+            last_read_end: AtomicU64::new(u64::MAX),
+        };
         lock(&self.handles).insert(fh, Arc::new(h));
         fh
     }
@@ -174,7 +191,9 @@ impl Fs {
             poisoned: false,
             handles: 0,
         };
-        let file = Arc::new(OpenFile { state: tokio::sync::Mutex::new(state) });
+        let file = Arc::new(OpenFile {
+            state: tokio::sync::Mutex::new(state),
+        });
         let mut open = lock(&self.open_files);
         Ok(open.entry(ino).or_insert(file).clone())
     }
@@ -187,7 +206,11 @@ impl Fs {
     pub(super) async fn open_attr(&self, ino: u64) -> Option<Attr> {
         let file = lock(&self.open_files).get(&ino).cloned()?;
         let st = file.state.lock().await;
-        Some(Attr { ino, size: st.size, ..st.attr.clone() })
+        Some(Attr {
+            ino,
+            size: st.size,
+            ..st.attr.clone()
+        })
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -206,7 +229,9 @@ impl Fs {
             let index = off / b;
             let in_block = (off % b) as usize;
             let n = (b as usize - in_block).min(data.len() - pos);
-            let block = self.dirty_block_mut(&mut st, index, in_block == 0 && n == b as usize).await?;
+            let block = self
+                .dirty_block_mut(&mut st, index, in_block == 0 && n == b as usize)
+                .await?;
             block[in_block..in_block + n].copy_from_slice(&data[pos..pos + n]);
             pos += n;
         }
@@ -219,9 +244,18 @@ impl Fs {
 
     /// The dirty copy of block `index`, made from its current content first unless `overwrite` says the caller
     /// replaces all of it.
-    async fn dirty_block_mut<'a>(&self, st: &'a mut FileState, index: u64, overwrite: bool) -> FsResult<&'a mut Vec<u8>> {
+    async fn dirty_block_mut<'a>(
+        &self,
+        st: &'a mut FileState,
+        index: u64,
+        overwrite: bool,
+    ) -> FsResult<&'a mut Vec<u8>> {
         if !st.dirty.contains_key(&index) {
-            let block = if overwrite { vec![0u8; st.block_len()] } else { self.current_block(st, index).await? };
+            let block = if overwrite {
+                vec![0u8; st.block_len()]
+            } else {
+                self.current_block(st, index).await?
+            };
             st.spilled.remove(&index);
             st.dirty.insert(index, block);
         }
@@ -342,7 +376,9 @@ impl Fs {
 
     /// The last close of a handle: uploads what is left, then forgets the state once no handle remains.
     pub async fn release(&self, fh: u64) -> FsResult<()> {
-        let Some(h) = lock(&self.handles).remove(&fh) else { return Err(FsError::BadHandle) };
+        let Some(h) = lock(&self.handles).remove(&fh) else {
+            return Err(FsError::BadHandle);
+        };
         let result = self.upload_file(h.ino, &h.file).await;
         let remaining = {
             let mut st = h.file.state.lock().await;

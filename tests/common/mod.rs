@@ -6,6 +6,8 @@
 //! had, the test fails with the script's message.
 #![allow(dead_code)]
 
+pub mod mount;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 

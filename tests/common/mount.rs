@@ -68,7 +68,13 @@ impl Volume {
                 options.push(format!("master_key_file={}", f.display()));
             }
         }
-        Volume { mode, bucket, kms_arn: arn, dir, options }
+        Volume {
+            mode,
+            bucket,
+            kms_arn: arn,
+            dir,
+            options,
+        }
     }
 
     pub fn recovery_dir(&self) -> PathBuf {
@@ -118,8 +124,12 @@ impl TestMount {
         let rt = s3crypt::run::runtime()?;
         let (counter, backend, key_stats) = rt.block_on(async {
             let (sdk, keys) = s3crypt::run::load_keys(&opts).await?;
-            let client = s3crypt::store::s3::client_from(&sdk, true);
-            let counter = Arc::new(FailingStore::new(S3Store::new(client, vol.bucket.clone(), keys.sse.clone())));
+            let client = s3crypt::store::s3::s3_client_from(&sdk, true);
+            let counter = Arc::new(FailingStore::new(S3Store::new(
+                client,
+                vol.bucket.clone(),
+                keys.sse.clone(),
+            )));
             let store: Arc<dyn ObjectStore> = counter.clone();
             let backend = s3crypt::run::open_volume(&opts, &vol.bucket, "", store, &keys).await?;
             anyhow::Ok((counter, backend, keys.stats.clone()))
@@ -130,7 +140,15 @@ impl TestMount {
         let mnt = tempfile::Builder::new().prefix("s3crypt-test").tempdir()?;
         let source = format!("s3://{}", vol.bucket);
         let session = s3crypt::run::start_session(fs.clone(), rt.handle().clone(), mnt.path(), &opts, &source)?;
-        Ok(TestMount { mnt, fs, counter, key_stats, block_size, session: Some(session), rt: Some(rt) })
+        Ok(TestMount {
+            mnt,
+            fs,
+            counter,
+            key_stats,
+            block_size,
+            session: Some(session),
+            rt: Some(rt),
+        })
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -147,7 +165,10 @@ impl TestMount {
             rt.block_on(self.fs.flush_all());
             if let Err(e) = session.umount_and_join() {
                 eprintln!("unmount: {e}");
-                let _ = std::process::Command::new("fusermount3").arg("-uz").arg(self.mnt.path()).status();
+                let _ = std::process::Command::new("fusermount3")
+                    .arg("-uz")
+                    .arg(self.mnt.path())
+                    .status();
             }
         }
         if let Some(rt) = self.rt.take() {
@@ -199,7 +220,17 @@ pub fn raw_object(bucket: &str, key: &str) -> (Vec<u8>, aws_sdk_s3::operation::h
     rt.block_on(async {
         let c = super::s3_client().await;
         let head = c.head_object().bucket(bucket).key(key).send().await.expect("head");
-        let body = c.get_object().bucket(bucket).key(key).send().await.expect("get").body.collect().await.unwrap();
+        let body = c
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .expect("get")
+            .body
+            .collect()
+            .await
+            .unwrap();
         (body.into_bytes().to_vec(), head)
     })
 }
