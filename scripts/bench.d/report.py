@@ -18,6 +18,16 @@ SYSTEMS = [
     ("gocryptfs-tmpfs", "gocryptfs on tmpfs (no S3)"),
     ("s3crypt-memory", "s3crypt cse-local, in-memory store (no S3)"),
 ]
+CHART_LABELS = {
+    "raw": "raw\nclient",
+    "s3crypt-cse-kms": "s3crypt\ncse-kms",
+    "s3crypt-cse-local": "s3crypt\ncse-local",
+    "s3crypt-sse-s3": "s3crypt\nsse-s3",
+    "s3fs-sse": "s3fs\nSSE-S3",
+    "rclone-crypt": "rclone\ncrypt",
+    "gocryptfs-tmpfs": "gocryptfs\ntmpfs\n(no S3)",
+    "s3crypt-memory": "s3crypt\nmemory\n(no S3)",
+}
 S3CRYPT_S3 = ["s3crypt-cse-kms", "s3crypt-cse-local", "s3crypt-sse-s3"]
 
 # Columns of the absolute table: (header, workload, metric, decimals).
@@ -227,7 +237,7 @@ def chart(res, path):
     import matplotlib.pyplot as plt
 
     shown = [(k, lbl) for k, lbl in SYSTEMS if res.ran(k) or res.not_run(k)]
-    names = [lbl.replace(" (", "\n(").replace(", ", ",\n") for _, lbl in shown]
+    names = [CHART_LABELS.get(k, k) for k, _ in shown]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [2, 1]})
     xs = range(len(shown))
     width = 0.4
@@ -247,7 +257,7 @@ def chart(res, path):
     ax1.legend()
     mounts = [(k, lbl) for k, lbl in shown if k != "raw"]
     iops = [res.get(k, "randread_4k", "iops") or 0 for k, _ in mounts]
-    ax2.barh([lbl for _, lbl in mounts], iops, color="#55a868")
+    ax2.barh([CHART_LABELS[k].replace("\n", " ") for k, _ in mounts], iops, color="#55a868")
     for y, v in enumerate(iops):
         ax2.annotate(f"{v:,.0f}" if v else "n/a", (v, y), va="center", fontsize=7)
     ax2.set_xlabel("IOPS (one synchronous stream)")
@@ -317,9 +327,13 @@ def markdown(data):
         "",
         "- Each system is mounted on its own (own bucket, nothing else running in the script), measured, unmounted.",
         "- Sequential write: fio, one stream of 1 MiB writes, `end_fsync`, timed by the script from start to",
-        "  close. Sequential read: fio, 1 MiB reads after dropping the page cache, timed the same way.",
-        "- Random reads: fio `randread`, 4 KiB, psync, one job, `POSIX_FADV_RANDOM`, after dropping the page",
-        "  cache; IOPS and completion-latency percentiles from fio's JSON.",
+        "  close. rclone uploads after close; its `throughput_uploaded` record in the JSON times the write until",
+        "  loopback traffic settled. Sequential read: fio, 1 MiB reads, timed the same way, started cold: the",
+        "  system is unmounted and mounted again (so no daemon cache holds the file; not for the in-memory",
+        "  store) and the page cache is dropped.",
+        "- Random reads: fio `randread`, 4 KiB, psync, one job, `POSIX_FADV_RANDOM`, started cold as above;",
+        "  IOPS and completion-latency percentiles from fio's JSON. Reads a daemon serves from its own cache",
+        "  (repeats, or blocks fetched for a neighbouring read) need no GET, so GET/read can be below 1.",
         "- GET/read, upload requests and KMS calls are counted from the S3 server's request log (one line per",
         "  S3 or KMS request) over the workload's window.",
         "- Overwrite: `dd` of 4 KiB at the middle of the file with `conv=notrunc`; time includes close. Bytes",
