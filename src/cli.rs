@@ -126,14 +126,15 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("key_cache_size", "N", "1024", "unwrapped data keys kept (cse-* modes)"),
     opt("key_cache_ttl", "DURATION", "600s", "how long an unwrapped data key is kept (600, 600s, 10m, 1h)"),
     opt("metadata_ttl", "DURATION", "1s", "how long attributes and listings are cached (0: always ask S3)"),
-    opt("staging_dir", "DIR", "memory", "where files being written spill once past max_write_mib"),
-    opt("recovery_dir", "DIR", "none", "where unsaved writes go if an upload keeps failing"),
+    opt("staging_dir", "DIR", "$TMPDIR", "where dirty blocks past max_write_mib spill, sealed under a key held only in memory"),
+    opt("recovery_dir", "DIR", "/var/lib/s3crypt/recovery", "where a file's data is saved (mode 0600) when another writer changed it first"),
     opt("allow_plaintext", "", "off", "cse-* modes: read objects that have no s3crypt metadata as plain files"),
     opt("store", "s3|memory", "s3", "memory is for BENCHMARKS ONLY: nothing is stored, all data is lost at unmount"),
     opt("fuse_threads", "N", "4", "threads serving FUSE requests (>= 1)"),
     opt("max_write_mib", "N", "16", "memory per file being written before it spills to staging_dir, MiB"),
     opt("nonempty", "", "off", "allow mounting over a non-empty directory"),
     opt("fsname", "NAME", "SOURCE", "the name shown by mount(8) and df"),
+    opt("stats_file", "FILE", "none", "on SIGUSR1, write request, byte and KMS counters as JSON to FILE"),
 ];
 
 /// Standard mount(8)/systemd option words that s3crypt accepts and passes over.
@@ -230,6 +231,8 @@ pub struct MountOptions {
     pub max_write_mib: u64,
     pub nonempty: bool,
     pub fsname: Option<String>,
+    /// Where SIGUSR1 writes the counters.
+    pub stats_file: Option<PathBuf>,
     /// Standard mount(8)/systemd words that were accepted and passed over, as given.
     pub ignored: Vec<String>,
 }
@@ -264,6 +267,7 @@ impl Default for MountOptions {
             max_write_mib: 16,
             nonempty: false,
             fsname: None,
+            stats_file: None,
             ignored: Vec::new(),
         }
     }
@@ -320,6 +324,7 @@ impl MountOptions {
             "max_write_mib" => self.max_write_mib = w.number()?,
             "nonempty" => self.nonempty = w.flag()?,
             "fsname" => self.fsname = Some(w.text()?.to_string()),
+            "stats_file" => self.stats_file = Some(PathBuf::from(w.text()?)),
             "remount" => return Err(w.err("remounting is not supported; unmount and mount again")),
             n if is_standard_ignored(n) => self.ignored.push(word.to_string()),
             _ => {

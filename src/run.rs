@@ -4,6 +4,7 @@ use crate::format::{self, BlockSize};
 use crate::fs::{CseKeys, Fs, FsConfig};
 use crate::keys::{self, KeyConfig};
 use crate::notify::Readiness;
+use crate::store::failing::FailingStore;
 use crate::store::memory::MemoryStore;
 use crate::store::retry::{RetryPolicy, Retrying};
 use crate::store::s3::S3Store;
@@ -16,6 +17,8 @@ use std::time::Duration;
 /// Everything a command needs to read and write objects of one volume.
 pub struct Backend {
     pub store: Arc<dyn ObjectStore>,
+    /// Request and byte counters of the store (for `stats_file`).
+    pub counters: Option<Counters>,
     pub keys: Option<CseKeys>,
     pub key_stats: Arc<keys::KeyStats>,
     pub block_size: BlockSize,
@@ -39,6 +42,9 @@ fn key_config(opts: &MountOptions) -> KeyConfig {
     }
 }
 
+/// Reads the request counters of a counting store.
+pub type Counters = Arc<dyn Fn() -> crate::store::failing::Stats + Send + Sync>;
+
 /// Loads the SDK configuration and the keys the options ask for.
 pub async fn load_keys(opts: &MountOptions) -> Result<(aws_config::SdkConfig, keys::Keys)> {
     let sdk = crate::store::s3::sdk_config(opts.region.clone(), opts.endpoint.clone()).await;
@@ -46,22 +52,30 @@ pub async fn load_keys(opts: &MountOptions) -> Result<(aws_config::SdkConfig, ke
     Ok((sdk, keys))
 }
 
-/// The store the options ask for: S3 (with retries) or, for benchmarks, memory.
+/// The store the options ask for: S3 (with retries) or, for benchmarks, memory. Every attempt is counted (a few
+/// atomic additions per request) so that `stats_file` can report it.
 pub fn make_store(
     opts: &MountOptions,
     sdk: &aws_config::SdkConfig,
     bucket: &str,
     keys: &keys::Keys,
-) -> Arc<dyn ObjectStore> {
+) -> (Arc<dyn ObjectStore>, Counters) {
     match opts.store {
         StoreKind::Memory => {
             log::warn!("store=memory: benchmark mode, nothing is written to S3 and all data is lost at unmount");
-            Arc::new(MemoryStore::new())
+            let counted = Arc::new(FailingStore::new(MemoryStore::new()));
+            let c = counted.clone();
+            (counted, Arc::new(move || c.stats()))
         }
         StoreKind::S3 => {
             let client = crate::store::s3::s3_client_from(sdk, opts.path_style);
             let s3 = S3Store::new(client, bucket.to_string(), keys.sse.clone());
-            Arc::new(Retrying::new(s3, RetryPolicy::default()))
+            let counted = Arc::new(FailingStore::new(s3));
+            let c = counted.clone();
+            (
+                Arc::new(Retrying::new(counted, RetryPolicy::default())),
+                Arc::new(move || c.stats()),
+            )
         }
     }
 }
@@ -70,8 +84,10 @@ pub fn make_store(
 /// the volume descriptor, which refuses a wrong key or block size here rather than as EIO later.
 pub async fn backend(opts: &MountOptions, bucket: &str, prefix: &str) -> Result<Backend> {
     let (sdk, keys) = load_keys(opts).await?;
-    let store = make_store(opts, &sdk, bucket, &keys);
-    open_volume(opts, bucket, prefix, store, &keys).await
+    let (store, counters) = make_store(opts, &sdk, bucket, &keys);
+    let mut b = open_volume(opts, bucket, prefix, store, &keys).await?;
+    b.counters = Some(counters);
+    Ok(b)
 }
 
 /// Checks the bucket and opens the volume on a given store.
@@ -95,14 +111,42 @@ pub async fn open_volume(
                 cache: keys.cache.clone(),
             })
         }
-        None => None,
+        None => {
+            refuse_client_side_volume(store.as_ref(), opts, bucket, prefix).await?;
+            None
+        }
     };
     Ok(Backend {
         store,
+        counters: None,
         keys: cse,
         key_stats: keys.stats.clone(),
         block_size,
     })
+}
+
+/// An SSE mount of a client-side volume would show ciphertext as file content: refuse it and name the mode.
+async fn refuse_client_side_volume(
+    store: &dyn ObjectStore,
+    opts: &MountOptions,
+    bucket: &str,
+    prefix: &str,
+) -> Result<()> {
+    let key = keys::volume::volume_key(prefix);
+    match store.get(&key, None, None).await {
+        Ok(out) => {
+            let mode = keys::volume::VolumeDescriptor::parse(&out.data, &key)
+                .map(|d| d.mode.as_str().to_string())
+                .unwrap_or_else(|_| "cse-kms or cse-local".to_string());
+            bail!(
+                "s3://{bucket}/{prefix} is a client-side encrypted volume (key_mode={mode}); mount it with \
+                 key_mode={mode} and its key, not key_mode={}",
+                opts.key_mode
+            )
+        }
+        Err(StoreError::NotFound(_)) => Ok(()),
+        Err(e) => Err(anyhow!("reading the volume descriptor {key}: {e}")),
+    }
 }
 
 async fn check_bucket(store: &dyn ObjectStore, bucket: &str, prefix: &str) -> Result<()> {
@@ -185,6 +229,7 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()
     check_mountpoint(mountpoint)?;
     let rt = runtime()?;
     let backend = rt.block_on(backend(&opts, &bucket, &prefix))?;
+    let (backend_counters, key_stats) = (backend.counters.clone(), backend.key_stats.clone());
     let cfg = fs_config(&opts, &bucket, &prefix, backend.block_size);
     std::fs::create_dir_all(&cfg.staging_dir).with_context(|| format!("staging dir {}", cfg.staging_dir.display()))?;
     let fs = Arc::new(Fs::new(backend.store, backend.keys, cfg));
@@ -195,7 +240,12 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()
         opts.key_mode
     );
     Readiness::ready();
-    let signal = rt.block_on(wait_for_end(&bg));
+    let stats = StatsWriter {
+        file: opts.stats_file.clone(),
+        counters: backend_counters,
+        keys: key_stats,
+    };
+    let signal = rt.block_on(wait_for_end(&bg, &stats));
     let _ = crate::notify::stopping();
     if let Some(sig) = signal {
         log::info!("{sig}: saving open files, then unmounting");
@@ -276,9 +326,13 @@ fn wait_until_answers(mnt: &Path) -> Result<()> {
 }
 
 /// Waits for SIGTERM, SIGINT or the end of the session (an external unmount). Returns the signal's name.
-async fn wait_for_end(bg: &fuser::BackgroundSession) -> Option<&'static str> {
+async fn wait_for_end(bg: &fuser::BackgroundSession, stats: &StatsWriter) -> Option<&'static str> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut usr1)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
+    ) else {
         log::error!("cannot install signal handlers; the mount ends only by unmounting");
         while !bg.guard.is_finished() {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -289,11 +343,52 @@ async fn wait_for_end(bg: &fuser::BackgroundSession) -> Option<&'static str> {
         tokio::select! {
             _ = term.recv() => return Some("SIGTERM"),
             _ = int.recv() => return Some("SIGINT"),
+            _ = usr1.recv() => stats.write(),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
                 if bg.guard.is_finished() {
                     return None;
                 }
             }
+        }
+    }
+}
+
+/// Writes the counters to `stats_file` (on SIGUSR1): requests and bytes per S3 operation, KMS calls.
+struct StatsWriter {
+    file: Option<PathBuf>,
+    counters: Option<Counters>,
+    keys: Arc<keys::KeyStats>,
+}
+
+impl StatsWriter {
+    fn write(&self) {
+        let Some(path) = &self.file else {
+            log::info!("SIGUSR1: no stats_file option; nothing written");
+            return;
+        };
+        let mut fields = Vec::new();
+        if let Some(c) = &self.counters {
+            let s = c();
+            for op in crate::store::failing::OpKind::ALL {
+                let name = format!("{op:?}").to_lowercase();
+                fields.push(format!("\"s3_{name}\": {}", s.count(op)));
+                fields.push(format!("\"bytes_up_{name}\": {}", s.bytes_up(op)));
+                fields.push(format!("\"bytes_down_{name}\": {}", s.bytes_down(op)));
+            }
+            fields.push(format!("\"bytes_uploaded\": {}", s.total_bytes_up()));
+            fields.push(format!("\"bytes_downloaded\": {}", s.total_bytes_down()));
+            fields.push(format!("\"s3_requests\": {}", s.total_count()));
+        }
+        let k = self.keys.snapshot();
+        fields.push(format!("\"kms_generate\": {}", k.kms_generate));
+        fields.push(format!("\"kms_decrypt\": {}", k.kms_decrypt));
+        fields.push(format!("\"kms_calls\": {}", k.kms_generate + k.kms_decrypt));
+        fields.push(format!("\"key_cache_hits\": {}", k.cache_hits));
+        fields.push(format!("\"key_cache_misses\": {}", k.cache_misses));
+        let json = format!("{{{}}}\n", fields.join(", "));
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, path)) {
+            log::warn!("writing stats to {}: {e}", path.display());
         }
     }
 }

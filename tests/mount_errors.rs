@@ -210,3 +210,25 @@ fn a_tampered_block_is_eio_and_the_other_blocks_still_read() {
     f.read_at(&mut buf, 2 * b as u64).unwrap();
     assert_eq!(buf, data[2 * b..2 * b + 100], "block 2 is intact");
 }
+
+#[test]
+fn an_sse_mount_of_a_client_side_volume_is_refused() {
+    let vol = Volume::new(KeyMode::CseLocal);
+    TestMount::mount(&vol).unmount();
+    let mnt = tempfile::tempdir().unwrap();
+    let opts = format!("key_mode=sse-s3,endpoint={},path_style", common::endpoint());
+    let out = s3crypt(&[
+        "mount",
+        &format!("s3://{}", vol.bucket),
+        mnt.path().to_str().unwrap(),
+        "-f",
+        "-o",
+        &opts,
+    ]);
+    assert!(!out.status.success());
+    let msg = stderr(&out);
+    assert!(
+        msg.contains("client-side") && msg.contains("key_mode=cse-local"),
+        "{msg}"
+    );
+}
