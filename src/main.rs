@@ -3,6 +3,11 @@ use clap::Parser;
 use s3crypt::cli::{self, Cli, Command, MountOptions};
 use std::process::ExitCode;
 
+/// mimalloc reuses the large block buffers of the read and write paths instead of mapping and zeroing fresh
+/// pages for each, which glibc's allocator does for allocations of this size.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Before any thread starts: takes the readiness pipe of a background start out of the environment.
     s3crypt::notify::Readiness::init();

@@ -63,7 +63,7 @@ pub fn make_store(
     match opts.store {
         StoreKind::Memory => {
             log::warn!("store=memory: benchmark mode, nothing is written to S3 and all data is lost at unmount");
-            let counted = Arc::new(FailingStore::new(MemoryStore::new()));
+            let counted = Arc::new(FailingStore::new(MemoryStore::fast()));
             let c = counted.clone();
             (counted, Arc::new(move || c.stats()))
         }
@@ -251,21 +251,39 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()
         log::info!("{sig}: saving open files, then unmounting");
     }
     let failed = rt.block_on(fs.flush_all());
-    let unmounted = bg.umount_and_join();
+    let unmounted = if signal.is_some() {
+        unmount(bg, mountpoint)
+    } else {
+        bg.join().map_err(anyhow::Error::from)
+    };
     rt.shutdown_timeout(Duration::from_secs(5));
     if failed > 0 {
         bail!("{failed} open file(s) could not be saved to S3; see the log for their recovery files");
     }
-    if let Err(e) = unmounted {
-        if signal.is_some() {
-            bail!(
-                "unmounting {}: {e}; clear it with: fusermount3 -u {}",
-                mountpoint.display(),
-                mountpoint.display()
-            );
+    unmounted.with_context(|| {
+        format!(
+            "unmounting {0}; if it is left stale, clear it with: fusermount3 -u {0}",
+            mountpoint.display()
+        )
+    })
+}
+
+/// Unmounts after a signal. Files still open keep the mount busy; their data is already saved, so the mount is
+/// then detached lazily (it disappears now; open descriptors fail once the daemon is gone).
+fn unmount(bg: fuser::BackgroundSession, mountpoint: &Path) -> Result<()> {
+    match bg.umount_and_join() {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            log::warn!("{} is busy (files still open); detaching it", mountpoint.display());
+            let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())?;
+            // SAFETY: a valid NUL-terminated path; umount2 has no other preconditions.
+            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            Ok(())
         }
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 /// Mounts `fs` at `mountpoint` and serves it on background threads; returns once the mount answers.

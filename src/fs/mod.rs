@@ -307,3 +307,6 @@ impl Fs {
         lock(&self.inodes).forget(ino, n);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -242,6 +242,9 @@ fn assemble(blocks: &[Block], first: u64, block_len: u64, offset: u64, end: u64)
     let mut out = Vec::with_capacity((end - offset) as usize);
     for (k, b) in blocks.iter().enumerate() {
         let start = (first + k as u64) * block_len;
+        if start >= end {
+            break;
+        }
         let from = offset.max(start) - start;
         let to = (end.min(start + block_len) - start).min(b.len() as u64);
         if from < to {

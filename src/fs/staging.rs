@@ -1,9 +1,12 @@
 //! The local staging area for dirty blocks that do not fit in memory.
 //!
 //! An open file keeps its dirty blocks in memory up to a bound; beyond it, blocks spill to a staging file. Spilled
-//! blocks are sealed with AES-256-GCM-SIV under a random key that lives only in this process (one per staging
-//! file), so plaintext never reaches the local disk, and a staging file left behind by a crash is useless to
-//! anyone who finds it. Block `i` lives at offset `i * (B + 28)`; the file is sparse.
+//! blocks are sealed with AES-256-GCM-SIV, so plaintext never reaches the local disk. In the client-side modes
+//! they are sealed exactly as the object will hold them (the file's own data key and file id, block index,
+//! non-final), so an upload copies them as they are instead of opening and sealing them again; only the final
+//! block is sealed anew. In the SSE modes the key is a random one that lives only in this process, so a staging
+//! file left behind by a crash is useless to anyone who finds it. Block `i` lives at offset `i * (B + 28)`; the
+//! file is sparse.
 use crate::format::{self, BlockCipher, BlockSize, DataKey};
 use rand::RngCore;
 use std::fs::File;
@@ -15,6 +18,8 @@ pub struct Staging {
     file: File,
     cipher: BlockCipher,
     stored_len: u64,
+    /// Sealed with the file's own key: the stored blocks are valid non-final blocks of the object.
+    file_format: bool,
 }
 
 impl Staging {
@@ -30,7 +35,31 @@ impl Staging {
             file,
             cipher: BlockCipher::new(&key, id),
             stored_len: format::sealed_block_len(bs),
+            file_format: false,
         })
+    }
+
+    /// A staging file whose blocks are sealed with the file's own cipher, in the object's format.
+    pub fn for_file(dir: &Path, bs: BlockSize, cipher: &BlockCipher) -> io::Result<Self> {
+        let file = tempfile::tempfile_in(dir)?;
+        Ok(Staging {
+            file,
+            cipher: cipher.clone(),
+            stored_len: format::sealed_block_len(bs),
+            file_format: true,
+        })
+    }
+
+    /// True when [`read_sealed`](Self::read_sealed) gives blocks in the object's format.
+    pub fn is_file_format(&self) -> bool {
+        self.file_format
+    }
+
+    /// The stored (sealed) bytes of a whole block.
+    pub fn read_sealed(&self, index: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.stored_len as usize];
+        self.file.read_exact_at(&mut buf, index * self.stored_len)?;
+        Ok(buf)
     }
 
     pub fn write_block(&self, index: u64, plain: &[u8]) -> io::Result<()> {

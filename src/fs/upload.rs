@@ -261,6 +261,9 @@ impl Fs {
                     .await?;
                 out.extend_from_slice(&got.data);
                 i = j;
+            } else if let Some(sealed) = self.staged_as_stored(st, codec, i, n)? {
+                out.extend_from_slice(&sealed);
+                i += 1;
             } else {
                 let block = self.current_block(st, i).await?;
                 let len = codec.block_plain_range(i, st.size);
@@ -269,6 +272,18 @@ impl Fs {
             }
         }
         Ok(out)
+    }
+
+    /// A spilled non-final block that the staging file already holds in the object's format, sealed with this
+    /// very codec's key and file id.
+    fn staged_as_stored(&self, st: &FileState, codec: &Arc<Codec>, i: u64, n: u64) -> FsResult<Option<Vec<u8>>> {
+        let same_codec = st.codec.as_ref().is_some_and(|c| Arc::ptr_eq(&c.0, codec));
+        match &st.staging {
+            Some(s) if same_codec && s.is_file_format() && st.spilled.contains(&i) && i + 1 < n => {
+                Ok(Some(s.read_sealed(i)?))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Writes the file's content as this handle sees it to the recovery directory (mode 0600) and returns the

@@ -229,33 +229,27 @@ impl Fs {
             let index = off / b;
             let in_block = (off % b) as usize;
             let n = (b as usize - in_block).min(data.len() - pos);
-            let block = self
-                .dirty_block_mut(&mut st, index, in_block == 0 && n == b as usize)
-                .await?;
-            block[in_block..in_block + n].copy_from_slice(&data[pos..pos + n]);
+            if n == b as usize {
+                // A whole block: no need to read what was there.
+                st.spilled.remove(&index);
+                st.dirty.insert(index, data[pos..pos + n].to_vec());
+            } else {
+                let block = self.dirty_block_mut(&mut st, index).await?;
+                block[in_block..in_block + n].copy_from_slice(&data[pos..pos + n]);
+            }
             pos += n;
         }
         st.size = st.size.max(offset + data.len() as u64);
         st.modified = true;
         st.attr.mtime = SystemTime::now();
-        self.spill_if_needed(&mut st)?;
+        self.spill_if_needed(&mut st).await?;
         Ok(data.len() as u32)
     }
 
-    /// The dirty copy of block `index`, made from its current content first unless `overwrite` says the caller
-    /// replaces all of it.
-    async fn dirty_block_mut<'a>(
-        &self,
-        st: &'a mut FileState,
-        index: u64,
-        overwrite: bool,
-    ) -> FsResult<&'a mut Vec<u8>> {
+    /// The dirty copy of block `index`, made from its current content first.
+    async fn dirty_block_mut<'a>(&self, st: &'a mut FileState, index: u64) -> FsResult<&'a mut Vec<u8>> {
         if !st.dirty.contains_key(&index) {
-            let block = if overwrite {
-                vec![0u8; st.block_len()]
-            } else {
-                self.current_block(st, index).await?
-            };
+            let block = self.current_block(st, index).await?;
             st.spilled.remove(&index);
             st.dirty.insert(index, block);
         }
@@ -287,12 +281,12 @@ impl Fs {
     }
 
     /// Moves all but the newest dirty blocks to the staging file when memory holds more than the bound.
-    fn spill_if_needed(&self, st: &mut FileState) -> FsResult<()> {
+    async fn spill_if_needed(&self, st: &mut FileState) -> FsResult<()> {
         if st.dirty_bytes() <= self.cfg.max_dirty_bytes {
             return Ok(());
         }
         if st.staging.is_none() {
-            st.staging = Some(Staging::new(&self.cfg.staging_dir, st.bs)?);
+            st.staging = Some(self.new_staging(st).await?);
         }
         let keep = st.dirty.keys().next_back().copied();
         let indexes: Vec<u64> = st.dirty.keys().copied().filter(|i| Some(*i) != keep).collect();
@@ -305,6 +299,20 @@ impl Fs {
             }
         }
         Ok(())
+    }
+
+    /// A staging file in the object's format when the file's codec seals (made now for a new file), else one
+    /// under a key of its own.
+    async fn new_staging(&self, st: &mut FileState) -> FsResult<Staging> {
+        if st.codec.is_none() && self.keys.is_some() {
+            st.codec = Some(self.new_codec().await?);
+        }
+        match st.codec.as_ref().map(|c| c.0.as_ref()) {
+            Some(Codec::Sealed { bs, cipher }) if *bs == st.bs => {
+                Ok(Staging::for_file(&self.cfg.staging_dir, st.bs, cipher)?)
+            }
+            _ => Ok(Staging::new(&self.cfg.staging_dir, st.bs)?),
+        }
     }
 
     /// Sets the size (truncate down or extend with zeros).
