@@ -19,11 +19,14 @@ use std::time::{Duration, SystemTime};
 /// Largest read and write request the kernel may send (the kernel's limit is 256 pages).
 const MAX_IO: u32 = 1024 * 1024;
 
+/// Directory listings taken at opendir, by directory handle: (inode, type, name) per entry.
+type DirListings = Arc<Mutex<HashMap<u64, Vec<(u64, FileType, String)>>>>;
+
 pub struct FuseAdapter {
     fs: Arc<Fs>,
     rt: tokio::runtime::Handle,
     ttl: Duration,
-    dirs: Arc<Mutex<HashMap<u64, Vec<(u64, FileType, String)>>>>,
+    dirs: DirListings,
     next_dir: AtomicU64,
 }
 

@@ -93,7 +93,6 @@ fn check_what_s3_holds(vol: &Volume, b: u64) {
                     got.is_err(),
                     "GET of an sse-c object without the key must be refused: {err:?}"
                 );
-                return;
             }
             KeyMode::SseS3 => {
                 let head = head.unwrap();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub enum Codec {
     Plain { bs: BlockSize },
-    Sealed { bs: BlockSize, cipher: BlockCipher },
+    Sealed { bs: BlockSize, cipher: Box<BlockCipher> },
 }
 
 impl Codec {

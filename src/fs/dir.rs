@@ -467,7 +467,9 @@ impl Fs {
         let path = self.path_of(ino)?;
         if attr.kind == Kind::Dir {
             if ino == ROOT_INO {
-                lock(&self.inodes).get_mut(ino).map(|n| n.attr = new.clone());
+                if let Some(n) = lock(&self.inodes).get_mut(ino) {
+                    n.attr = new.clone();
+                }
                 return Ok(new);
             }
             let mut meta = Metadata::new();

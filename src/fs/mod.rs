@@ -202,7 +202,7 @@ impl Fs {
                 Ok((
                     Arc::new(Codec::Sealed {
                         bs: h.block_size,
-                        cipher,
+                        cipher: Box::new(cipher),
                     }),
                     Some(h),
                 ))
@@ -249,7 +249,7 @@ impl Fs {
         Ok((
             Arc::new(Codec::Sealed {
                 bs: self.cfg.block_size,
-                cipher,
+                cipher: Box::new(cipher),
             }),
             Some(header),
         ))

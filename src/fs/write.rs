@@ -324,7 +324,7 @@ impl Fs {
         let keep_blocks = size.div_ceil(b);
         st.dirty.retain(|i, _| *i < keep_blocks);
         st.spilled.retain(|i| *i < keep_blocks);
-        if size % b != 0 {
+        if !size.is_multiple_of(b) {
             let last = size / b;
             if let Some(block) = st.dirty.get_mut(&last) {
                 block[(size % b) as usize..].fill(0);
