@@ -165,6 +165,21 @@ fn random_io(mode: KeyMode) {
         let want = &model[probe as usize..(probe as usize + 2 * b as usize).min(model.len())];
         assert_eq!(&buf[..n], want, "read at {probe} after write at {at}");
     }
+    // Truncate into a block that is dirty (written, not yet saved), then extend: the cut bytes must read as zeros.
+    let cut = 2 * b + 100;
+    f.write_all_at(&[0x77; 300], cut - 50).unwrap();
+    model[(cut - 50) as usize..(cut + 250) as usize].fill(0x77);
+    f.set_len(cut).unwrap();
+    model.truncate(cut as usize);
+    f.set_len(cut + 4000).unwrap();
+    model.resize((cut + 4000) as usize, 0);
+    let mut buf = vec![0u8; 500];
+    let n = f.read_at(&mut buf, cut - 100).unwrap();
+    assert_eq!(
+        &buf[..n],
+        &model[(cut - 100) as usize..(cut + 400) as usize],
+        "bytes cut from a dirty block"
+    );
     // Append, truncate down into a block, truncate up past the old end.
     f.seek(SeekFrom::End(0)).unwrap();
     f.write_all(b"appended").unwrap();
@@ -253,10 +268,12 @@ fn namespace_survives_remount(mode: KeyMode) {
     fs::set_permissions(m.path("b"), fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::chown(m.path("b"), Some(1234), Some(5678)).unwrap();
     fs::set_permissions(m.path("empty"), fs::Permissions::from_mode(0o700)).unwrap();
+    // utime through an open handle, on another file: a later upload of `b` must not be what saves its chmod.
+    write_file(&m.path("u"), b"u-data").unwrap();
     let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
     File::options()
         .write(true)
-        .open(m.path("b"))
+        .open(m.path("u"))
         .unwrap()
         .set_modified(when)
         .unwrap();
@@ -276,14 +293,18 @@ fn namespace_survives_remount(mode: KeyMode) {
     let md = fs::metadata(m.path("b")).unwrap();
     assert_eq!(md.mode() & 0o7777, 0o600);
     assert_eq!((md.uid(), md.gid()), (1234, 5678));
-    assert_eq!(md.mtime(), 1_600_000_000);
+    assert_eq!(fs::metadata(m.path("u")).unwrap().mtime(), 1_600_000_000);
     assert_eq!(fs::metadata(m.path("empty")).unwrap().mode() & 0o7777, 0o700);
     let mut names: Vec<String> = fs::read_dir(m.mnt.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, ["b", "e", "empty", "link"], "the volume descriptor is hidden");
+    assert_eq!(
+        names,
+        ["b", "e", "empty", "link", "u"],
+        "the volume descriptor is hidden"
+    );
 }
 
 /// Two mounts of one bucket write the same file: the first close wins, the second fails and keeps its data in
