@@ -260,7 +260,7 @@ impl Fs {
             return Err(FsError::IsDir);
         }
         let path = self.path_of(attr.ino)?;
-        let open = lock(&self.open_files).get(&attr.ino).cloned();
+        let open = self.open_state(attr.ino);
         if let Some(file) = open {
             file.state.lock().await.unlinked = true;
         }
@@ -366,7 +366,7 @@ impl Fs {
             .child(new_parent, new_name)
             .map(|c| c.ino)
             .filter(|i| *i != src.ino);
-        let replaced = replaced.and_then(|i| lock(&self.open_files).get(&i).cloned());
+        let replaced = replaced.and_then(|i| self.open_state(i));
         if let Some(file) = replaced {
             file.state.lock().await.unlinked = true;
         }
@@ -381,7 +381,7 @@ impl Fs {
 
     /// Server-side copy, then delete; an open file with unsaved data is uploaded first.
     async fn rename_object(&self, ino: u64, src_path: &str, dst_path: &str) -> FsResult<()> {
-        let file = lock(&self.open_files).get(&ino).cloned();
+        let file = self.open_state(ino);
         if let Some(file) = &file {
             self.upload_file(ino, file).await?;
         }
@@ -415,7 +415,7 @@ impl Fs {
                     t.get(**ino)
                         .is_some_and(|n| n.path.starts_with(&format!("{src_path}/")))
                 })
-                .map(|(ino, f)| (*ino, f.clone()))
+                .map(|(ino, e)| (*ino, e.file.clone()))
                 .collect()
         };
         for (ino, f) in &open {

@@ -98,7 +98,9 @@ pub struct Fs {
     cfg: FsConfig,
     defaults: AttrDefaults,
     inodes: Mutex<InodeTable>,
-    open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// Open inodes: the state every handle on the inode shares, and how many handles and operations hold it.
+    /// Counting under this lock (not in the state) is what keeps a reopen racing the last release on one state.
+    open_files: Mutex<HashMap<u64, write::OpenEntry>>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     cache: Arc<BlockCache>,
@@ -267,7 +269,10 @@ impl Fs {
 
     /// Flushes every open file with unsaved data (shutdown path: SIGTERM, unmount). Returns how many failed.
     pub async fn flush_all(&self) -> usize {
-        let files: Vec<(u64, Arc<OpenFile>)> = lock(&self.open_files).iter().map(|(k, v)| (*k, v.clone())).collect();
+        let files: Vec<(u64, Arc<OpenFile>)> = lock(&self.open_files)
+            .iter()
+            .map(|(k, v)| (*k, v.file.clone()))
+            .collect();
         let mut failed = 0;
         for (ino, file) in files {
             if let Err(e) = self.upload_file(ino, &file).await {

@@ -62,7 +62,7 @@ async fn large_writes_spill_within_the_memory_bound_and_read_back() {
     let content = data(3 << 20, 1);
     for (k, piece) in content.chunks(100_000).enumerate() {
         fs.write(fh, (k * 100_000) as u64, piece).await.unwrap();
-        let file = lock(&fs.open_files).get(&attr.ino).cloned().unwrap();
+        let file = fs.open_state(attr.ino).unwrap();
         let st = file.state.lock().await;
         assert!(
             st.dirty_bytes() <= (64 << 10) + 2 * 4096 + 100_000,
@@ -154,4 +154,39 @@ async fn transient_errors_are_retried_below_the_file_system() {
         .map(|op| failing.stats().injected(*op))
         .sum();
     assert!(injected > 0, "faults were injected and absorbed");
+}
+
+/// close() does not wait for FUSE's release, so a reopen can race it. Both must end on one shared state: the
+/// new handle's writes show in getattr and are saved at its close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopen_racing_the_last_release_shares_one_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(Fs::new(
+        Arc::new(MemoryStore::new()),
+        None,
+        config(dir.path(), KeyMode::SseS3),
+    ));
+    let (attr, mut fh) = fs.create(ROOT_INO, "r", 0o644, 1, 1).await.unwrap();
+    fs.write(fh, 0, b"x").await.unwrap();
+    for round in 1..=200u64 {
+        let size = round * 10;
+        fs.flush(fh).await.unwrap();
+        let (a, b) = (fs.clone(), fs.clone());
+        let old = fh;
+        let (released, reopened) = tokio::join!(
+            tokio::spawn(async move { a.release(old).await }),
+            tokio::spawn(async move { b.open(attr.ino, true, false).await })
+        );
+        released.unwrap().unwrap();
+        fh = reopened.unwrap().unwrap();
+        fs.write(fh, size - 1, b"y").await.unwrap();
+        assert_eq!(fs.getattr(attr.ino).await.unwrap().size, size, "round {round}");
+        assert!(lock(&fs.open_files).len() <= 1);
+    }
+    fs.release(fh).await.unwrap();
+    assert!(
+        lock(&fs.open_files).is_empty(),
+        "the state is forgotten after the last close"
+    );
+    assert_eq!(read_all(&fs, attr.ino).await.len(), 2000);
 }

@@ -21,6 +21,14 @@ pub struct OpenFile {
     pub state: tokio::sync::Mutex<FileState>,
 }
 
+/// An open inode's shared state and the number of handles (and in-flight setattrs) holding it. The entry stays
+/// in the map at count 0 until its final upload is done, so that a reopen racing the last release finds the same
+/// state instead of making a second one.
+pub struct OpenEntry {
+    pub file: Arc<OpenFile>,
+    pub count: u64,
+}
+
 pub struct FileState {
     /// The version the file was opened from, or last uploaded; `None` for a new file.
     pub base: Option<Version>,
@@ -44,7 +52,6 @@ pub struct FileState {
     pub unlinked: bool,
     /// An upload failed for good (a conflict): writes and flushes fail until the file is reopened.
     pub poisoned: bool,
-    pub handles: u64,
 }
 
 impl FileState {
@@ -93,7 +100,7 @@ impl Fs {
             Kind::Symlink => return Err(FsError::NotSupported("open of a symlink")),
             Kind::File => {}
         }
-        let file = self.open_file(ino).await?;
+        let file = self.acquire(ino).await?;
         let fh = self.new_handle(ino, file.clone(), writable).await;
         if truncate && writable {
             let mut st = file.state.lock().await;
@@ -141,12 +148,17 @@ impl Fs {
             attr: attr.clone(),
             unlinked: false,
             poisoned: false,
-            handles: 0,
         };
         let file = Arc::new(OpenFile {
             state: tokio::sync::Mutex::new(state),
         });
-        lock(&self.open_files).insert(ino, file.clone());
+        lock(&self.open_files).insert(
+            ino,
+            OpenEntry {
+                file: file.clone(),
+                count: 1,
+            },
+        );
         Ok((attr, self.new_handle(ino, file, true).await))
     }
 
@@ -155,7 +167,6 @@ impl Fs {
         if let Some(n) = lock(&self.inodes).get_mut(ino) {
             n.open_count += 1;
         }
-        file.state.lock().await.handles += 1;
         let h = Handle {
             ino,
             file,
@@ -167,9 +178,11 @@ impl Fs {
     }
 
     /// The shared state of an open inode, made from a fresh HEAD if no handle has it open.
-    async fn open_file(&self, ino: u64) -> FsResult<Arc<OpenFile>> {
-        if let Some(f) = lock(&self.open_files).get(&ino).cloned() {
-            return Ok(f);
+    /// Takes one reference to the shared state of an inode, made from a fresh HEAD if nobody holds it.
+    async fn acquire(&self, ino: u64) -> FsResult<Arc<OpenFile>> {
+        if let Some(e) = lock(&self.open_files).get_mut(&ino) {
+            e.count += 1;
+            return Ok(e.file.clone());
         }
         let key = self.key_of(&self.path_of(ino)?);
         let info = self.store.head(&key).await?;
@@ -189,13 +202,53 @@ impl Fs {
             attr: Attr { size: 0, ..attr },
             unlinked: false,
             poisoned: false,
-            handles: 0,
         };
         let file = Arc::new(OpenFile {
             state: tokio::sync::Mutex::new(state),
         });
         let mut open = lock(&self.open_files);
-        Ok(open.entry(ino).or_insert(file).clone())
+        let e = open.entry(ino).or_insert(OpenEntry { file, count: 0 });
+        e.count += 1;
+        Ok(e.file.clone())
+    }
+
+    /// The shared state of an open inode, if any.
+    pub(super) fn open_state(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        lock(&self.open_files).get(&ino).map(|e| e.file.clone())
+    }
+
+    /// Gives back one reference; true if it was the last (the entry stays until [`Self::remove_if_unused`]).
+    fn drop_ref(&self, ino: u64, file: &Arc<OpenFile>) -> bool {
+        match lock(&self.open_files).get_mut(&ino) {
+            Some(e) if Arc::ptr_eq(&e.file, file) => {
+                e.count = e.count.saturating_sub(1);
+                e.count == 0
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets the state once nobody took it again.
+    fn remove_if_unused(&self, ino: u64, file: &Arc<OpenFile>) {
+        let mut open = lock(&self.open_files);
+        if open
+            .get(&ino)
+            .is_some_and(|e| e.count == 0 && Arc::ptr_eq(&e.file, file))
+        {
+            open.remove(&ino);
+        }
+    }
+
+    /// Gives back one reference; the last one uploads what is left (changes made through another handle after
+    /// that handle's own last upload included), then forgets the state.
+    async fn let_go(&self, ino: u64, file: &Arc<OpenFile>) -> FsResult<()> {
+        let result = if self.drop_ref(ino, file) {
+            self.upload_file(ino, file).await
+        } else {
+            Ok(())
+        };
+        self.remove_if_unused(ino, file);
+        result
     }
 
     pub(super) fn handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
@@ -204,7 +257,7 @@ impl Fs {
 
     /// Attributes of an open inode from its local state, which is fresher than S3's.
     pub(super) async fn open_attr(&self, ino: u64) -> Option<Attr> {
-        let file = lock(&self.open_files).get(&ino).cloned()?;
+        let file = self.open_state(ino)?;
         let st = file.state.lock().await;
         Some(Attr {
             ino,
@@ -346,33 +399,34 @@ impl Fs {
         Ok(())
     }
 
-    /// setattr: size and/or attributes, with or without an open handle.
+    /// setattr: size and/or attributes, with or without an open handle. Without one (truncate(2), chmod(2) on a
+    /// path), the change is saved at once; with one, at that handle's flush or close.
     pub async fn setattr(&self, ino: u64, size: Option<u64>, change: AttrChange) -> FsResult<Attr> {
         self.check_writable()?;
-        let open = lock(&self.open_files).get(&ino).cloned();
-        let file = match (open, size) {
-            (Some(f), _) => f,
-            (None, Some(_)) => self.open_file(ino).await?,
-            (None, None) => return self.set_metadata(ino, &change).await,
-        };
-        let temporary = lock(&self.handles).values().all(|h| h.ino != ino);
-        {
+        if size.is_none() && self.open_state(ino).is_none() {
+            return self.set_metadata(ino, &change).await;
+        }
+        let file = self.acquire(ino).await?;
+        let applied = {
             let mut st = file.state.lock().await;
-            if let Some(size) = size {
-                self.truncate_locked(&mut st, size)?;
-            }
-            if !change.is_empty() {
+            let r = match size {
+                Some(size) => self.truncate_locked(&mut st, size),
+                None => Ok(()),
+            };
+            if r.is_ok() && !change.is_empty() {
                 change.apply(&mut st.attr);
                 st.meta_dirty = true;
             }
-        }
-        if temporary {
-            // truncate(2) on a path with no open handle: save now and let go.
-            let result = self.upload_file(ino, &file).await;
-            lock(&self.open_files).remove(&ino);
-            result?;
-        }
-        self.open_attr(ino).await.ok_or(FsError::NotFound)
+            r.map(|()| Attr {
+                ino,
+                size: st.size,
+                ..st.attr.clone()
+            })
+        };
+        let saved = self.let_go(ino, &file).await;
+        let attr = applied?;
+        saved?;
+        Ok(attr)
     }
 
     /// flush (every close of a descriptor) and fsync: uploads unsaved data; success means it is in S3.
@@ -387,24 +441,14 @@ impl Fs {
         let Some(h) = lock(&self.handles).remove(&fh) else {
             return Err(FsError::BadHandle);
         };
-        let result = self.upload_file(h.ino, &h.file).await;
-        let remaining = {
-            let mut st = h.file.state.lock().await;
-            st.handles = st.handles.saturating_sub(1);
-            st.handles
-        };
-        if remaining == 0 {
-            let mut open = lock(&self.open_files);
-            if open.get(&h.ino).is_some_and(|f| Arc::ptr_eq(f, &h.file)) {
-                open.remove(&h.ino);
-            }
-        }
+        let flushed = self.upload_file(h.ino, &h.file).await;
+        let last = self.let_go(h.ino, &h.file).await;
         let mut t = lock(&self.inodes);
         if let Some(n) = t.get_mut(h.ino) {
             n.open_count = n.open_count.saturating_sub(1);
         }
         t.forget(h.ino, 0);
-        result
+        flushed.and(last)
     }
 
     /// The inode path that belongs to an open file's state (looked up by identity in the open-file map).
