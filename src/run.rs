@@ -472,8 +472,7 @@ async fn decode_object(
     let Some(keys) = &b.keys else { return Ok(body.to_vec()) };
     match format::ObjectHeader::from_metadata(meta)? {
         Some(h) => {
-            let dk = keys.cache.get_or_unwrap(keys.provider.as_ref(), &h.file_id, &h.wrapped_key).await?;
-            let cipher = format::BlockCipher::new(&dk, h.file_id);
+            let cipher = keys.open_file(&h).await?;
             Ok(format::decrypt_object(&cipher, body, h.block_size).with_context(|| format!("decrypting {key}"))?)
         }
         None if opts.allow_plaintext => Ok(body.to_vec()),
@@ -504,17 +503,7 @@ pub fn put(file: &Path, dest: &str, opts: MountOptions) -> Result<()> {
         crate::fs::inode::attr_to_metadata(&attr, &mut meta);
         let body = match &b.keys {
             Some(keys) => {
-                let mut file_id = [0u8; 16];
-                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut file_id);
-                let (dk, wrapped) = keys.provider.generate(&file_id).await?;
-                let cipher = format::BlockCipher::new(&dk, file_id);
-                let header = format::ObjectHeader {
-                    version: format::FORMAT_VERSION,
-                    key_mode: opts.key_mode.as_str().to_string(),
-                    block_size: b.block_size,
-                    file_id,
-                    wrapped_key: wrapped,
-                };
+                let (cipher, header) = keys.new_file(opts.key_mode, b.block_size).await?;
                 header.to_metadata(&mut meta);
                 format::encrypt_object(&cipher, &data, b.block_size, &mut rand::thread_rng())
             }

@@ -238,10 +238,9 @@ impl Fs {
             Found::Object(_) => return Err(FsError::NotDir),
         }
         let dir_prefix = format!("{}/", self.key_of(&path));
-        let page = self.store.list(&dir_prefix, None, None, Some(2)).await?;
         let pending = lock(&self.inodes).child(parent, name).map(|c| c.ino);
         let has_pending = pending.is_some_and(|ino| !lock(&self.inodes).pending_children(ino).is_empty());
-        if page.objects.iter().any(|o| o.key != dir_prefix) || !page.common_prefixes.is_empty() || has_pending {
+        if has_pending || !self.dir_is_empty(&dir_prefix).await? {
             return Err(FsError::NotEmpty);
         }
         self.store.delete(&dir_prefix).await?;
@@ -353,8 +352,7 @@ impl Fs {
             (Kind::File | Kind::Symlink, Some(Found::Dir(_))) => return Err(FsError::IsDir),
             (Kind::Dir, Some(Found::Dir(_))) => {
                 let p = format!("{}/", self.key_of(&dst_path));
-                let page = self.store.list(&p, None, None, Some(2)).await?;
-                if page.objects.iter().any(|o| o.key != p) || !page.common_prefixes.is_empty() {
+                if !self.dir_is_empty(&p).await? {
                     return Err(FsError::NotEmpty);
                 }
                 self.store.delete(&p).await?;
@@ -377,6 +375,12 @@ impl Fs {
         }
         lock(&self.inodes).rename(src.ino, new_parent, new_name);
         Ok(())
+    }
+
+    /// True when nothing but the directory's own marker lives under `dir_prefix` (which ends with `/`).
+    async fn dir_is_empty(&self, dir_prefix: &str) -> FsResult<bool> {
+        let page = self.store.list(dir_prefix, None, None, Some(2)).await?;
+        Ok(page.objects.iter().all(|o| o.key == dir_prefix) && page.common_prefixes.is_empty())
     }
 
     /// Server-side copy, then delete; an open file with unsaved data is uploaded first.

@@ -36,7 +36,7 @@ pub use error::{FsError, FsResult};
 pub use inode::{Attr, Kind, ROOT_INO};
 
 use crate::format::{BlockCipher, BlockSize, ObjectHeader, FORMAT_VERSION};
-use crate::keys::{DataKeyCache, DataKeyProvider, KeyMode};
+use crate::keys::{DataKeyCache, DataKeyProvider, KeyError, KeyMode};
 use crate::store::{Metadata, ObjectInfo, ObjectStore};
 use blockcache::BlockCache;
 use codec::{Codec, Version};
@@ -81,6 +81,35 @@ pub struct FsConfig {
 pub struct CseKeys {
     pub provider: Arc<dyn DataKeyProvider>,
     pub cache: Arc<DataKeyCache>,
+}
+
+impl CseKeys {
+    /// A new file's cipher and header: a random file id and a fresh data key (one KMS call in cse-kms), which
+    /// is cached so that reading the file back costs no unwrap.
+    pub async fn new_file(&self, mode: KeyMode, bs: BlockSize) -> Result<(BlockCipher, ObjectHeader), KeyError> {
+        let mut file_id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut file_id);
+        let (dk, wrapped) = self.provider.generate(&file_id).await?;
+        let cipher = BlockCipher::new(&dk, file_id);
+        self.cache.insert(&file_id, &wrapped, dk);
+        let header = ObjectHeader {
+            version: FORMAT_VERSION,
+            key_mode: mode.as_str().to_string(),
+            block_size: bs,
+            file_id,
+            wrapped_key: wrapped,
+        };
+        Ok((cipher, header))
+    }
+
+    /// The cipher of an existing file, its data key unwrapped through the cache.
+    pub async fn open_file(&self, h: &ObjectHeader) -> Result<BlockCipher, KeyError> {
+        let dk = self
+            .cache
+            .get_or_unwrap(self.provider.as_ref(), &h.file_id, &h.wrapped_key)
+            .await?;
+        Ok(BlockCipher::new(&dk, h.file_id))
+    }
 }
 
 /// An open handle.
@@ -196,11 +225,7 @@ impl Fs {
         };
         match ObjectHeader::from_metadata(meta) {
             Ok(Some(h)) => {
-                let dk = keys
-                    .cache
-                    .get_or_unwrap(keys.provider.as_ref(), &h.file_id, &h.wrapped_key)
-                    .await?;
-                let cipher = BlockCipher::new(&dk, h.file_id);
+                let cipher = keys.open_file(&h).await?;
                 Ok((
                     Arc::new(Codec::Sealed {
                         bs: h.block_size,
@@ -236,18 +261,7 @@ impl Fs {
                 None,
             ));
         };
-        let mut file_id = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut file_id);
-        let (dk, wrapped) = keys.provider.generate(&file_id).await?;
-        let cipher = BlockCipher::new(&dk, file_id);
-        keys.cache.insert(&file_id, &wrapped, dk);
-        let header = ObjectHeader {
-            version: FORMAT_VERSION,
-            key_mode: self.cfg.key_mode.as_str().to_string(),
-            block_size: self.cfg.block_size,
-            file_id,
-            wrapped_key: wrapped,
-        };
+        let (cipher, header) = keys.new_file(self.cfg.key_mode, self.cfg.block_size).await?;
         Ok((
             Arc::new(Codec::Sealed {
                 bs: self.cfg.block_size,

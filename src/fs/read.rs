@@ -188,7 +188,7 @@ impl Fs {
                 j += 1;
             }
             let run = index..blocks.start + j as u64;
-            let fetched = fetch_run(self.store.clone(), self.cache_arc(), key.to_string(), v.clone(), run).await?;
+            let fetched = fetch_run(self.store.clone(), self.cache.clone(), key.to_string(), v.clone(), run).await?;
             for (k, b) in fetched.into_iter().enumerate() {
                 got[i + k] = Some(b.map_err(FsError::Shared)?);
             }
@@ -210,7 +210,7 @@ impl Fs {
         }
         let (store, cache, key2, v2, map) = (
             self.store.clone(),
-            self.cache_arc(),
+            self.cache.clone(),
             key.to_string(),
             v.clone(),
             self.reader.inflight.clone(),
@@ -230,10 +230,6 @@ impl Fs {
         drop(inflight);
         tokio::spawn(fut.clone());
         Some(fut)
-    }
-
-    fn cache_arc(&self) -> Arc<BlockCache> {
-        self.cache.clone()
     }
 }
 

@@ -214,26 +214,5 @@ pub fn pattern(size: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// Raw object of the volume (as S3 holds it).
-pub fn raw_object(bucket: &str, key: &str) -> (Vec<u8>, aws_sdk_s3::operation::head_object::HeadObjectOutput) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let c = super::s3_client().await;
-        let head = c.head_object().bucket(bucket).key(key).send().await.expect("head");
-        let body = c
-            .get_object()
-            .bucket(bucket)
-            .key(key)
-            .send()
-            .await
-            .expect("get")
-            .body
-            .collect()
-            .await
-            .unwrap();
-        (body.into_bytes().to_vec(), head)
-    })
-}
-
 /// The key modes, for tests that run once per mode.
 pub const ALL_MODES: [KeyMode; 5] = KeyMode::ALL;
