@@ -219,10 +219,12 @@ async fn upload_mixed(store: &Store, key: &str, source: &Bytes, cond: PutConditi
     if result.is_err() {
         store.abort_multipart(key, &id).await?;
     }
-    let info = result?;
+    let etag = result?;
     let expected = [&source[..5 * MIB], &fresh[..], &source[tail.start as usize..]].concat();
+    assert!(etag.ends_with("-3\""), "multipart ETag: {etag}");
+    let info = store.head(key).await?;
+    assert_eq!(info.etag, etag, "the returned ETag is the new object's");
     assert_eq!(info.size, expected.len() as u64);
-    assert!(info.etag.ends_with("-3\""), "multipart ETag: {}", info.etag);
     assert_eq!(info.metadata, meta(&[("kind", "multipart")]));
     Ok(Bytes::from(expected))
 }
@@ -370,15 +372,29 @@ async fn copy_with_metadata(store: Store) {
     let m = meta(&[("a", "1")]);
     let data = random_bytes(5, 4096);
     store.put("cp/src", data.clone(), &m, PutCondition::None).await.unwrap();
-    let replaced = store
+    let replaced_etag = store
         .copy("cp/src", "cp/replaced", Some(&meta(&[("b", "2")])), PutCondition::None)
         .await
         .unwrap();
+    let replaced = store.head("cp/replaced").await.unwrap();
+    assert_eq!(replaced.etag, replaced_etag, "the returned ETag is the copy's");
     assert_eq!((replaced.metadata, replaced.size), (meta(&[("b", "2")]), 4096));
-    assert_eq!(store.head("cp/replaced").await.unwrap().metadata, meta(&[("b", "2")]));
-    let kept = store.copy("cp/src", "cp/kept", None, PutCondition::None).await.unwrap();
-    assert_eq!(kept.metadata, m);
-    assert_eq!(store.get("cp/kept", None, None).await.unwrap().data, data);
+    let kept_etag = store.copy("cp/src", "cp/kept", None, PutCondition::None).await.unwrap();
+    let kept = store.get("cp/kept", None, None).await.unwrap();
+    assert_eq!(
+        (kept.info.etag, kept.info.metadata, kept.data),
+        (kept_etag.clone(), m, data)
+    );
+    let onto_itself = store
+        .copy(
+            "cp/kept",
+            "cp/kept",
+            Some(&meta(&[("c", "3")])),
+            PutCondition::IfMatch(kept_etag),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.head("cp/kept").await.unwrap().etag, onto_itself);
     let exists = store.copy("cp/src", "cp/kept", None, PutCondition::IfNoneMatch).await;
     assert!(matches!(exists, Err(StoreError::PreconditionFailed(_))), "{exists:?}");
     let missing = store.copy("cp/missing", "cp/x", None, PutCondition::None).await;

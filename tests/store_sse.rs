@@ -37,14 +37,14 @@ async fn write_three_ways(store: &S3Store, key: &str) {
     let mp = format!("{key}.mp");
     let id = store.create_multipart(&mp, &no_meta()).await.unwrap();
     let part = store.upload_part(&mp, &id, 1, random_bytes(2, 100)).await.unwrap();
-    store
+    let mp_etag = store
         .complete_multipart(&mp, &id, vec![part], PutCondition::None)
         .await
         .unwrap();
-    store
-        .copy(key, &format!("{key}.copy"), None, PutCondition::None)
-        .await
-        .unwrap();
+    assert_eq!(store.head(&mp).await.unwrap().etag, mp_etag);
+    let copy = format!("{key}.copy");
+    let copy_etag = store.copy(key, &copy, None, PutCondition::None).await.unwrap();
+    assert_eq!(store.head(&copy).await.unwrap().etag, copy_etag);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,10 +169,12 @@ async fn sse_c_is_enforced_and_round_trips() {
         .unwrap();
     let tail = Bytes::from_static(b"tail written by UploadPart");
     let p2 = ssec.upload_part("mp", &id, 2, tail.clone()).await.unwrap();
-    let mp = ssec
+    let mp_etag = ssec
         .complete_multipart("mp", &id, vec![p1, p2], PutCondition::IfNoneMatch)
         .await
         .unwrap();
+    let mp = ssec.head("mp").await.unwrap();
+    assert_eq!(mp.etag, mp_etag);
     assert_eq!(mp.sse_customer_algorithm.as_deref(), Some("AES256"));
     assert_refused_without_key(&bucket, "mp").await;
     let got = ssec.get("mp", None, None).await.unwrap().data;
@@ -181,7 +183,8 @@ async fn sse_c_is_enforced_and_round_trips() {
         "multipart content"
     );
 
-    ssec.copy("mp", "mp.copy", None, PutCondition::None).await.unwrap();
+    let copy_etag = ssec.copy("mp", "mp.copy", None, PutCondition::None).await.unwrap();
+    assert_eq!(ssec.head("mp.copy").await.unwrap().etag, copy_etag);
     assert_refused_without_key(&bucket, "mp.copy").await;
     assert_eq!(ssec.get("mp.copy", None, None).await.unwrap().data, got);
 }

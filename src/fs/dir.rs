@@ -390,17 +390,22 @@ impl Fs {
             self.upload_file(ino, file).await?;
         }
         let (src, dst) = (self.key_of(src_path), self.key_of(dst_path));
-        let info = self.store.copy(&src, &dst, None, PutCondition::None).await?;
+        // The copy keeps the source's size and metadata (MetadataDirective COPY); only the ETag is new.
+        let source = lock(&self.inodes).get(ino).and_then(|n| n.remote.clone());
+        let etag = self.store.copy(&src, &dst, None, PutCondition::None).await?;
         self.store.delete(&src).await?;
+        let remote = source.map(|r| Remote {
+            etag: etag.clone(),
+            ..r
+        });
         if let Some(file) = file {
-            file.state.lock().await.moved_to(&info);
+            let (size, meta) = remote
+                .as_ref()
+                .map_or((0, Metadata::new()), |r| (r.object_size, r.metadata.clone()));
+            file.state.lock().await.moved_to(&copy_info(&dst, etag, size, meta));
         }
         if let Some(n) = lock(&self.inodes).get_mut(ino) {
-            n.remote = Some(Remote {
-                etag: info.etag,
-                object_size: info.size,
-                metadata: info.metadata,
-            });
+            n.remote = remote;
         }
         Ok(())
     }
@@ -425,37 +430,37 @@ impl Fs {
         for (ino, f) in &open {
             self.upload_file(*ino, f).await?;
         }
-        let mut keys = Vec::new();
+        let mut objects = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let page = self.store.list(&src, None, token.as_deref(), None).await?;
-            keys.extend(page.objects.into_iter().map(|o| o.key));
+            objects.extend(page.objects.into_iter().map(|o| (o.key, o.size)));
             token = page.next_token;
             if token.is_none() {
                 break;
             }
         }
-        if keys.is_empty() {
+        if objects.is_empty() {
             return Err(FsError::NotFound);
         }
-        let copies: Vec<(String, ObjectInfo)> = stream::iter(keys.iter().cloned())
-            .map(|k| {
+        // A listing carries no metadata; `moved_to` needs only the copy's ETag.
+        let copies: Vec<ObjectInfo> = stream::iter(objects.iter().cloned())
+            .map(|(k, size)| {
                 let target = format!("{dst}{}", &k[src.len()..]);
                 async move {
-                    self.store
-                        .copy(&k, &target, None, PutCondition::None)
-                        .await
-                        .map(|i| (target, i))
+                    let etag = self.store.copy(&k, &target, None, PutCondition::None).await?;
+                    Ok::<_, StoreError>(copy_info(&target, etag, size, Metadata::new()))
                 }
             })
             .buffer_unordered(RENAME_PARALLELISM)
             .try_collect()
             .await?;
+        let keys: Vec<String> = objects.into_iter().map(|(k, _)| k).collect();
         self.store.delete_many(&keys).await?;
         for (ino, f) in open {
             let path = self.path_of(ino)?;
             let new_key = self.key_of(&format!("{dst_path}/{}", &path[src_path.len() + 1..]));
-            if let Some((_, info)) = copies.iter().find(|(k, _)| *k == new_key) {
+            if let Some(info) = copies.iter().find(|i| i.key == new_key) {
                 f.state.lock().await.moved_to(info);
             }
         }
@@ -491,14 +496,14 @@ impl Fs {
             let head = self.store.head(&key).await?;
             let mut meta = head.metadata.clone();
             attr_to_metadata(&new, &mut meta);
-            let info = self
+            let etag = self
                 .store
                 .copy(&key, &key, Some(&meta), PutCondition::IfMatch(head.etag))
                 .await?;
             if let Some(n) = lock(&self.inodes).get_mut(ino) {
                 n.remote = Some(Remote {
-                    etag: info.etag,
-                    object_size: info.size,
+                    etag,
+                    object_size: head.size,
                     metadata: meta,
                 });
             }
@@ -508,6 +513,21 @@ impl Fs {
             n.refreshed = std::time::Instant::now();
         }
         Ok(new)
+    }
+}
+
+/// What a server-side copy made at `key`: its ETag (all that CopyObject reports) with the size and metadata the
+/// caller knows from the source or from what it sent.
+fn copy_info(key: &str, etag: String, size: u64, metadata: Metadata) -> ObjectInfo {
+    ObjectInfo {
+        key: key.to_string(),
+        size,
+        etag,
+        last_modified: None,
+        metadata,
+        sse_algorithm: None,
+        sse_kms_key_id: None,
+        sse_customer_algorithm: None,
     }
 }
 

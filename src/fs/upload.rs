@@ -100,11 +100,10 @@ impl Fs {
         let header = st.codec.as_ref().and_then(|c| c.1.clone());
         let meta = self.metadata_for(st, header.as_ref());
         let Some(base) = st.base.as_mut() else { return Ok(()) };
-        let info = self
+        base.etag = self
             .store
             .copy(key, key, Some(&meta), PutCondition::IfMatch(base.etag.clone()))
             .await?;
-        base.etag = info.etag;
         st.meta_dirty = false;
         Ok(())
     }
@@ -125,13 +124,13 @@ impl Fs {
         };
         let n = codec.block_count(st.size);
         let object_size = codec.object_size(st.size);
-        let info = if object_size <= SINGLE_PUT_MAX {
+        let etag = if object_size <= SINGLE_PUT_MAX {
             let body = self.assemble_blocks(key, st, &codec, 0..n).await?;
-            self.store.put(key, Bytes::from(body), &meta, cond).await?
+            self.store.put(key, Bytes::from(body), &meta, cond).await?.etag
         } else {
             self.upload_multipart(key, st, &codec, &meta, cond).await?
         };
-        let version = Version::new(info.etag, object_size, st.size, codec, header.clone());
+        let version = Version::new(etag, object_size, st.size, codec, header.clone());
         st.uploaded(version, header);
         Ok(())
     }
@@ -143,7 +142,7 @@ impl Fs {
         codec: &Arc<Codec>,
         meta: &Metadata,
         cond: PutCondition,
-    ) -> FsResult<crate::store::ObjectInfo> {
+    ) -> FsResult<String> {
         let upload_id = self.store.create_multipart(key, meta).await?;
         let result = self.send_parts(key, &upload_id, st, codec).await;
         let result = match result {

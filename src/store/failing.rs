@@ -13,8 +13,8 @@
 //! Counts are per call of the wrapper, including calls failed by a rule. Bytes are counted only for calls that
 //! reach the inner store: `bytes_up` is the body of a PUT or UploadPart, `bytes_down` the data a GET returned,
 //! `bytes_copied` the source range of an UploadPartCopy (server-side, not over the wire). Counts are of store
-//! calls, not of HTTP requests: `S3Store` follows CompleteMultipartUpload and CopyObject with a HEAD (and a GET
-//! of a range of an empty object with a HEAD) that counts as part of that one call.
+//! calls, not of HTTP requests: `S3Store` follows a GET of a range of an empty object (S3 answers 416) with a HEAD
+//! that counts as part of that one call. CompleteMultipartUpload and CopyObject are one request each.
 use super::{
     ByteRange, CompletedPart, GetOutput, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition, StoreError,
     StoreResult,
@@ -494,7 +494,7 @@ impl<S: ObjectStore> ObjectStore for FailingStore<S> {
         upload_id: &str,
         parts: Vec<CompletedPart>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo> {
+    ) -> StoreResult<String> {
         self.call(
             OpKind::Complete,
             key,
@@ -515,7 +515,7 @@ impl<S: ObjectStore> ObjectStore for FailingStore<S> {
         dest_key: &str,
         metadata: Option<&Metadata>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo> {
+    ) -> StoreResult<String> {
         self.call(
             OpKind::Copy,
             dest_key,

@@ -9,6 +9,8 @@
 //! - Conditions: `If-None-Match: *` fails on an existing key, `If-Match` fails on another ETag and on a missing
 //!   key (as S3 answers 404 there, this is [`StoreError::NotFound`]).
 //! - PUT returns no `last_modified` (S3's PutObject response has none); HEAD, GET and listings do.
+//!   CompleteMultipartUpload and CopyObject return only the new ETag, as their S3 responses carry nothing else
+//!   that s3crypt uses.
 //! - UploadPartCopy of a range outside the source is [`StoreError::InvalidRequest`] (S3: 400 InvalidArgument).
 //! - Multipart: parts are listed in ascending order; every part but the last is at least 5 MiB
 //!   ([`MIN_PART_SIZE`]); a completed or aborted upload id is gone ([`StoreError::NotFound`]).
@@ -350,7 +352,7 @@ impl ObjectStore for MemoryStore {
         upload_id: &str,
         parts: Vec<CompletedPart>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo> {
+    ) -> StoreResult<String> {
         let mut state = self.lock();
         let upload = find_upload(&mut state, key, upload_id)?;
         let datas = assemble_parts(key, upload, &parts)?;
@@ -361,13 +363,12 @@ impl ObjectStore for MemoryStore {
         let etag = self.multipart_etag(&datas);
         let obj = Object {
             data: data.freeze(),
-            etag,
+            etag: etag.clone(),
             metadata: upload.metadata,
             last_modified: SystemTime::now(),
         };
-        let info = self.info(key, &obj);
         state.objects.insert(key.to_string(), obj);
-        Ok(info)
+        Ok(etag)
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
@@ -383,7 +384,7 @@ impl ObjectStore for MemoryStore {
         dest_key: &str,
         metadata: Option<&Metadata>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo> {
+    ) -> StoreResult<String> {
         let mut state = self.lock();
         let source = state
             .objects
@@ -398,9 +399,9 @@ impl ObjectStore for MemoryStore {
             last_modified: SystemTime::now(),
         };
         check_cond(&state, dest_key, &cond)?;
-        let info = self.info(dest_key, &obj);
+        let etag = obj.etag.clone();
         state.objects.insert(dest_key.to_string(), obj);
-        Ok(info)
+        Ok(etag)
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

@@ -207,27 +207,32 @@ pub trait ObjectStore: Send + Sync + 'static {
         source_if_match: Option<&str>,
     ) -> StoreResult<CompletedPart>;
 
-    /// CompleteMultipartUpload under a condition on the destination key.
+    /// CompleteMultipartUpload under a condition on the destination key. Returns the new object's ETag, taken
+    /// from this request's own response: a HEAD afterwards could see another writer's later version and make its
+    /// ETag this file's base, defeating the next conditional write. Size and metadata are the caller's (the sum
+    /// of the parts; what `create_multipart` was given).
     async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
         parts: Vec<CompletedPart>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo>;
+    ) -> StoreResult<String>;
 
     /// AbortMultipartUpload.
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;
 
     /// CopyObject inside the bucket. `metadata: Some` replaces the user metadata (MetadataDirective REPLACE);
-    /// `None` copies it. `cond` applies to the destination.
+    /// `None` copies it. `cond` applies to the destination. Returns the new object's ETag from the response's
+    /// `CopyObjectResult` (not from a HEAD, for the reason given at [`ObjectStore::complete_multipart`]); its size
+    /// is the source's, its metadata the given or the source's.
     async fn copy(
         &self,
         source_key: &str,
         dest_key: &str,
         metadata: Option<&Metadata>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo>;
+    ) -> StoreResult<String>;
 
     /// DeleteObject. Deleting a key that does not exist succeeds, as in S3.
     async fn delete(&self, key: &str) -> StoreResult<()>;

@@ -4,10 +4,16 @@
 //! The SDK's own retries are switched off (see `s3::sdk_config`) so that this is the one place where retry policy
 //! lives, the same for every store, and testable over [`super::memory::MemoryStore`] with injected faults.
 //!
+//! The budget is what one foreground request waits for S3 to come back: the default policy spends a few seconds
+//! between attempts (see [`RetryPolicy::default`]), which rides out a restarting server or a short network blip.
+//! Longer outages are the file system's business: it keeps unsaved data and retries in the background without a
+//! bound, so nothing here needs to wait minutes. Time spent inside the attempts comes on top: each is bounded by
+//! the S3 client's timeouts (`s3::Timeouts`), not by this policy.
+//!
 //! Retrying a write whose response was lost can surface as a different error the second time: a conditional PUT
 //! (`If-None-Match: *`) then fails with `PreconditionFailed` against its own first write, and a repeated
-//! CompleteMultipartUpload with `NotFound` (the upload is gone). Callers that care resolve this by checking the
-//! object's ETag.
+//! CompleteMultipartUpload with `NotFound` (the upload is gone). The lost response also took the new ETag with it,
+//! so callers that care have to read the object back and decide whose version it is.
 use super::{
     ByteRange, CompletedPart, GetOutput, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition, StoreError,
     StoreResult,
@@ -31,11 +37,14 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// 6 attempts, 50 ms doubling to at most 2 s: about 1.5 s (at most ~3.1 s) of waiting before giving up.
+    /// 8 attempts, 100 ms doubling to at most 2 s: the seven delays add up to 3.55–7.1 s (about 5.3 s on average)
+    /// of waiting before giving up. That outlasts a server restart or a dropped connection pool, and is still short
+    /// enough for one foreground request (a `stat`, a `read`) to wait; longer outages are retried in the
+    /// background by the file system.
     fn default() -> Self {
         RetryPolicy {
-            max_attempts: 6,
-            base_delay: Duration::from_millis(50),
+            max_attempts: 8,
+            base_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(2),
         }
     }
@@ -162,7 +171,7 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
         upload_id: &str,
         parts: Vec<CompletedPart>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo> {
+    ) -> StoreResult<String> {
         self.run("CompleteMultipartUpload", key, || {
             self.inner
                 .complete_multipart(key, upload_id, parts.clone(), cond.clone())
@@ -183,7 +192,7 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
         dest_key: &str,
         metadata: Option<&Metadata>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo> {
+    ) -> StoreResult<String> {
         self.run("CopyObject", dest_key, || {
             self.inner.copy(source_key, dest_key, metadata, cond.clone())
         })
@@ -271,6 +280,22 @@ mod tests {
         assert!(matches!(s.get("k", None, None).await, Err(StoreError::AccessDenied(_))));
         assert!(matches!(s.get("k", None, None).await, Err(StoreError::NotFound(_))));
         assert_eq!(s.inner().stats().count(OpKind::Get), 2);
+    }
+
+    #[test]
+    fn default_budget_is_several_seconds() {
+        let p = RetryPolicy::default();
+        assert_eq!(
+            (p.max_attempts, p.base_delay, p.max_delay),
+            (8, Duration::from_millis(100), Duration::from_secs(2))
+        );
+        for _ in 0..50 {
+            let total: Duration = (1..p.max_attempts).map(|r| p.delay(r)).sum();
+            assert!(
+                total >= Duration::from_millis(3550) && total <= Duration::from_millis(7100),
+                "{total:?}"
+            );
+        }
     }
 
     #[test]

@@ -9,8 +9,17 @@
 //!   policy for every store alike. Errors are mapped to [`StoreError`] with the transient ones marked as such.
 //! - **Empty objects.** S3 answers any range of an empty object with 416; [`ByteRange`] promises an empty body,
 //!   so a 416 is followed by a HEAD to tell the two cases apart.
-//! - **Full facts after compound writes.** CompleteMultipartUpload and CopyObject do not report the size or the
-//!   metadata of what they made, so both are followed by a HEAD to return a complete [`ObjectInfo`].
+//! - **A write's ETag comes from its own response.** CompleteMultipartUpload and CopyObject report the new
+//!   object's ETag (CopyObject inside `CopyObjectResult`), and that is all they return. They are not followed by
+//!   a HEAD: another writer's version can land between the write and the HEAD, and its ETag would then become
+//!   this file's base, so the next `If-Match` write would overwrite that version instead of failing. The caller
+//!   already knows the size (the parts it sent, the source it copied) and the metadata (what it sent, or the
+//!   source's). A response without an ETag is an error, never an empty base.
+//! - **Timeouts, so that no request hangs.** See [`Timeouts`]: a connect timeout, a read timeout (until the first
+//!   byte of the response) and a generous per-attempt timeout, plus the SDK's stalled-stream protection for
+//!   bodies (on by default: a body that moves less than 1 byte/s for 20 s fails). The read timeout runs from the
+//!   start of the request, so it includes sending the body; PUT and UploadPart therefore get an allowance for
+//!   their body at [`MIN_UPLOAD_RATE`] on top.
 use super::{
     ByteRange, CompletedPart, GetOutput, ListEntry, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition, Sse,
     StoreError, StoreResult,
@@ -38,21 +47,73 @@ const DELETE_BATCH: usize = 1000;
 /// The region used when neither the argument nor the environment or profile names one.
 pub const DEFAULT_REGION: &str = "us-east-1";
 
+/// The slowest link a request body must still get through, in bytes per second (1 Mbit/s). PUT and UploadPart
+/// get the time their body takes at this rate on top of the read timeout (see [`Timeouts::read`]).
+pub const MIN_UPLOAD_RATE: u64 = 128 * 1024;
+
+/// How long one attempt of an S3 or KMS request may take, in its phases. Without them a request on a connection
+/// that went dead (a NAT or load balancer dropped it, a server froze) waits forever: the SDK has no read or
+/// attempt timeout by default, and the kernel gives up on an unanswered connection only after many minutes.
+///
+/// A timed-out attempt is a transient error, so [`super::retry::Retrying`] tries again on a fresh connection.
+/// Bodies are guarded separately by the SDK's stalled-stream protection (on with the current behavior version):
+/// a request or response body that moves less than 1 byte/s over 20 s fails the attempt, however long the body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Setting up the TCP (and TLS) connection. 10 s: a healthy server accepts in milliseconds.
+    pub connect: Duration,
+    /// From the start of a request until the first byte of its response. 20 s: S3 answers a HEAD, a GET's
+    /// headers or a listing in well under a second, and answers CopyObject, UploadPartCopy and
+    /// CompleteMultipartUpload with 200 at once, keeping the connection alive with whitespace while it works.
+    /// The SDK starts this clock before sending the request body, so it also covers the upload: a 16 MiB part
+    /// needs 128 s at 1 Mbit/s, and a flat 20 s would fail it on every attempt on any link slower than
+    /// ~7 Mbit/s. [`S3Store`] therefore extends it, for PUT and UploadPart, by the body's size at
+    /// [`MIN_UPLOAD_RATE`] (bodies that need at most a quarter of it keep the plain value).
+    pub read: Duration,
+    /// One whole attempt, response body included except for a GET's (which is streamed after the attempt and
+    /// guarded by the stalled-stream protection). 10 min, extended like `read` for uploads: a backstop for a
+    /// response that trickles in, never the limit for a healthy request; S3 documents that completing an upload
+    /// of many parts can take minutes.
+    pub attempt: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            read: Duration::from_secs(20),
+            attempt: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Timeouts {
+    fn sdk(&self) -> TimeoutConfig {
+        TimeoutConfig::builder()
+            .connect_timeout(self.connect)
+            .read_timeout(self.read)
+            .operation_attempt_timeout(self.attempt)
+            .build()
+    }
+}
+
 /// An SDK configuration from aws-config's standard chains (credentials: environment, profile, SSO, web identity,
 /// ECS, IMDS; region: argument, then environment and profile, then [`DEFAULT_REGION`]), with the SDK's retries
-/// off. `endpoint: None` leaves the endpoint to the environment (`AWS_ENDPOINT_URL`) or AWS. Share it with the
-/// KMS client.
+/// off and the default [`Timeouts`]. `endpoint: None` leaves the endpoint to the environment
+/// (`AWS_ENDPOINT_URL`) or AWS. Share it with the KMS client.
 pub async fn sdk_config(region: Option<String>, endpoint: Option<String>) -> SdkConfig {
+    sdk_config_with(region, endpoint, Timeouts::default()).await
+}
+
+/// [`sdk_config`] with other timeouts (tests use short ones).
+pub async fn sdk_config_with(region: Option<String>, endpoint: Option<String>, timeouts: Timeouts) -> SdkConfig {
     let region = RegionProviderChain::first_try(region.map(Region::new))
         .or_default_provider()
         .or_else(Region::new(DEFAULT_REGION));
-    let timeouts = TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build();
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(region)
         .retry_config(RetryConfig::standard().with_max_attempts(1))
-        .timeout_config(timeouts);
+        .timeout_config(timeouts.sdk());
     if let Some(endpoint) = endpoint {
         loader = loader.endpoint_url(endpoint);
     }
@@ -126,6 +187,19 @@ macro_rules! copy_source_sse_c {
     };
 }
 
+/// Sends a request that uploads `$len` body bytes, with [`S3Store::upload_timeouts`] when the body needs them.
+macro_rules! send_upload {
+    ($store:expr, $req:expr, $len:expr) => {
+        match $store.upload_timeouts($len) {
+            Some(t) => {
+                let conf = aws_sdk_s3::config::Builder::default().timeout_config(t);
+                $req.customize().config_override(conf).send().await
+            }
+            None => $req.send().await,
+        }
+    };
+}
+
 /// Applies a [`PutCondition`] to a request with `if_match` / `if_none_match`.
 macro_rules! condition {
     ($req:expr, $cond:expr) => {
@@ -152,6 +226,24 @@ impl S3Store {
 
     pub fn sse(&self) -> &Sse {
         &self.sse
+    }
+
+    /// The client's timeouts extended for a request body of `len` bytes (see [`Timeouts::read`]), or `None` when
+    /// the plain ones do. The allowance is for the body rounded up to a power of two, so that there are only a few
+    /// distinct settings (the SDK may keep a connection pool per setting).
+    fn upload_timeouts(&self, len: u64) -> Option<TimeoutConfig> {
+        let base = self.client.config().timeout_config()?;
+        let read = base.read_timeout()?;
+        let at_min_rate = |n: u64| Duration::from_secs_f64(n as f64 / MIN_UPLOAD_RATE as f64);
+        if at_min_rate(len) <= read / 4 {
+            return None;
+        }
+        let allowance = at_min_rate(len.next_power_of_two());
+        let mut t = TimeoutConfig::builder().read_timeout(read + allowance);
+        t.set_connect_timeout(base.connect_timeout());
+        t.set_operation_attempt_timeout(base.operation_attempt_timeout().map(|a| a + allowance));
+        t.set_operation_timeout(base.operation_timeout().map(|o| o + allowance));
+        Some(t.build())
     }
 
     /// `x-amz-copy-source`: `BUCKET/KEY`, URL-encoded (the SDK sends it as given).
@@ -198,6 +290,17 @@ fn to_metadata(m: Option<&HashMap<String, String>>) -> Metadata {
 
 fn to_sdk_metadata(m: &Metadata) -> Option<HashMap<String, String>> {
     Some(m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// The ETag a write's response reported. A missing or empty one is an error: the write happened, but an empty
+/// base ETag would only turn the next conditional write into a spurious conflict.
+fn response_etag(op: &str, key: &str, etag: Option<&str>) -> StoreResult<String> {
+    match etag {
+        Some(e) if !e.is_empty() => Ok(e.to_string()),
+        _ => Err(StoreError::Other(format!(
+            "{op} {key}: the write succeeded but its response carried no ETag"
+        ))),
+    }
 }
 
 /// The HTTP range header for a [`ByteRange`] (inclusive end on the wire).
@@ -271,7 +374,7 @@ impl ObjectStore for S3Store {
         let size = body.len() as u64;
         let req = self.client.put_object().bucket(&self.bucket).key(key).body(body.into());
         let req = condition!(write_sse!(req, &self.sse), &cond).set_metadata(to_sdk_metadata(metadata));
-        let out = req.send().await.map_err(|e| self.err("PUT", key, e))?;
+        let out = send_upload!(self, req, size).map_err(|e| self.err("PUT", key, e))?;
         Ok(ObjectInfo {
             key: key.to_string(),
             size,
@@ -309,8 +412,9 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id);
+        let len = body.len() as u64;
         let req = sse_c!(req.part_number(part_number).body(body.into()), &self.sse);
-        let out = req.send().await.map_err(|e| self.err("UploadPart", key, e))?;
+        let out = send_upload!(self, req, len).map_err(|e| self.err("UploadPart", key, e))?;
         Ok(CompletedPart {
             part_number,
             etag: out.e_tag().unwrap_or_default().to_string(),
@@ -358,7 +462,7 @@ impl ObjectStore for S3Store {
         upload_id: &str,
         parts: Vec<CompletedPart>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo> {
+    ) -> StoreResult<String> {
         let parts = parts
             .into_iter()
             .map(|p| {
@@ -376,10 +480,11 @@ impl ObjectStore for S3Store {
             .key(key)
             .upload_id(upload_id);
         let req = condition!(req.multipart_upload(upload), &cond);
-        req.send()
+        let out = req
+            .send()
             .await
             .map_err(|e| self.err("CompleteMultipartUpload", key, e))?;
-        self.head(key).await
+        response_etag("CompleteMultipartUpload", key, out.e_tag())
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
@@ -399,7 +504,7 @@ impl ObjectStore for S3Store {
         dest_key: &str,
         metadata: Option<&Metadata>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo> {
+    ) -> StoreResult<String> {
         let req = self
             .client
             .copy_object()
@@ -413,8 +518,9 @@ impl ObjectStore for S3Store {
             None => req.metadata_directive(MetadataDirective::Copy),
         };
         let req = condition!(copy_source_sse_c!(write_sse!(req, &self.sse), &self.sse), &cond);
-        req.send().await.map_err(|e| self.err("CopyObject", dest_key, e))?;
-        self.head(dest_key).await
+        let out = req.send().await.map_err(|e| self.err("CopyObject", dest_key, e))?;
+        let etag = out.copy_object_result().and_then(|r| r.e_tag());
+        response_etag("CopyObject", dest_key, etag)
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -605,6 +711,50 @@ fn kms_hint(sse: &Sse, code: &str, message: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn store_with(timeouts: Timeouts) -> S3Store {
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(DEFAULT_REGION))
+            .timeout_config(timeouts.sdk())
+            .build();
+        S3Store::new(Client::from_conf(conf), "b", Sse::None)
+    }
+
+    #[test]
+    fn uploads_get_time_for_their_body_at_the_minimum_rate() {
+        let store = store_with(Timeouts::default());
+        assert_eq!(store.upload_timeouts(0), None);
+        assert_eq!(
+            store.upload_timeouts(640 * 1024),
+            None,
+            "5 s at 1 Mbit/s fits in the 20 s read timeout"
+        );
+        let t = store.upload_timeouts(16 * 1024 * 1024).expect("16 MiB needs more");
+        let allowance = Duration::from_secs(128);
+        assert_eq!(t.read_timeout(), Some(Duration::from_secs(20) + allowance));
+        assert_eq!(
+            t.operation_attempt_timeout(),
+            Some(Duration::from_secs(600) + allowance)
+        );
+        assert_eq!(t.connect_timeout(), Some(Duration::from_secs(10)));
+        assert_eq!(
+            store.upload_timeouts(9 * 1024 * 1024),
+            Some(t),
+            "sizes are rounded up to a power of two"
+        );
+        let smaller = store.upload_timeouts(8 * 1024 * 1024).unwrap();
+        assert_eq!(smaller.read_timeout(), Some(Duration::from_secs(20 + 64)));
+    }
+
+    #[test]
+    fn a_write_without_an_etag_in_its_response_is_an_error() {
+        assert_eq!(response_etag("CopyObject", "k", Some("\"e\"")).unwrap(), "\"e\"");
+        for missing in [None, Some("")] {
+            let err = response_etag("CopyObject", "k", missing).unwrap_err();
+            assert!(matches!(&err, StoreError::Other(m) if m.contains("no ETag")), "{err:?}");
+        }
+    }
 
     #[test]
     fn url_encoding_keeps_slashes_and_escapes_the_rest() {

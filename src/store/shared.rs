@@ -56,7 +56,7 @@ impl<S: ObjectStore + ?Sized> ObjectStore for Arc<S> {
         upload_id: &str,
         parts: Vec<CompletedPart>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo> {
+    ) -> StoreResult<String> {
         (**self).complete_multipart(key, upload_id, parts, cond).await
     }
 
@@ -70,7 +70,7 @@ impl<S: ObjectStore + ?Sized> ObjectStore for Arc<S> {
         dest_key: &str,
         metadata: Option<&Metadata>,
         cond: PutCondition,
-    ) -> StoreResult<ObjectInfo> {
+    ) -> StoreResult<String> {
         (**self).copy(source_key, dest_key, metadata, cond).await
     }
 

@@ -267,13 +267,13 @@ mod map_store {
             _u: &str,
             _p: Vec<CompletedPart>,
             _c: PutCondition,
-        ) -> StoreResult<ObjectInfo> {
+        ) -> StoreResult<String> {
             unsupported()
         }
         async fn abort_multipart(&self, _k: &str, _u: &str) -> StoreResult<()> {
             unsupported()
         }
-        async fn copy(&self, _s: &str, _d: &str, _m: Option<&Metadata>, _c: PutCondition) -> StoreResult<ObjectInfo> {
+        async fn copy(&self, _s: &str, _d: &str, _m: Option<&Metadata>, _c: PutCondition) -> StoreResult<String> {
             unsupported()
         }
         async fn delete(&self, key: &str) -> StoreResult<()> {
