@@ -233,7 +233,7 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()
     let cfg = fs_config(&opts, &bucket, &prefix, backend.block_size);
     std::fs::create_dir_all(&cfg.staging_dir).with_context(|| format!("staging dir {}", cfg.staging_dir.display()))?;
     let fs = Arc::new(Fs::new(backend.store, backend.keys, cfg));
-    let bg = start_session(fs.clone(), rt.handle().clone(), mountpoint, &opts, source)?;
+    let (bg, own) = start_own_session(fs.clone(), rt.handle().clone(), mountpoint, &opts, source)?;
     log::info!(
         "mounted s3://{bucket}/{prefix} at {} ({})",
         mountpoint.display(),
@@ -251,11 +251,7 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()
         log::info!("{sig}: saving open files, then unmounting");
     }
     let failed = rt.block_on(fs.flush_all());
-    let unmounted = if signal.is_some() {
-        unmount(bg, mountpoint)
-    } else {
-        bg.join().map_err(anyhow::Error::from)
-    };
+    let unmounted = end_session(bg, &own);
     rt.shutdown_timeout(Duration::from_secs(5));
     if failed > 0 {
         bail!("{failed} open file(s) could not be saved to S3; see the log for their recovery files");
@@ -268,22 +264,142 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()
     })
 }
 
-/// Unmounts after a signal. Files still open keep the mount busy; their data is already saved, so the mount is
-/// then detached lazily (it disappears now; open descriptors fail once the daemon is gone).
-fn unmount(bg: fuser::BackgroundSession, mountpoint: &Path) -> Result<()> {
-    match bg.umount_and_join() {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-            log::warn!("{} is busy (files still open); detaching it", mountpoint.display());
-            let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())?;
-            // SAFETY: a valid NUL-terminated path; umount2 has no other preconditions.
-            if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
+/// Ends the session once the files are saved: unmounts the mount point only if it still holds this daemon's mount
+/// (after a signal it does; after an external umount it is gone, or is already a new daemon's), then waits for
+/// the session threads, unless the mount is still in use, in which case they serve until the process exits.
+fn end_session(bg: fuser::BackgroundSession, own: &OwnMount) -> Result<()> {
+    let thread = session_thread(bg);
+    let released = own.unmount_if_ours()?;
+    if own.connected() {
+        log::info!(
+            "{} ({released:?}) is still in use; files open on it fail once the daemon exits",
+            own.path.display()
+        );
+        return Ok(());
     }
+    log::debug!("session ended ({released:?})");
+    thread
+        .join()
+        .map_err(|_| anyhow!("the FUSE session thread panicked"))??;
+    Ok(())
+}
+
+/// The session's thread, without the rest of `bg`. Joining or dropping a fuser 0.18 `BackgroundSession` drops its
+/// `Mount`, whose `Drop` unmounts the mount point *by path*; its "still mounted?" test reads the POLLERR of a dead
+/// connection as mounted (fixed upstream in cberner/fuser#703), so after an external umount it unmounts whatever
+/// is mounted there now: a new daemon's mount. The rest is therefore forgotten, never dropped: a path and handles
+/// on our /dev/fuse descriptor, which the exiting process closes.
+fn session_thread(bg: fuser::BackgroundSession) -> std::thread::JoinHandle<std::io::Result<()>> {
+    let bg = std::mem::ManuallyDrop::new(bg);
+    // SAFETY: `guard` is moved out exactly once, and `bg` (ManuallyDrop) is neither used nor dropped afterwards,
+    // so the handle keeps a single owner.
+    unsafe { std::ptr::read(&bg.guard) }
+}
+
+/// How the exit left the mount point.
+#[derive(Debug)]
+enum Released {
+    /// It no longer held this daemon's mount (unmounted by someone else, or another mount now): left alone.
+    NotOurs,
+    Unmounted,
+    /// Busy (files still open): detached lazily; it disappears now, and open descriptors fail once we exit.
+    Detached,
+}
+
+/// The mount this daemon made, told apart from any later mount on the same path.
+///
+/// The path alone says nothing: `umount; mount` puts a new daemon's mount there while this one is still exiting.
+/// The device number alone is not enough either: the kernel frees a FUSE superblock's anonymous device number
+/// when it is unmounted and gives the lowest free one to the next mount, so the new mount usually gets the very
+/// same `st_dev`. The connection id under /sys/fs/fuse/connections is that same number, and the mount id in
+/// /proc/self/mountinfo is recycled the same way (the never-reused `STATX_MNT_ID_UNIQUE` needs Linux 6.8).
+/// What is sound on any kernel is the device number *plus the liveness of our own connection*, read from a
+/// duplicate of our /dev/fuse descriptor: the kernel aborts the connection before it frees the device number,
+/// so while our connection is up no other mount can have our number. Liveness is read after the stat, so a
+/// match means the mount at the path was ours when stat looked. The only window left is between that check
+/// and umount(2), which takes a path: microseconds, and someone would have to unmount our live mount and mount
+/// another one inside it. A connection aborted through /sys/fs/fuse/connections leaves a dead mount whose number
+/// a new mount may also have by now, so it is left alone too, as libfuse does (the next mount names it as stale).
+struct OwnMount {
+    path: PathBuf,
+    /// `st_dev` of the mount point right after mounting.
+    dev: u64,
+    /// A duplicate of the session's /dev/fuse descriptor.
+    conn: std::os::fd::OwnedFd,
+}
+
+impl OwnMount {
+    /// Whether our FUSE connection is still up: /dev/fuse reports POLLERR once it is unmounted or aborted.
+    fn connected(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut p = libc::pollfd {
+            fd: self.conn.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one valid pollfd for a descriptor we own; a zero timeout does not block.
+            if unsafe { libc::poll(&mut p, 1, 0) } >= 0 {
+                return p.revents & libc::POLLERR == 0;
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return false; // unknown counts as gone: never unmount on a guess
+            }
+        }
+    }
+
+    /// Whether the mount point holds this daemon's mount (see the type's doc for why both checks, in this order).
+    fn is_ours(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(&self.path).map(|m| m.dev());
+        dev.is_ok_and(|d| d == self.dev) && self.connected()
+    }
+
+    /// Unmounts the mount point if it is ours; a busy one is detached lazily (the open files' data is saved).
+    fn unmount_if_ours(&self) -> Result<Released> {
+        if !self.is_ours() {
+            return Ok(Released::NotOurs);
+        }
+        match umount2(&self.path, 0) {
+            Ok(()) => Ok(Released::Unmounted),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.detach_if_ours(),
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => fusermount_unmount(&self.path),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The lazy detach of a busy mount, after the identity check again (the failed attempt took time).
+    fn detach_if_ours(&self) -> Result<Released> {
+        if !self.is_ours() {
+            return Ok(Released::NotOurs);
+        }
+        log::warn!("{} is busy (files still open); detaching it", self.path.display());
+        umount2(&self.path, libc::MNT_DETACH)?;
+        Ok(Released::Detached)
+    }
+}
+
+fn umount2(path: &Path, flags: libc::c_int) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a valid NUL-terminated path; umount2 has no other preconditions.
+    if unsafe { libc::umount2(path.as_ptr(), flags) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Without CAP_SYS_ADMIN only the setuid fusermount3 may unmount (it is also what mounted it then); `-z` detaches
+/// lazily, as files may be open.
+fn fusermount_unmount(path: &Path) -> Result<Released> {
+    let status = std::process::Command::new("fusermount3")
+        .args(["-u", "-z", "-q", "--"])
+        .arg(path)
+        .status()
+        .context("running fusermount3 -u")?;
+    if !status.success() {
+        bail!("fusermount3 -u {} failed ({status})", path.display());
+    }
+    Ok(Released::Detached)
 }
 
 /// Mounts `fs` at `mountpoint` and serves it on background threads; returns once the mount answers.
@@ -294,7 +410,38 @@ pub fn start_session(
     opts: &MountOptions,
     source: &str,
 ) -> Result<fuser::BackgroundSession> {
+    Ok(start_own_session(fs, rt, mountpoint, opts, source)?.0)
+}
+
+/// [`start_session`], also returning what tells this mount apart from a later one on the same path, recorded
+/// right after mounting (see [`OwnMount`]).
+fn start_own_session(
+    fs: Arc<Fs>,
+    rt: tokio::runtime::Handle,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    source: &str,
+) -> Result<(fuser::BackgroundSession, OwnMount)> {
+    use std::os::fd::AsFd;
     let adapter = crate::fuse::FuseAdapter::new(fs, rt);
+    let session = fuser::Session::new(adapter, mountpoint, &session_config(opts, source)).with_context(|| {
+        format!(
+            "mounting at {} (is FUSE available: /dev/fuse, fuse3?)",
+            mountpoint.display()
+        )
+    })?;
+    let conn = session
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating the /dev/fuse descriptor")?;
+    let bg = session.spawn().context("starting the FUSE session")?;
+    let dev = wait_until_answers(mountpoint)?;
+    raise_kernel_read_ahead(mountpoint, opts.read_ahead_kib);
+    let path = mountpoint.to_path_buf();
+    Ok((bg, OwnMount { path, dev, conn }))
+}
+
+fn session_config(opts: &MountOptions, source: &str) -> fuser::Config {
     let mut mount_options = vec![
         fuser::MountOption::FSName(opts.fsname.clone().unwrap_or_else(|| source.to_string())),
         fuser::MountOption::Subtype("s3crypt".into()),
@@ -316,16 +463,7 @@ pub fn start_session(
     };
     config.n_threads = Some(opts.fuse_threads.max(1));
     config.clone_fd = true;
-    let session = fuser::Session::new(adapter, mountpoint, &config).with_context(|| {
-        format!(
-            "mounting at {} (is FUSE available: /dev/fuse, fuse3?)",
-            mountpoint.display()
-        )
-    })?;
-    let bg = session.spawn().context("starting the FUSE session")?;
-    wait_until_answers(mountpoint)?;
-    raise_kernel_read_ahead(mountpoint, opts.read_ahead_kib);
-    Ok(bg)
+    config
 }
 
 /// The kernel reads ahead only 128 KiB on a FUSE mount whatever the file system negotiates, so sequential reads
@@ -349,15 +487,16 @@ fn raise_kernel_read_ahead(mountpoint: &Path, read_ahead_kib: u64) {
     }
 }
 
-/// Waits until the mount point is served by this file system (its device differs from the parent's).
-fn wait_until_answers(mnt: &Path) -> Result<()> {
+/// Waits until the mount point is served by this file system (its device differs from the parent's); returns
+/// the mount's device number.
+fn wait_until_answers(mnt: &Path) -> Result<u64> {
     use std::os::unix::fs::MetadataExt;
     let parent = mnt.parent().unwrap_or(Path::new("/"));
     let parent_dev = std::fs::metadata(parent).map(|m| m.dev()).unwrap_or(0);
     for _ in 0..200 {
         if let Ok(m) = std::fs::metadata(mnt) {
             if m.dev() != parent_dev {
-                return Ok(());
+                return Ok(m.dev());
             }
         }
         std::thread::sleep(Duration::from_millis(25));

@@ -229,3 +229,72 @@ fn sigterm_saves_a_written_still_open_file() {
         "the open file's data is in S3"
     );
 }
+
+/// Lazily detaches a test's mount point if the test left it mounted, so a failure does not strand a mount.
+struct DetachOnDrop<'a>(&'a Path);
+
+impl Drop for DetachOnDrop<'_> {
+    fn drop(&mut self) {
+        if is_mounted(self.0) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+}
+
+fn mount_fstab(fstab: &Path, mnt: &Path, log: &Path) {
+    let out = Command::new("mount")
+        .arg("-T")
+        .arg(fstab)
+        .arg(mnt)
+        .env("S3CRYPT_LOG_FILE", log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount -T: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `umount MNT; mount MNT` (what `systemctl restart` of a mount unit does): the old daemon is still exiting when
+/// the new one mounts, and its exit must not take the new mount down with it.
+#[test]
+fn remount_right_after_umount_stays_mounted() {
+    let _guard = HELPER.lock().unwrap_or_else(|p| p.into_inner());
+    let vol = Volume::new(KeyMode::CseLocal);
+    let _link = HelperLink::install();
+    let log = vol.dir.path().join("daemon.log");
+    let mnt = tempfile::Builder::new().prefix("s3crypt-test").tempdir().unwrap();
+    let _detach = DetachOnDrop(mnt.path());
+    let fstab = vol.dir.path().join("fstab");
+    let line = format!(
+        "s3://{}/restart {} s3crypt _netdev,nofail,{} 0 0\n",
+        vol.bucket,
+        mnt.path().display(),
+        vol.options.join(",")
+    );
+    fs::write(&fstab, line).unwrap();
+    mount_fstab(&fstab, mnt.path(), &log);
+    const ROUNDS: usize = 20;
+    for i in 0..ROUNDS {
+        let st = Command::new("umount").arg(mnt.path()).status().unwrap();
+        assert!(st.success(), "umount before round {i}");
+        mount_fstab(&fstab, mnt.path(), &log);
+        assert!(is_mounted(mnt.path()), "mounted after round {i}");
+        let file = mnt.path().join(format!("round-{i}"));
+        fs::write(&file, format!("round {i}")).unwrap();
+        assert_eq!(fs::read_to_string(&file).unwrap(), format!("round {i}"));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(is_mounted(mnt.path()), "still mounted once the old daemons have exited");
+    umount(mnt.path());
+
+    // Written through the mount, not into the bare directory underneath a detached one.
+    let m = TestMount::mount(&vol);
+    for i in 0..ROUNDS {
+        assert_eq!(
+            fs::read_to_string(m.path(&format!("restart/round-{i}"))).unwrap(),
+            format!("round {i}")
+        );
+    }
+}
