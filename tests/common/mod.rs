@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod mount;
+pub mod proxy;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
