@@ -57,6 +57,7 @@ conformance!(
     listing_across_pages,
     copy_with_metadata,
     batch_delete,
+    part_from_file_and_pending_uploads,
 );
 
 fn random_bytes(seed: u64, len: usize) -> Bytes {
@@ -301,6 +302,39 @@ async fn abort_multipart(store: Store) {
     let late = store.upload_part("ab/obj", &id, 2, Bytes::from_static(b"late")).await;
     assert!(matches!(late, Err(StoreError::NotFound(_))), "{late:?}");
     assert!(matches!(store.head("ab/obj").await, Err(StoreError::NotFound(_))));
+}
+
+/// A part streamed from a file is the file's first `len` bytes; pending uploads are listed by prefix until they
+/// complete or are aborted.
+async fn part_from_file_and_pending_uploads(store: Store) {
+    let first = random_bytes(11, 5 << 20);
+    let last = random_bytes(12, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("part");
+    let mut on_disk = first.to_vec();
+    on_disk.extend_from_slice(b"bytes past len are not sent");
+    std::fs::write(&path, &on_disk).unwrap();
+    let id = store.create_multipart("pf/obj", &Metadata::new()).await.unwrap();
+    let other = store.create_multipart("pf/other", &Metadata::new()).await.unwrap();
+    let mut pending = store.list_multipart_uploads("pf/obj").await.unwrap();
+    pending.sort();
+    assert_eq!(pending, vec![("pf/obj".to_string(), id.clone())]);
+    assert_eq!(store.list_multipart_uploads("pf/").await.unwrap().len(), 2);
+    let p1 = store
+        .upload_part_file("pf/obj", &id, 1, &path, first.len() as u64)
+        .await
+        .unwrap();
+    let p2 = store.upload_part("pf/obj", &id, 2, last.clone()).await.unwrap();
+    store
+        .complete_multipart("pf/obj", &id, vec![p1, p2], PutCondition::None)
+        .await
+        .unwrap();
+    store.abort_multipart("pf/other", &other).await.unwrap();
+    assert!(store.list_multipart_uploads("pf/").await.unwrap().is_empty());
+    let got = store.get("pf/obj", None, None).await.unwrap().data;
+    let mut want = first.to_vec();
+    want.extend_from_slice(&last);
+    assert!(got[..] == want[..], "{} bytes, want {}", got.len(), want.len());
 }
 
 /// All pages of a listing: (keys, common prefixes, number of pages).

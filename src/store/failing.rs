@@ -504,6 +504,23 @@ impl<S: ObjectStore> ObjectStore for FailingStore<S> {
         .await
     }
 
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<(String, String)>> {
+        self.call(OpKind::List, prefix, 0, self.inner.list_multipart_uploads(prefix))
+            .await
+    }
+
+    async fn upload_part_file(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        path: &std::path::Path,
+        len: u64,
+    ) -> StoreResult<CompletedPart> {
+        let fut = self.inner.upload_part_file(key, upload_id, part_number, path, len);
+        self.call(OpKind::UploadPart, key, len, fut).await
+    }
+
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
         self.call(OpKind::Abort, key, 0, self.inner.abort_multipart(key, upload_id))
             .await

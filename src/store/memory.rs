@@ -371,6 +371,18 @@ impl ObjectStore for MemoryStore {
         Ok(etag)
     }
 
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<(String, String)>> {
+        let state = self.lock();
+        let mut out: Vec<(String, String)> = state
+            .uploads
+            .iter()
+            .filter(|(_, u)| u.key.starts_with(prefix))
+            .map(|(id, u)| (u.key.clone(), id.clone()))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
         let mut state = self.lock();
         find_upload(&mut state, key, upload_id)?;

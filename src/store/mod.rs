@@ -131,6 +131,18 @@ impl SseCustomerKey {
         zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(self.key))
     }
 
+    /// A separate key derived from this one with HKDF-SHA256 (`info` names its use), e.g. to seal local data that
+    /// only the holder of the customer key may open again.
+    pub fn derive(&self, info: &[u8]) -> crate::format::DataKey {
+        let mut out = [0u8; 32];
+        hkdf::Hkdf::<sha2::Sha256>::new(Some(b"s3crypt sse-c"), &self.key)
+            .expand(info, &mut out)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        let key = crate::format::DataKey::from_bytes(out);
+        zeroize::Zeroize::zeroize(&mut out);
+        key
+    }
+
     /// `x-amz-server-side-encryption-customer-key-MD5`: base64 of the key's MD5 (S3 uses it as an integrity
     /// check; it is not secret in itself).
     pub fn key_md5_base64(&self) -> String {
@@ -195,6 +207,25 @@ pub trait ObjectStore: Send + Sync + 'static {
         body: Bytes,
     ) -> StoreResult<CompletedPart>;
 
+    /// UploadPart of the first `len` bytes of the file at `path`, streamed from disk: parts of very large objects
+    /// (S3 allows 10,000 parts, so a 5 TiB object needs parts of over 500 MiB) must not be held in memory. The
+    /// default reads the file into memory and calls [`upload_part`](Self::upload_part), which is what a store
+    /// for tests wants.
+    async fn upload_part_file(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        path: &std::path::Path,
+        len: u64,
+    ) -> StoreResult<CompletedPart> {
+        let mut data = tokio::fs::read(path)
+            .await
+            .map_err(|e| StoreError::Other(format!("UploadPart {key}: reading {}: {e}", path.display())))?;
+        data.truncate(len as usize);
+        self.upload_part(key, upload_id, part_number, Bytes::from(data)).await
+    }
+
     /// UploadPartCopy of `source_range` (end exclusive) of `source_key`, only if the source still has the ETag
     /// `source_if_match` when one is given.
     async fn upload_part_copy(
@@ -239,6 +270,14 @@ pub trait ObjectStore: Send + Sync + 'static {
 
     /// DeleteObjects (any number of keys; implementations batch by 1,000).
     async fn delete_many(&self, keys: &[String]) -> StoreResult<()>;
+
+    /// Multipart uploads started and neither completed nor aborted, for keys under `prefix` (ListMultipartUploads,
+    /// all pages): (key, upload id) pairs. Used at mount to abort what a killed daemon left behind.
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<(String, String)>> {
+        Err(StoreError::InvalidRequest(format!(
+            "listing multipart uploads under {prefix:?} is not supported by this store"
+        )))
+    }
 
     /// One page of ListObjectsV2 under `prefix`, with an optional delimiter. `max_keys: None` means the server's
     /// default (1,000).

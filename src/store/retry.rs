@@ -179,6 +179,27 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
         .await
     }
 
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<(String, String)>> {
+        self.run("ListMultipartUploads", prefix, || {
+            self.inner.list_multipart_uploads(prefix)
+        })
+        .await
+    }
+
+    async fn upload_part_file(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        path: &std::path::Path,
+        len: u64,
+    ) -> StoreResult<CompletedPart> {
+        self.run("UploadPart", key, || {
+            self.inner.upload_part_file(key, upload_id, part_number, path, len)
+        })
+        .await
+    }
+
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
         self.run("AbortMultipartUpload", key, || {
             self.inner.abort_multipart(key, upload_id)

@@ -406,19 +406,25 @@ impl ObjectStore for S3Store {
         part_number: i32,
         body: Bytes,
     ) -> StoreResult<CompletedPart> {
-        let req = self
-            .client
-            .upload_part()
-            .bucket(&self.bucket)
-            .key(key)
-            .upload_id(upload_id);
         let len = body.len() as u64;
-        let req = sse_c!(req.part_number(part_number).body(body.into()), &self.sse);
-        let out = send_upload!(self, req, len).map_err(|e| self.err("UploadPart", key, e))?;
-        Ok(CompletedPart {
-            part_number,
-            etag: out.e_tag().unwrap_or_default().to_string(),
-        })
+        self.send_part(key, upload_id, part_number, body.into(), len).await
+    }
+
+    async fn upload_part_file(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        path: &std::path::Path,
+        len: u64,
+    ) -> StoreResult<CompletedPart> {
+        let body = aws_sdk_s3::primitives::ByteStream::read_from()
+            .path(path)
+            .length(aws_sdk_s3::primitives::Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| StoreError::Other(format!("UploadPart {key}: reading {}: {e}", path.display())))?;
+        self.send_part(key, upload_id, part_number, body, len).await
     }
 
     async fn upload_part_copy(
@@ -485,6 +491,33 @@ impl ObjectStore for S3Store {
             .await
             .map_err(|e| self.err("CompleteMultipartUpload", key, e))?;
         response_etag("CompleteMultipartUpload", key, out.e_tag())
+    }
+
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            let req = self.client.list_multipart_uploads().bucket(&self.bucket).prefix(prefix);
+            let page = req
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(id_marker.take())
+                .send()
+                .await
+                .map_err(|e| self.err("ListMultipartUploads", prefix, e))?;
+            for u in page.uploads() {
+                if let (Some(k), Some(id)) = (u.key(), u.upload_id()) {
+                    out.push((k.to_string(), id.to_string()));
+                }
+            }
+            if page.is_truncated() != Some(true) {
+                return Ok(out);
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            id_marker = page.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() && id_marker.is_none() {
+                return Ok(out);
+            }
+        }
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
@@ -577,6 +610,29 @@ impl ObjectStore for S3Store {
 }
 
 impl S3Store {
+    /// UploadPart of a body of `len` bytes, from memory or streamed from a file.
+    async fn send_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: aws_sdk_s3::primitives::ByteStream,
+        len: u64,
+    ) -> StoreResult<CompletedPart> {
+        let req = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id);
+        let req = sse_c!(req.part_number(part_number).body(body), &self.sse);
+        let out = send_upload!(self, req, len).map_err(|e| self.err("UploadPart", key, e))?;
+        Ok(CompletedPart {
+            part_number,
+            etag: out.e_tag().unwrap_or_default().to_string(),
+        })
+    }
+
     /// S3 refuses every range of an empty object with 416, while the [`ByteRange`] contract gives an empty body
     /// there (a start past the end is an error only for a non-empty object). After a 416 one HEAD tells which
     /// case it was; the extra request happens only on this error path.

@@ -60,6 +60,21 @@ impl<S: ObjectStore + ?Sized> ObjectStore for Arc<S> {
         (**self).complete_multipart(key, upload_id, parts, cond).await
     }
 
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<(String, String)>> {
+        (**self).list_multipart_uploads(prefix).await
+    }
+
+    async fn upload_part_file(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        path: &std::path::Path,
+        len: u64,
+    ) -> StoreResult<CompletedPart> {
+        (**self).upload_part_file(key, upload_id, part_number, path, len).await
+    }
+
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
         (**self).abort_multipart(key, upload_id).await
     }
