@@ -126,12 +126,13 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("key_cache_size", "N", "1024", "unwrapped data keys kept (cse-* modes)"),
     opt("key_cache_ttl", "DURATION", "600s", "how long an unwrapped data key is kept (600, 600s, 10m, 1h)"),
     opt("metadata_ttl", "DURATION", "1s", "how long attributes and listings are cached (0: always ask S3)"),
-    opt("staging_dir", "DIR", "$TMPDIR", "where dirty blocks past max_write_mib spill, sealed under a key held only in memory"),
-    opt("recovery_dir", "DIR", "/var/lib/s3crypt/recovery", "where a file's data is saved (mode 0600) when another writer changed it first"),
+    opt("staging_dir", "DIR", "STATE/staging", "write-back journal: unsaved data, sealed, until S3 has it (must persist)"),
+    opt("recovery_dir", "DIR", "STATE/recovery", "where a file's data is saved (mode 0600) when another writer changed it first"),
+    opt("upload_timeout", "DURATION", "10s", "how long close/fsync wait for S3 before EIO (the upload goes on in the background)"),
     opt("allow_plaintext", "", "off", "cse-* modes: read objects that have no s3crypt metadata as plain files"),
     opt("store", "s3|memory", "s3", "memory is for BENCHMARKS ONLY: nothing is stored, all data is lost at unmount"),
     opt("fuse_threads", "N", "4", "threads serving FUSE requests (>= 1)"),
-    opt("max_write_mib", "N", "16", "memory per file being written before it spills to staging_dir, MiB"),
+    opt("max_write_mib", "N", "16", "plaintext of freshly written blocks kept in memory per file, MiB"),
     opt("nonempty", "", "off", "allow mounting over a non-empty directory"),
     opt("fsname", "NAME", "SOURCE", "the name shown by mount(8) and df"),
     opt("stats_file", "FILE", "none", "on SIGUSR1, write request, byte and KMS counters as JSON to FILE"),
@@ -171,7 +172,9 @@ fn mount_long_help() -> String {
         s.push_str(&format!("  {word:<26} {} [default: {}]\n", o.help, o.default));
     }
     s.push_str(
-        "\nKey options name files, never keys: `cred:NAME` reads $CREDENTIALS_DIRECTORY/NAME (systemd \
+        "\nSTATE is $STATE_DIRECTORY (systemd StateDirectory=), else /var/lib/s3crypt as root, else \
+         $XDG_STATE_HOME/s3crypt (~/.local/state/s3crypt).\n\
+         Key options name files, never keys: `cred:NAME` reads $CREDENTIALS_DIRECTORY/NAME (systemd \
          LoadCredential=).\n\
          Passed over, for fstab and systemd: defaults, auto, noauto, nofail, user, users, nouser, owner, group, \
          exec, noexec, suid, nosuid, dev, nodev, async, sync, dirsync, atime, noatime, relatime, strictatime, \
@@ -223,11 +226,13 @@ pub struct MountOptions {
     pub metadata_ttl: Duration,
     pub staging_dir: Option<PathBuf>,
     pub recovery_dir: Option<PathBuf>,
+    /// How long close and fsync wait for an upload before EIO.
+    pub upload_timeout: Duration,
     /// Client-side modes: read objects without s3crypt metadata as plaintext files.
     pub allow_plaintext: bool,
     pub store: StoreKind,
     pub fuse_threads: usize,
-    /// Staging memory per file before it spills to `staging_dir`, MiB.
+    /// Plaintext of freshly written blocks kept in memory per file, MiB.
     pub max_write_mib: u64,
     pub nonempty: bool,
     pub fsname: Option<String>,
@@ -261,6 +266,7 @@ impl Default for MountOptions {
             metadata_ttl: Duration::from_secs(1),
             staging_dir: None,
             recovery_dir: None,
+            upload_timeout: Duration::from_secs(10),
             allow_plaintext: false,
             store: StoreKind::S3,
             fuse_threads: 4,
@@ -318,6 +324,7 @@ impl MountOptions {
             "metadata_ttl" => self.metadata_ttl = w.duration()?,
             "staging_dir" => self.staging_dir = Some(PathBuf::from(w.text()?)),
             "recovery_dir" => self.recovery_dir = Some(PathBuf::from(w.text()?)),
+            "upload_timeout" => self.upload_timeout = w.duration()?,
             "allow_plaintext" => self.allow_plaintext = w.flag()?,
             "store" => self.store = w.store()?,
             "fuse_threads" => self.fuse_threads = w.positive()?,

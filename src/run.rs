@@ -22,6 +22,8 @@ pub struct Backend {
     pub keys: Option<CseKeys>,
     pub key_stats: Arc<keys::KeyStats>,
     pub block_size: BlockSize,
+    /// See [`journal_key`].
+    pub journal_key: Option<crate::format::DataKey>,
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -122,6 +124,7 @@ pub async fn open_volume(
         keys: cse,
         key_stats: keys.stats.clone(),
         block_size,
+        journal_key: journal_key(keys),
     })
 }
 
@@ -162,12 +165,19 @@ async fn check_bucket(store: &dyn ObjectStore, bucket: &str, prefix: &str) -> Re
     }
 }
 
+/// Where s3crypt keeps state that must persist (the journal, recovery files): `$STATE_DIRECTORY` under systemd,
+/// `/var/lib/s3crypt` as root, else `$XDG_STATE_HOME/s3crypt` (`~/.local/state/s3crypt`).
 fn state_dir(name: &str) -> PathBuf {
     let base = std::env::var_os("STATE_DIRECTORY")
+        .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             if nix_is_root() {
                 PathBuf::from("/var/lib/s3crypt")
+            } else if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+                PathBuf::from(x).join("s3crypt")
+            } else if let Some(h) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+                PathBuf::from(h).join(".local/state/s3crypt")
             } else {
                 std::env::temp_dir().join("s3crypt")
             }
@@ -180,7 +190,14 @@ fn nix_is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-pub fn fs_config(opts: &MountOptions, bucket: &str, prefix: &str, bs: BlockSize) -> FsConfig {
+/// The file-system settings of a mount. `journal_key`: see [`journal_key`].
+pub fn fs_config(
+    opts: &MountOptions,
+    bucket: &str,
+    prefix: &str,
+    bs: BlockSize,
+    journal_key: Option<crate::format::DataKey>,
+) -> FsConfig {
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     FsConfig {
@@ -197,8 +214,38 @@ pub fn fs_config(opts: &MountOptions, bucket: &str, prefix: &str, bs: BlockSize)
         block_cache_bytes: opts.block_cache_mib * 1024 * 1024,
         read_ahead_bytes: opts.read_ahead_kib * 1024,
         max_dirty_bytes: opts.max_write_mib * 1024 * 1024,
-        staging_dir: opts.staging_dir.clone().unwrap_or_else(std::env::temp_dir),
+        staging_dir: opts.staging_dir.clone().unwrap_or_else(|| state_dir("staging")),
         recovery_dir: opts.recovery_dir.clone().unwrap_or_else(|| state_dir("recovery")),
+        upload_timeout: opts.upload_timeout,
+        max_parts: crate::fs::MAX_PARTS,
+        volume_id: crate::fs::journal::volume_id(bucket, prefix),
+        journal_key,
+    }
+}
+
+/// The key that seals journal blocks of files without a key of their own. With SSE-C it is derived from the
+/// customer key, so only the mount's configured key material opens a journal left behind; in the other modes
+/// `None` (a random key kept next to the journal, see SECURITY.md).
+pub fn journal_key(keys: &keys::Keys) -> Option<crate::format::DataKey> {
+    match &keys.sse {
+        crate::store::Sse::Customer(k) => Some(k.derive(b"s3crypt journal v1")),
+        _ => None,
+    }
+}
+
+/// Says what the journal of an earlier run held and what became of it.
+fn report_recovery(r: &crate::fs::Recovery) {
+    if r.aborted > 0 {
+        log::info!("aborted {} multipart upload(s) left by an earlier run", r.aborted);
+    }
+    if r.pending + r.conflicts + r.broken > 0 {
+        log::warn!(
+            "journal of an earlier run: {} file(s) saved, {} still retrying, {} in the recovery directory, {} unreadable",
+            r.saved,
+            r.pending,
+            r.conflicts,
+            r.broken
+        );
     }
 }
 
@@ -230,9 +277,10 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()
     let rt = runtime()?;
     let backend = rt.block_on(backend(&opts, &bucket, &prefix))?;
     let (backend_counters, key_stats) = (backend.counters.clone(), backend.key_stats.clone());
-    let cfg = fs_config(&opts, &bucket, &prefix, backend.block_size);
-    std::fs::create_dir_all(&cfg.staging_dir).with_context(|| format!("staging dir {}", cfg.staging_dir.display()))?;
-    let fs = Arc::new(Fs::new(backend.store, backend.keys, cfg));
+    let cfg = fs_config(&opts, &bucket, &prefix, backend.block_size, backend.journal_key.clone());
+    let fs = Fs::new(backend.store, backend.keys, cfg).context("opening the write-back journal (staging_dir)")?;
+    let journal_dir = fs.journal_dir().to_path_buf();
+    report_recovery(&rt.block_on(fs.recover()));
     let (bg, own) = start_own_session(fs.clone(), rt.handle().clone(), mountpoint, &opts, source)?;
     log::info!(
         "mounted s3://{bucket}/{prefix} at {} ({})",
@@ -254,7 +302,11 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()
     let unmounted = end_session(bg, &own);
     rt.shutdown_timeout(Duration::from_secs(5));
     if failed > 0 {
-        bail!("{failed} open file(s) could not be saved to S3; see the log for their recovery files");
+        bail!(
+            "{failed} file(s) could not be saved to S3 before exit; their data is kept in the journal under {} \
+             and the next mount of this volume uploads it (see the log)",
+            journal_dir.display()
+        );
     }
     unmounted.with_context(|| {
         format!(

@@ -151,7 +151,15 @@ impl Fs {
         let mut names: Vec<(String, Kind)> = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let page = self.store.list(&prefix, Some("/"), token.as_deref(), None).await?;
+            let page = match self.store.list(&prefix, Some("/"), token.as_deref(), None).await {
+                Ok(page) => page,
+                Err(e) if is_outage(&e) => {
+                    log::warn!("listing {prefix}: S3 unreachable ({e}); showing the names known here");
+                    names = lock(&self.inodes).children_of(ino);
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
             for o in &page.objects {
                 let Some(name) = o.key.strip_prefix(&prefix) else {
                     continue;
@@ -261,7 +269,8 @@ impl Fs {
         let path = self.path_of(attr.ino)?;
         let open = self.open_state(attr.ino);
         if let Some(file) = open {
-            file.state.lock().await.unlinked = true;
+            file.state.lock().await.unlink();
+            self.remove_if_unused(attr.ino, &file).await;
         }
         self.store.delete(&self.key_of(&path)).await?;
         lock(&self.inodes).detach(attr.ino);
@@ -366,7 +375,7 @@ impl Fs {
             .filter(|i| *i != src.ino);
         let replaced = replaced.and_then(|i| self.open_state(i));
         if let Some(file) = replaced {
-            file.state.lock().await.unlinked = true;
+            file.state.lock().await.unlink();
         }
         if src.kind == Kind::Dir {
             self.rename_dir(&src_path, &dst_path).await?;
@@ -387,7 +396,7 @@ impl Fs {
     async fn rename_object(&self, ino: u64, src_path: &str, dst_path: &str) -> FsResult<()> {
         let file = self.open_state(ino);
         if let Some(file) = &file {
-            self.upload_file(ino, file).await?;
+            self.save(file).await?;
         }
         let (src, dst) = (self.key_of(src_path), self.key_of(dst_path));
         // The copy keeps the source's size and metadata (MetadataDirective COPY); only the ETag is new.
@@ -427,8 +436,8 @@ impl Fs {
                 .map(|(ino, e)| (*ino, e.file.clone()))
                 .collect()
         };
-        for (ino, f) in &open {
-            self.upload_file(*ino, f).await?;
+        for (_, f) in &open {
+            self.save(f).await?;
         }
         let mut objects = Vec::new();
         let mut token: Option<String> = None;
@@ -514,6 +523,11 @@ impl Fs {
         }
         Ok(new)
     }
+}
+
+/// S3 could not be reached (as opposed to refusing the request).
+fn is_outage(e: &StoreError) -> bool {
+    matches!(e, StoreError::Transient(_))
 }
 
 /// What a server-side copy made at `key`: its ETag (all that CopyObject reports) with the size and metadata the

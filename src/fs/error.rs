@@ -37,6 +37,12 @@ pub enum FsError {
     /// An earlier upload of this open file failed; the file must be closed and opened again.
     #[error("an earlier upload of this file failed; close and reopen it")]
     Poisoned,
+    /// Beyond the largest file S3 and the format can hold (5 TiB per object).
+    #[error("file too large (S3 objects hold at most 5 TiB)")]
+    FileTooBig,
+    /// The data is not in S3 within `upload_timeout`; it is kept (journal) and retried in the background.
+    #[error("{key} is not in S3 yet ({cause}); the data is kept in the journal and the upload is retried")]
+    NotSaved { key: String, cause: String },
     #[error("local I/O: {0}")]
     Local(#[from] std::io::Error),
     #[error("{0}")]
@@ -67,12 +73,48 @@ impl FsError {
             FsError::Plaintext(_) => libc::EACCES,
             FsError::Conflict { .. } => libc::EIO,
             FsError::Poisoned => libc::EIO,
+            FsError::FileTooBig => libc::EFBIG,
+            FsError::NotSaved { .. } => libc::EIO,
             FsError::Local(e) => e.raw_os_error().unwrap_or(libc::EIO),
             FsError::Store(e) => store_errno(e),
             FsError::Key(e) => key_errno(e),
             FsError::Format { source, .. } => format_errno(source),
             FsError::Shared(inner) => inner.errno(),
         }
+    }
+}
+
+impl FsError {
+    /// The error itself, through any [`FsError::Shared`] wrapping.
+    pub fn root(&self) -> &FsError {
+        match self {
+            FsError::Shared(inner) => inner.root(),
+            e => e,
+        }
+    }
+
+    /// Whether waiting and trying again may help (an outage, a throttle, a KMS hiccup); a waiter for an upload
+    /// gives up at once on the others.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            FsError::Store(e) | FsError::Key(KeyError::Store(e)) => store_retryable(e),
+            FsError::Key(KeyError::Kms(_)) => true,
+            FsError::Shared(inner) => inner.is_retryable(),
+            FsError::NotSaved { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+fn store_retryable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Transient(_) | StoreError::Other(_) => true,
+        StoreError::NotFound(_)
+        | StoreError::NoSuchBucket(_)
+        | StoreError::AccessDenied(_)
+        | StoreError::PreconditionFailed(_)
+        | StoreError::InvalidRange(_)
+        | StoreError::InvalidRequest(_) => false,
     }
 }
 

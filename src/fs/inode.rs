@@ -58,7 +58,8 @@ pub struct Inode {
     pub lookups: u64,
     /// Open handles on this inode.
     pub open_count: u64,
-    /// Created here and not yet uploaded: listings must show it, S3 does not know it yet.
+    /// Has data here that S3 does not have yet (created here, or changed and not yet uploaded): listings must
+    /// show it, and the inode stays while the upload is retried.
     pub pending: bool,
 }
 
@@ -296,7 +297,7 @@ impl InodeTable {
             return;
         }
         let Some(node) = self.inodes.get(&ino) else { return };
-        if node.lookups > 0 || node.open_count > 0 {
+        if node.lookups > 0 || node.open_count > 0 || node.pending {
             return;
         }
         let key = (node.parent, node.name.clone());
@@ -337,6 +338,16 @@ impl InodeTable {
                 n.path = format!("{new_path}/{rest}");
             }
         }
+    }
+
+    /// Every name this table knows directly in directory `parent` (what a listing can show when S3 cannot be
+    /// reached).
+    pub fn children_of(&self, parent: u64) -> Vec<(String, Kind)> {
+        self.children
+            .iter()
+            .filter(|((p, _), _)| *p == parent)
+            .filter_map(|((_, name), ino)| self.inodes.get(ino).map(|n| (name.clone(), n.attr.kind)))
+            .collect()
     }
 
     /// Inodes created here and not yet uploaded, directly in directory `parent`.

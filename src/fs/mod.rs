@@ -11,31 +11,39 @@
 //! blocks fetched in parallel ahead of the reader (see `read.rs`).
 //!
 //! # Writes
-//! Writes land in a per-inode [`write::FileState`]: dirty blocks in memory up to a bound, then sealed into a
-//! local staging file. Nothing goes to S3 until flush, fsync or close; then `upload.rs` writes a new version: one
-//! PUT for small files, otherwise a multipart upload whose parts are whole blocks, where parts with no changed
-//! block are copied inside S3 (UploadPartCopy) and only touched parts are sealed and sent. Every upload is
-//! conditional: If-Match the ETag the file was opened with, If-None-Match `*` for a new file. On a conflict the
-//! file's data is written to the recovery directory and the close fails.
+//! Writes land in a per-inode [`write::FileState`] and, sealed, in the file's entry of the write-back journal
+//! (`journal.rs`) on local disk before they return. Nothing goes to S3 until flush, fsync or close; then an
+//! upload task (`uploader.rs`) writes a new version (`upload.rs`): one PUT for small files, otherwise a multipart
+//! upload whose parts are whole blocks, where parts with no changed block are copied inside S3 (UploadPartCopy)
+//! and only touched parts are sealed and sent. Every upload is conditional: If-Match the ETag the file was opened
+//! with, If-None-Match `*` for a new file. On a conflict the file's data is written to the recovery directory and
+//! the close fails. A failed upload loses nothing: the data stays in the state and the journal and the upload is
+//! retried in the background; a later mount finishes what a crashed one left in the journal.
 //!
 //! # Concurrency
 //! The inode table is behind a `std::sync::Mutex` never held across `.await`; each open file's state is behind a
-//! `tokio::sync::Mutex`. Everything else is lock-free or per-request.
+//! `tokio::sync::Mutex` that is never held across network I/O (uploads work from a snapshot; base blocks are
+//! fetched without it). Sealing and journal I/O run on the blocking pool.
 mod blockcache;
 pub mod codec;
+mod content;
 mod dir;
 mod error;
 pub mod inode;
+pub mod journal;
 mod read;
-mod staging;
 mod upload;
+mod uploader;
 mod write;
+
+pub use upload::MAX_PARTS;
 
 pub use dir::{AttrChange, DirEntry};
 pub use error::{FsError, FsResult};
 pub use inode::{Attr, Kind, ROOT_INO};
+pub use uploader::Recovery;
 
-use crate::format::{BlockCipher, BlockSize, ObjectHeader, FORMAT_VERSION};
+use crate::format::{BlockCipher, BlockSize, DataKey, ObjectHeader, FORMAT_VERSION};
 use crate::keys::{DataKeyCache, DataKeyProvider, KeyError, KeyMode};
 use crate::store::{Metadata, ObjectInfo, ObjectStore};
 use blockcache::BlockCache;
@@ -45,7 +53,7 @@ use rand::RngCore;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 use write::OpenFile;
 
@@ -70,10 +78,21 @@ pub struct FsConfig {
     pub metadata_ttl: Duration,
     pub block_cache_bytes: u64,
     pub read_ahead_bytes: u64,
-    /// Dirty bytes per open file kept in memory before spilling to the staging area.
+    /// Plaintext of freshly written blocks kept in memory per open file (the journal has them all).
     pub max_dirty_bytes: u64,
+    /// Where the write-back journal lives (`<staging_dir>/journal/<volume_id>`).
     pub staging_dir: PathBuf,
     pub recovery_dir: PathBuf,
+    /// How long flush, fsync and close wait for an upload before they fail (the upload goes on).
+    pub upload_timeout: Duration,
+    /// Most parts of one multipart upload: S3's limit, [`MAX_PARTS`] (lower only in tests, to reach the large-part
+    /// path with small files).
+    pub max_parts: u64,
+    /// Names this volume's journal directory (see [`journal::volume_id`]).
+    pub volume_id: String,
+    /// The key that seals journal blocks of files without a key of their own; `None`: a random key kept in the
+    /// journal directory.
+    pub journal_key: Option<DataKey>,
 }
 
 /// Client-side key state.
@@ -134,6 +153,11 @@ pub struct Fs {
     next_fh: AtomicU64,
     cache: Arc<BlockCache>,
     reader: read::ReadAhead,
+    journal: journal::JournalRoot,
+    /// Files recovered from the journal at mount whose upload still fails (no inode names them).
+    recovered: Mutex<Vec<Arc<OpenFile>>>,
+    /// This file system, for the upload tasks it spawns.
+    me: Weak<Fs>,
 }
 
 /// A poisoned std mutex only means a panic elsewhere; the data is still consistent for our use.
@@ -142,7 +166,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Fs {
-    pub fn new(store: Arc<dyn ObjectStore>, keys: Option<CseKeys>, cfg: FsConfig) -> Self {
+    /// The file system over `store`, with its journal directory opened (made if missing).
+    pub fn new(store: Arc<dyn ObjectStore>, keys: Option<CseKeys>, cfg: FsConfig) -> std::io::Result<Arc<Self>> {
         let defaults = AttrDefaults::new(cfg.uid, cfg.gid, cfg.umask);
         let root = Attr {
             ino: ROOT_INO,
@@ -155,7 +180,9 @@ impl Fs {
         };
         let cache = Arc::new(BlockCache::new(cfg.block_cache_bytes, cfg.block_size.get()));
         let reader = read::ReadAhead::new(cfg.read_ahead_bytes, cfg.block_size);
-        Fs {
+        let journal = journal::JournalRoot::open(&cfg.staging_dir, &cfg.volume_id, cfg.journal_key.clone())
+            .map_err(|e| std::io::Error::new(e.kind(), format!("journal in {}: {e}", cfg.staging_dir.display())))?;
+        Ok(Arc::new_cyclic(|me| Fs {
             store,
             keys,
             defaults,
@@ -165,12 +192,20 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             cache,
             reader,
+            journal,
+            recovered: Mutex::new(Vec::new()),
+            me: me.clone(),
             cfg,
-        }
+        }))
     }
 
     pub fn config(&self) -> &FsConfig {
         &self.cfg
+    }
+
+    /// This volume's journal directory.
+    pub fn journal_dir(&self) -> &std::path::Path {
+        self.journal.dir()
     }
 
     pub fn metadata_ttl(&self) -> Duration {
@@ -203,6 +238,14 @@ impl Fs {
             .get(ino)
             .map(|n| n.attr.clone())
             .ok_or(FsError::NotFound)
+    }
+
+    /// S3 keys are at most 1,024 bytes.
+    fn check_key(&self, key: &str) -> FsResult<()> {
+        if key.len() > 1024 {
+            return Err(FsError::NameTooLong);
+        }
+        Ok(())
     }
 
     fn check_writable(&self) -> FsResult<()> {
@@ -279,22 +322,6 @@ impl Fs {
             source,
         })?;
         Ok(Version::new(info.etag.clone(), info.size, plain, codec, header))
-    }
-
-    /// Flushes every open file with unsaved data (shutdown path: SIGTERM, unmount). Returns how many failed.
-    pub async fn flush_all(&self) -> usize {
-        let files: Vec<(u64, Arc<OpenFile>)> = lock(&self.open_files)
-            .iter()
-            .map(|(k, v)| (*k, v.file.clone()))
-            .collect();
-        let mut failed = 0;
-        for (ino, file) in files {
-            if let Err(e) = self.upload_file(ino, &file).await {
-                log::error!("flushing inode {ino} at shutdown failed: {e}");
-                failed += 1;
-            }
-        }
-        failed
     }
 
     /// File-system statistics: S3 has no capacity limit, so report a large, constant one.

@@ -104,18 +104,25 @@ impl Fs {
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let h = self.handle(fh)?;
         let st = h.file.state.lock().await;
-        if st.modified {
-            return self.read_modified(&st, offset, size).await;
+        let clean = st.dirty.is_empty()
+            && st
+                .base
+                .as_ref()
+                .is_some_and(|b| st.base_valid == b.plain_size && st.size == b.plain_size);
+        if !clean {
+            let (file_size, bs) = (st.size, st.bs);
+            drop(st);
+            return self.read_modified(&h.file, file_size, bs, offset, size).await;
         }
         let Some(base) = st.base.clone() else {
             return Ok(Vec::new());
         };
+        let key = st.key.clone();
         drop(st);
         if offset >= base.plain_size || size == 0 {
             return Ok(Vec::new());
         }
         let end = (offset + u64::from(size)).min(base.plain_size);
-        let key = self.key_of(&self.path_of(h.ino)?);
         let prev = h.last_read_end.swap(end, std::sync::atomic::Ordering::Relaxed);
         let sequential = offset == 0 || prev == offset;
         let blocks = format::blocks_touching(offset, end - offset, base.codec.block_size());
@@ -123,18 +130,27 @@ impl Fs {
         Ok(assemble(&got, blocks.start, base.codec.block_len(), offset, end))
     }
 
-    /// Reads an open file with unsaved changes: dirty blocks from memory or staging, the rest from the base.
-    async fn read_modified(&self, st: &super::write::FileState, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        if offset >= st.size || size == 0 {
+    /// Reads an open file with unsaved changes: dirty blocks from memory or the journal, the rest from the base.
+    async fn read_modified(
+        &self,
+        file: &super::write::OpenFile,
+        file_size: u64,
+        bs: BlockSize,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<Vec<u8>> {
+        if offset >= file_size || size == 0 {
             return Ok(Vec::new());
         }
-        let end = (offset + u64::from(size)).min(st.size);
-        let blocks = format::blocks_touching(offset, end - offset, st.bs);
-        let mut got = Vec::with_capacity((blocks.end - blocks.start) as usize);
-        for i in blocks.clone() {
-            got.push(Arc::new(self.current_block(st, i).await?));
-        }
-        Ok(assemble(&got, blocks.start, st.bs.get(), offset, end))
+        let end = (offset + u64::from(size)).min(file_size);
+        let blocks = format::blocks_touching(offset, end - offset, bs);
+        let got: Vec<Block> = self
+            .blocks_now(file, blocks.clone())
+            .await?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        Ok(assemble(&got, blocks.start, bs.get(), offset, end))
     }
 
     /// Blocks of the base version, from the cache or by GET (used by the write path).

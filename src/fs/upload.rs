@@ -1,26 +1,47 @@
 //! Turning an open file's changes into a new version in S3.
 //!
-//! A block of the new version can be *reused* (its stored bytes copied unchanged from the base object) when it
-//! is not dirty, has the same plaintext range and the same final flag as in the base, lies wholly before
-//! `base_valid`, and both versions share one codec (one data key and file id). Every other block is encoded
-//! from its current content.
+//! # Snapshot, send, commit
+//! An upload takes a [`Snapshot`] of the file's state under its lock: the generation, size, base version, which
+//! blocks are dirty, the attributes. It then reads, seals and sends with no lock held, except the short moments in
+//! which it copies a part's dirty blocks out of the journal (local disk). Once S3 has accepted the new version it
+//! locks again to commit: if the generation did not move, the file is clean and its journal is deleted; if it
+//! did, the new version becomes the base and the blocks still dirty are uploaded by the next round. `getattr`,
+//! `lookup`, `readdir` and reads never wait for an upload.
+//!
+//! # What is sent
+//! A block of the new version can be *reused* (its stored bytes copied unchanged from the base object) when it is
+//! not dirty, has the same plaintext range and the same final flag as in the base, lies wholly before
+//! `base_valid`, and both versions share one codec (one data key and file id). Dirty blocks in the client-side
+//! modes are already sealed in the journal in the object's format and are copied as they are, except the final
+//! block, which is sealed anew with its final flag. Every other block is encoded from its current content.
 //!
 //! Objects up to [`SINGLE_PUT_MAX`] go up in one PUT. Larger ones use multipart: parts are whole blocks, at
-//! least [`PART_TARGET`] bytes; a part whose blocks are all reusable is an UploadPartCopy of the same byte range
-//! of the base object, conditional on its ETag, so only the parts a change touched are sealed and sent. Up to
-//! [`PARTS_IN_FLIGHT`] parts are sent at once. The final write (PUT or CompleteMultipartUpload) is
-//! conditional: If-Match the base's ETag, or If-None-Match `*` for a new file. A failed condition is a conflict:
-//! the file's content is written to the recovery directory and the file's state is poisoned.
+//! least [`PART_TARGET`] bytes and at most 10,000 parts; a part whose blocks are all reusable is an
+//! UploadPartCopy of the same byte range of the base object, conditional on its ETag, so only the parts a change
+//! touched are sealed and sent. The multipart upload's id is recorded in the journal before any part is sent,
+//! so that a crash leaves nothing the next mount cannot abort.
+//!
+//! # Conditions and idempotence
+//! The final write (PUT, CompleteMultipartUpload, or a metadata-only CopyObject) is conditional: If-Match the
+//! base's ETag, or If-None-Match `*` for a new file. The new ETag comes from that write's own response. Each upload
+//! carries a random token in the object's metadata (recorded in the journal first): when a retried write fails
+//! its condition, or a retried Complete finds its upload gone, because the first attempt succeeded and only its
+//! response was lost, a HEAD that shows our own token turns the failure into the success it was. Any other
+//! failed condition is a conflict: the file's content is written to the recovery directory and the file's state
+//! is poisoned.
 use super::codec::{Codec, Version};
 use super::inode::{attr_to_metadata, Remote};
+use super::journal::{new_token, Journal, META_UPLOAD_TOKEN};
 use super::write::{FileState, OpenFile};
 use super::{lock, Fs, FsError, FsResult};
+use crate::format::ObjectHeader;
 use crate::store::{ByteRange, CompletedPart, Metadata, PutCondition, StoreError};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::ops::Range;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::sync::Arc;
 use std::time::{Instant, UNIX_EPOCH};
 
@@ -28,124 +49,164 @@ use std::time::{Instant, UNIX_EPOCH};
 pub const SINGLE_PUT_MAX: u64 = 16 * 1024 * 1024;
 /// Minimum bytes per multipart part (S3's minimum is 5 MiB).
 pub const PART_TARGET: u64 = 8 * 1024 * 1024;
-/// S3 allows 10,000 parts; stay below.
-const MAX_PARTS: u64 = 9_000;
-const PARTS_IN_FLIGHT: usize = 4;
+/// S3 allows at most 10,000 parts.
+pub const MAX_PARTS: u64 = 10_000;
+/// Parts larger than this (objects over ~78 GiB: 10,000 parts of 8 MiB) are assembled into a file in the journal
+/// directory, [`PART_TARGET`] bytes at a time, and streamed from there, so memory stays bounded whatever the size.
+const STREAM_ABOVE: u64 = PART_TARGET;
+/// Part bodies one upload keeps in memory at once (at least one part).
+const PART_BUDGET: u64 = 32 * 1024 * 1024;
+const MAX_PARTS_IN_FLIGHT: u64 = 4;
+
+/// One part's upload in flight.
+type PartFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = crate::store::StoreResult<CompletedPart>> + Send + 'a>>;
+
+/// What an upload works from: one generation of the file's state.
+pub(super) struct Snapshot {
+    pub gen: u64,
+    pub key: String,
+    pub size: u64,
+    pub base: Option<Version>,
+    pub base_valid: u64,
+    pub codec: Arc<Codec>,
+    pub header: Option<ObjectHeader>,
+    pub meta: Metadata,
+    pub dirty: BTreeSet<u64>,
+    pub modified: bool,
+    pub token: String,
+}
+
+impl Snapshot {
+    /// Whether block `i` of the new version can be copied unchanged from the base object.
+    fn reusable(&self, i: u64) -> bool {
+        let Some(base) = &self.base else { return false };
+        if !Arc::ptr_eq(&base.codec, &self.codec) || self.dirty.contains(&i) {
+            return false;
+        }
+        let c = &self.codec;
+        let (n_new, n_base) = (c.block_count(self.size), c.block_count(base.plain_size));
+        if i >= n_base {
+            return false;
+        }
+        let range = c.block_plain_range(i, self.size);
+        range == c.block_plain_range(i, base.plain_size)
+            && (i + 1 == n_new) == (i + 1 == n_base)
+            && range.end <= self.base_valid
+    }
+}
+
+/// One block of a part, as gathered before encoding.
+enum Piece {
+    /// Stored bytes as they go into the object (a journal slot in the object's format, or a run of the base).
+    Stored(Vec<u8>),
+    /// A journal slot to open and encode anew.
+    Journal(u64, Vec<u8>),
+    /// Plaintext (whole block, zero-padded) to encode.
+    Plain(u64, Vec<u8>),
+}
 
 impl Fs {
-    /// Uploads an open file's unsaved data and attributes, if any. Success means the data is in S3.
-    pub(super) async fn upload_file(&self, ino: u64, file: &OpenFile) -> FsResult<()> {
-        let mut st = file.state.lock().await;
-        if st.poisoned {
-            return Err(FsError::Poisoned);
-        }
-        if st.unlinked || (!st.modified && !st.meta_dirty) {
+    /// Takes a snapshot, uploads it and commits. `Ok` means S3 holds (at least) the snapshot's generation.
+    pub(super) async fn upload_once(&self, file: &Arc<OpenFile>) -> FsResult<()> {
+        let Some(snap) = self.snapshot(file).await? else {
             return Ok(());
-        }
-        let key = self.key_of(&self.path_of(ino)?);
-        let result = if st.modified || st.base.is_none() {
-            self.upload_version(&key, &mut st).await
-        } else {
-            self.upload_metadata(&key, &mut st).await
         };
-        match result {
-            Ok(()) => {
-                let mut t = lock(&self.inodes);
-                if let Some(n) = t.get_mut(ino) {
-                    n.pending = false;
-                    n.attr = super::Attr {
-                        ino,
-                        size: st.size,
-                        ..st.attr.clone()
-                    };
-                    n.refreshed = Instant::now();
-                    if let Some(b) = &st.base {
-                        let remote = n.remote.take().map(|r| r.metadata).unwrap_or_default();
-                        n.remote = Some(Remote {
-                            etag: b.etag.clone(),
-                            object_size: b.object_size,
-                            metadata: remote,
-                        });
-                    }
+        let sent = if snap.modified {
+            self.upload_version(file, &snap).await
+        } else {
+            self.upload_metadata(&snap).await
+        };
+        let etag = match sent {
+            Ok(etag) => etag,
+            // A failed condition, or a retried Complete whose upload is gone: our own lost response, or someone
+            // else's write. A missing object with no base to compare is neither: an ordinary error.
+            Err(FsError::Store(e @ (StoreError::PreconditionFailed(_) | StoreError::NotFound(_)))) => {
+                match self.own_write(&snap).await? {
+                    Some(etag) => etag,
+                    None if snap.base.is_none() && matches!(e, StoreError::NotFound(_)) => return Err(e.into()),
+                    None => return Err(self.conflict(file, &snap, &e.to_string()).await),
                 }
-                Ok(())
             }
-            Err(FsError::Store(StoreError::PreconditionFailed(msg))) => {
-                log::debug!("{key}: condition failed: {msg}");
-                let recovery = self.save_recovery(&key, &st).await;
-                st.poisoned = true;
-                log::error!(
-                    "{key} was changed by someone else since it was opened; this file's data was saved to {recovery}"
-                );
-                Err(FsError::Conflict { key, recovery })
-            }
-            Err(e) => {
-                log::error!("{key}: upload failed, data kept for the next flush: {e}");
-                Err(e)
-            }
-        }
+            Err(e) => return Err(e),
+        };
+        self.commit(file, &snap, etag).await
     }
 
-    fn metadata_for(&self, st: &FileState, header: Option<&crate::format::ObjectHeader>) -> Metadata {
+    /// The snapshot of a file with unsaved changes (and a fresh upload token, recorded in the journal first).
+    async fn snapshot(&self, file: &OpenFile) -> FsResult<Option<Snapshot>> {
+        let mut st = file.state.lock().await;
+        if !st.unsaved() {
+            return Ok(None);
+        }
+        let token = new_token();
+        st.upload_token = Some(token.clone());
+        st.min_cut = u64::MAX;
+        st.save_manifest()?;
         let mut meta = Metadata::new();
         attr_to_metadata(&st.attr, &mut meta);
-        if let Some(h) = header {
+        if let Some(h) = &st.header {
             h.to_metadata(&mut meta);
         }
-        meta
+        meta.insert(META_UPLOAD_TOKEN.into(), token.clone());
+        Ok(Some(Snapshot {
+            gen: st.generation,
+            key: st.key.clone(),
+            size: st.size,
+            base: st.base.clone(),
+            base_valid: st.base_valid,
+            codec: st.codec.clone(),
+            header: st.header.clone(),
+            meta,
+            dirty: st.dirty.clone(),
+            modified: st.modified(),
+            token,
+        }))
+    }
+
+    /// The ETag of the object if it is our own write (it carries the snapshot's token).
+    async fn own_write(&self, snap: &Snapshot) -> FsResult<Option<String>> {
+        match self.store.head(&snap.key).await {
+            Ok(info) if info.metadata.get(META_UPLOAD_TOKEN) == Some(&snap.token) => {
+                log::info!(
+                    "{}: a retried write had already succeeded (its response was lost)",
+                    snap.key
+                );
+                Ok(Some(info.etag))
+            }
+            Ok(_) | Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Only attributes changed: rewrite the metadata with a copy onto itself, conditional on the ETag.
-    async fn upload_metadata(&self, key: &str, st: &mut FileState) -> FsResult<()> {
-        let header = st.codec.as_ref().and_then(|c| c.1.clone());
-        let meta = self.metadata_for(st, header.as_ref());
-        let Some(base) = st.base.as_mut() else { return Ok(()) };
-        base.etag = self
-            .store
-            .copy(key, key, Some(&meta), PutCondition::IfMatch(base.etag.clone()))
-            .await?;
-        st.meta_dirty = false;
-        Ok(())
+    async fn upload_metadata(&self, snap: &Snapshot) -> FsResult<String> {
+        let Some(base) = &snap.base else {
+            return Err(FsError::BadHandle);
+        };
+        let cond = PutCondition::IfMatch(base.etag.clone());
+        Ok(self.store.copy(&snap.key, &snap.key, Some(&snap.meta), cond).await?)
     }
 
-    async fn upload_version(&self, key: &str, st: &mut FileState) -> FsResult<()> {
-        let (codec, header) = match &st.codec {
-            Some(c) => c.clone(),
-            None => {
-                let c = self.new_codec().await?;
-                st.codec = Some(c.clone());
-                c
-            }
-        };
-        let meta = self.metadata_for(st, header.as_ref());
-        let cond = match &st.base {
+    async fn upload_version(&self, file: &OpenFile, snap: &Snapshot) -> FsResult<String> {
+        let cond = match &snap.base {
             Some(b) => PutCondition::IfMatch(b.etag.clone()),
             None => PutCondition::IfNoneMatch,
         };
-        let n = codec.block_count(st.size);
-        let object_size = codec.object_size(st.size);
-        let etag = if object_size <= SINGLE_PUT_MAX {
-            let body = self.assemble_blocks(key, st, &codec, 0..n).await?;
-            self.store.put(key, Bytes::from(body), &meta, cond).await?.etag
-        } else {
-            self.upload_multipart(key, st, &codec, &meta, cond).await?
-        };
-        let version = Version::new(etag, object_size, st.size, codec, header.clone());
-        st.uploaded(version, header);
-        Ok(())
+        let n = snap.codec.block_count(snap.size);
+        if snap.codec.object_size(snap.size) <= SINGLE_PUT_MAX {
+            let body = self.assemble(file, snap, 0..n).await?;
+            let info = self.store.put(&snap.key, Bytes::from(body), &snap.meta, cond).await?;
+            return Ok(info.etag);
+        }
+        self.upload_multipart(file, snap, cond).await
     }
 
-    async fn upload_multipart(
-        &self,
-        key: &str,
-        st: &FileState,
-        codec: &Arc<Codec>,
-        meta: &Metadata,
-        cond: PutCondition,
-    ) -> FsResult<String> {
-        let upload_id = self.store.create_multipart(key, meta).await?;
-        let result = self.send_parts(key, &upload_id, st, codec).await;
-        let result = match result {
+    async fn upload_multipart(&self, file: &OpenFile, snap: &Snapshot, cond: PutCondition) -> FsResult<String> {
+        let key = &snap.key;
+        let upload_id = self.store.create_multipart(key, &snap.meta).await?;
+        self.record_multipart(file, Some(upload_id.clone())).await?;
+        let result = match self.send_parts(file, snap, &upload_id).await {
             Ok(parts) => self
                 .store
                 .complete_multipart(key, &upload_id, parts, cond)
@@ -154,51 +215,62 @@ impl Fs {
             Err(e) => Err(e),
         };
         if result.is_err() {
-            if let Err(e) = self.store.abort_multipart(key, &upload_id).await {
-                log::warn!("{key}: aborting multipart upload failed (S3 lifecycle rules clean it up): {e}");
+            match self.store.abort_multipart(key, &upload_id).await {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => {
+                    log::warn!("{key}: aborting multipart upload failed (the next mount aborts it): {e}");
+                    return result;
+                }
             }
         }
+        self.record_multipart(file, None).await?;
         result
     }
 
-    async fn send_parts(
-        &self,
-        key: &str,
-        upload_id: &str,
-        st: &FileState,
-        codec: &Arc<Codec>,
-    ) -> FsResult<Vec<CompletedPart>> {
-        let n = codec.block_count(st.size);
+    async fn record_multipart(&self, file: &OpenFile, id: Option<String>) -> FsResult<()> {
+        let mut st = file.state.lock().await;
+        st.multipart = id;
+        st.save_manifest()
+    }
+
+    async fn send_parts(&self, file: &OpenFile, snap: &Snapshot, upload_id: &str) -> FsResult<Vec<CompletedPart>> {
+        let c = &snap.codec;
+        let n = c.block_count(snap.size);
         let per_part = PART_TARGET
-            .div_ceil(codec.stored_block_len())
-            .max(n.div_ceil(MAX_PARTS));
+            .div_ceil(c.stored_block_len())
+            .max(n.div_ceil(self.cfg.max_parts.clamp(1, MAX_PARTS)));
+        let part_bytes = per_part * c.stored_block_len();
+        let in_flight = (PART_BUDGET / part_bytes.min(STREAM_ABOVE)).clamp(1, MAX_PARTS_IN_FLIGHT) as usize;
+        let key = snap.key.as_str();
         let mut inflight = FuturesUnordered::new();
         let mut done = Vec::new();
         for (k, first) in (0..n).step_by(per_part as usize).enumerate() {
             let blocks = first..(first + per_part).min(n);
             let part_number = k as i32 + 1;
-            if let Some(base) = st
-                .base
-                .as_ref()
-                .filter(|_| blocks.clone().all(|i| self.reusable(st, codec, i)))
-            {
-                let r = codec.object_range(blocks, base.plain_size);
+            if let Some(base) = snap.base.as_ref().filter(|_| blocks.clone().all(|i| snap.reusable(i))) {
+                let r = c.object_range(blocks, base.plain_size);
                 let etag = base.etag.clone();
                 inflight.push(futures::future::Either::Left(async move {
                     self.store
                         .upload_part_copy(key, upload_id, part_number, key, r, Some(&etag))
                         .await
                 }));
+            } else if part_bytes > STREAM_ABOVE {
+                let (staged, len) = self.stage_part(file, snap, blocks, per_part).await?;
+                inflight.push(futures::future::Either::Right(Box::pin(async move {
+                    let r = self
+                        .store
+                        .upload_part_file(key, upload_id, part_number, staged.path(), len)
+                        .await;
+                    drop(staged);
+                    r
+                }) as PartFuture<'_>));
             } else {
-                let body = Bytes::from(self.assemble_blocks(key, st, codec, blocks).await?);
-                inflight.push(futures::future::Either::Right(self.store.upload_part(
-                    key,
-                    upload_id,
-                    part_number,
-                    body,
-                )));
+                let body = Bytes::from(self.assemble(file, snap, blocks).await?);
+                let part: PartFuture<'_> = self.store.upload_part(key, upload_id, part_number, body);
+                inflight.push(futures::future::Either::Right(part));
             }
-            while inflight.len() >= PARTS_IN_FLIGHT {
+            while inflight.len() >= in_flight {
                 if let Some(r) = inflight.next().await {
                     done.push(r?);
                 }
@@ -211,87 +283,240 @@ impl Fs {
         Ok(done)
     }
 
-    /// Whether block `i` of the new version can be copied unchanged from the base object.
-    fn reusable(&self, st: &FileState, codec: &Arc<Codec>, i: u64) -> bool {
-        let Some(base) = &st.base else { return false };
-        if !Arc::ptr_eq(&base.codec, codec) || st.is_dirty(i) {
-            return false;
+    /// Assembles a large part into a temporary file in the journal directory, a few MiB at a time; returns the
+    /// file (deleted when dropped) and its length.
+    async fn stage_part(
+        &self,
+        file: &OpenFile,
+        snap: &Snapshot,
+        blocks: Range<u64>,
+        per_part: u64,
+    ) -> FsResult<(tempfile::NamedTempFile, u64)> {
+        let staged = tempfile::NamedTempFile::new_in(self.journal.dir())?;
+        let chunk = (PART_TARGET / snap.codec.stored_block_len()).clamp(1, per_part);
+        let mut len = 0u64;
+        let mut at = blocks.start;
+        while at < blocks.end {
+            let piece = self.assemble(file, snap, at..(at + chunk).min(blocks.end)).await?;
+            let f = staged.as_file().try_clone()?;
+            len += piece.len() as u64;
+            tokio::task::spawn_blocking(move || (&f).write_all(&piece))
+                .await
+                .map_err(|e| FsError::Local(std::io::Error::other(e)))??;
+            at += chunk;
         }
-        let (n_new, n_base) = (codec.block_count(st.size), codec.block_count(base.plain_size));
-        if i >= n_base {
-            return false;
-        }
-        let range = codec.block_plain_range(i, st.size);
-        range == codec.block_plain_range(i, base.plain_size)
-            && (i + 1 == n_new) == (i + 1 == n_base)
-            && range.end <= st.base_valid
+        Ok((staged, len))
     }
 
-    /// The stored bytes of `blocks` of the new version: reusable runs fetched raw from the base with one
-    /// conditional GET each, the rest encoded from their current content.
-    async fn assemble_blocks(
-        &self,
-        key: &str,
-        st: &FileState,
-        codec: &Arc<Codec>,
-        blocks: Range<u64>,
-    ) -> FsResult<Vec<u8>> {
-        let n = codec.block_count(st.size);
-        let r = codec.object_range(blocks.clone(), st.size);
-        let mut out = Vec::with_capacity((r.end - r.start) as usize);
+    /// The stored bytes of `blocks` of the snapshot's version.
+    async fn assemble(&self, file: &OpenFile, snap: &Snapshot, blocks: Range<u64>) -> FsResult<Vec<u8>> {
+        let n = snap.codec.block_count(snap.size);
+        let (mut pieces, journal) = self.gather_dirty(file, snap, blocks.clone(), n).await?;
         let mut i = blocks.start;
         while i < blocks.end {
-            if let Some(base) = st.base.as_ref().filter(|_| self.reusable(st, codec, i)) {
+            if pieces.contains_key(&i) {
+                i += 1;
+                continue;
+            }
+            if let Some(base) = snap.base.as_ref().filter(|_| snap.reusable(i)) {
                 let mut j = i + 1;
-                while j < blocks.end && self.reusable(st, codec, j) {
+                while j < blocks.end && snap.reusable(j) && !pieces.contains_key(&j) {
                     j += 1;
                 }
-                let r = codec.object_range(i..j, base.plain_size);
-                let got = self
-                    .store
-                    .get(
-                        key,
-                        Some(ByteRange::Range {
-                            start: r.start,
-                            end: r.end,
-                        }),
-                        Some(&base.etag),
-                    )
-                    .await?;
-                out.extend_from_slice(&got.data);
+                let r = snap.codec.object_range(i..j, base.plain_size);
+                let bytes = if r.start < r.end {
+                    let range = ByteRange::Range {
+                        start: r.start,
+                        end: r.end,
+                    };
+                    self.store
+                        .get(&snap.key, Some(range), Some(&base.etag))
+                        .await?
+                        .data
+                        .to_vec()
+                } else {
+                    Vec::new()
+                };
+                pieces.insert(i, Piece::Stored(bytes));
                 i = j;
-            } else if let Some(sealed) = self.staged_as_stored(st, codec, i, n)? {
-                out.extend_from_slice(&sealed);
-                i += 1;
-            } else {
-                let block = self.current_block(st, i).await?;
-                let len = codec.block_plain_range(i, st.size);
-                codec.encode_into(i, i + 1 == n, &block[..(len.end - len.start) as usize], &mut out);
-                i += 1;
+                continue;
             }
+            pieces.insert(i, Piece::Plain(i, self.snapshot_block(snap, i).await?));
+            i += 1;
         }
-        Ok(out)
+        let (codec, size, key) = (snap.codec.clone(), snap.size, snap.key.clone());
+        tokio::task::spawn_blocking(move || encode_pieces(&codec, size, n, pieces, journal.as_deref(), &key))
+            .await
+            .map_err(|e| FsError::Local(std::io::Error::other(e)))?
     }
 
-    /// A spilled non-final block that the staging file already holds in the object's format, sealed with this
-    /// very codec's key and file id.
-    fn staged_as_stored(&self, st: &FileState, codec: &Arc<Codec>, i: u64, n: u64) -> FsResult<Option<Vec<u8>>> {
-        let same_codec = st.codec.as_ref().is_some_and(|c| Arc::ptr_eq(&c.0, codec));
-        match &st.staging {
-            Some(s) if same_codec && s.is_file_format() && st.spilled.contains(&i) && i + 1 < n => {
-                Ok(Some(s.read_sealed(i)?))
+    /// Copies the snapshot's dirty blocks in `blocks` out of the journal, under the state's lock (no writer may
+    /// change a slot half-way through the read). A block that stopped being dirty since the snapshot (a
+    /// truncation cut it) reads as zeros; the generation moved, so a later round uploads the truth.
+    async fn gather_dirty(
+        &self,
+        file: &OpenFile,
+        snap: &Snapshot,
+        blocks: Range<u64>,
+        n: u64,
+    ) -> FsResult<(BTreeMap<u64, Piece>, Option<Arc<Journal>>)> {
+        let wanted: Vec<u64> = snap.dirty.range(blocks).copied().collect();
+        let st = file.state.lock().await;
+        let Some(journal) = st.journal.clone() else {
+            return Ok((BTreeMap::new(), None));
+        };
+        if wanted.is_empty() {
+            return Ok((BTreeMap::new(), Some(journal)));
+        }
+        let still: Vec<(u64, bool)> = wanted.iter().map(|i| (*i, st.is_dirty(*i))).collect();
+        let bl = st.bs.get() as usize;
+        let j = journal.clone();
+        let raw_ok = journal.is_object_format();
+        let pieces = tokio::task::spawn_blocking(move || -> std::io::Result<BTreeMap<u64, Piece>> {
+            let mut out = BTreeMap::new();
+            for (i, dirty) in still {
+                let piece = match (dirty, raw_ok && i + 1 < n) {
+                    (false, _) => Piece::Plain(i, vec![0u8; bl]),
+                    (true, true) => Piece::Stored(j.read_sealed(i)?),
+                    (true, false) => Piece::Journal(i, j.read_sealed(i)?),
+                };
+                out.insert(i, piece);
             }
-            _ => Ok(None),
+            Ok(out)
+        })
+        .await
+        .map_err(|e| FsError::Local(std::io::Error::other(e)))??;
+        drop(st);
+        Ok((pieces, Some(journal)))
+    }
+
+    /// Block `i` of the snapshot when it is not dirty: the base's block cut at the snapshot's `base_valid`, or
+    /// zeros.
+    async fn snapshot_block(&self, snap: &Snapshot, i: u64) -> FsResult<Vec<u8>> {
+        let b = snap.codec.block_len();
+        let mut block = vec![0u8; b as usize];
+        let start = i * b;
+        if let Some(base) = snap.base.as_ref().filter(|_| start < snap.base_valid) {
+            let got = self.base_blocks(&snap.key, base, i..i + 1).await?;
+            let valid = ((snap.base_valid - start).min(b) as usize).min(got[0].len());
+            block[..valid].copy_from_slice(&got[0][..valid]);
+        }
+        Ok(block)
+    }
+
+    /// S3 holds the snapshot: make it the base, and forget what is saved.
+    async fn commit(&self, file: &OpenFile, snap: &Snapshot, etag: String) -> FsResult<()> {
+        let object_size = snap.codec.object_size(snap.size);
+        let mut st = file.state.lock().await;
+        st.upload_token = None;
+        st.multipart = None;
+        if st.unlinked {
+            // Unlinked while the upload ran: the upload may have made the object again.
+            drop(st);
+            if let Err(e) = self.store.delete(&snap.key).await {
+                log::warn!(
+                    "{}: removing the object of a file unlinked during its upload: {e}",
+                    snap.key
+                );
+            }
+            return Ok(());
+        }
+        match (snap.modified, st.base.as_mut()) {
+            (false, Some(base)) => base.etag = etag,
+            _ => {
+                let v = Version::new(etag, object_size, snap.size, snap.codec.clone(), snap.header.clone());
+                st.base = Some(v);
+                st.base_valid = snap.size.min(st.min_cut);
+            }
+        }
+        st.saved_gen = snap.gen;
+        if st.generation == snap.gen {
+            st.base_valid = snap.size;
+            st.dirty.clear();
+            // What was just written is the new version's content: keep it readable (and writable into, say by an
+            // append to the last block) without a GET.
+            if let Some(id) = st.base.as_ref().map(|b| b.id) {
+                for (i, block) in std::mem::take(&mut st.cache) {
+                    self.cache.insert(id, i, Arc::new(block));
+                }
+            }
+            if let Some(j) = st.journal.take() {
+                j.remove();
+            }
+        } else {
+            st.save_manifest()?;
+        }
+        self.record_saved(file, &st);
+        Ok(())
+    }
+
+    /// Tells the inode table and those waiting what S3 now holds.
+    fn record_saved(&self, file: &OpenFile, st: &FileState) {
+        file.status.send_modify(|s| {
+            s.saved_gen = s.saved_gen.max(st.saved_gen);
+            s.error = None;
+            s.permanent = false;
+            s.attempts += 1;
+        });
+        if file.ino == 0 {
+            return;
+        }
+        let mut t = lock(&self.inodes);
+        if let Some(n) = t.get_mut(file.ino) {
+            n.pending = st.unsaved();
+            n.attr = super::Attr {
+                ino: file.ino,
+                size: st.size,
+                ..st.attr.clone()
+            };
+            n.refreshed = Instant::now();
+            if let Some(b) = &st.base {
+                let remote = n.remote.take().map(|r| r.metadata).unwrap_or_default();
+                n.remote = Some(Remote {
+                    etag: b.etag.clone(),
+                    object_size: b.object_size,
+                    metadata: remote,
+                });
+            }
         }
     }
 
-    /// Writes the file's content as this handle sees it to the recovery directory (mode 0600) and returns the
-    /// path. Blocks of the opened version that can no longer be read are zeros; the log says so.
-    async fn save_recovery(&self, key: &str, st: &FileState) -> String {
+    /// Someone else changed the object: save this file's content to the recovery directory, poison the state, and
+    /// drop the journal only if the recovery file is complete.
+    async fn conflict(&self, file: &OpenFile, snap: &Snapshot, msg: &str) -> FsError {
+        let key = snap.key.clone();
+        log::debug!("{key}: condition failed: {msg}");
+        let (recovery, complete) = self.save_recovery(file, &key).await;
+        let mut st = file.state.lock().await;
+        st.poisoned = true;
+        if complete {
+            if let Some(j) = st.journal.take() {
+                j.remove();
+            }
+        } else if let Some(j) = &st.journal {
+            log::error!("{key}: the unsaved data also stays in the journal entry {}", j.id());
+        }
+        log::error!("{key} was changed by someone else since it was opened; this file's data was saved to {recovery}");
+        let shared = FsError::Conflict {
+            key: key.clone(),
+            recovery: recovery.clone(),
+        };
+        file.status.send_modify(|s| {
+            s.error = Some(Arc::new(shared));
+            s.permanent = true;
+            s.attempts += 1;
+        });
+        FsError::Conflict { key, recovery }
+    }
+
+    /// Writes the file's content as the state holds it to the recovery directory (mode 0600). Returns the path
+    /// and whether every block could be written. Blocks of the opened version that can no longer be read are
+    /// zeros; the log says so.
+    pub(super) async fn save_recovery(&self, file: &OpenFile, key: &str) -> (String, bool) {
         let dir = &self.cfg.recovery_dir;
         let stamp = std::time::SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
+            .map(|d| d.as_nanos())
             .unwrap_or(0);
         let path = dir.join(format!("{}.{stamp}", key.replace('/', "%2F")));
         let shown = path.display().to_string();
@@ -306,35 +531,76 @@ impl Fs {
                     .mode(0o600)
                     .open(&path)
             });
-        let mut file = match created {
+        let mut out = match created {
             Ok(f) => f,
             Err(e) => {
                 log::error!("{key}: could not create the recovery file {shown}: {e}");
-                return format!("{shown} (not written: {e})");
+                return (format!("{shown} (not written: {e})"), false);
             }
         };
-        let b = st.bs.get();
+        let (size, b) = {
+            let st = file.state.lock().await;
+            (st.size, st.bs.get())
+        };
         let mut lost = 0u64;
-        for i in 0..st.size.div_ceil(b) {
-            let block = match self.current_block(st, i).await {
-                Ok(block) => block,
-                Err(_) => {
+        for i in 0..size.div_ceil(b) {
+            let block = match self.blocks_now(file, i..i + 1).await {
+                Ok(mut v) if !v.is_empty() => v.swap_remove(0),
+                _ => {
                     lost += 1;
                     vec![0u8; b as usize]
                 }
             };
-            let len = (st.size - i * b).min(b) as usize;
-            if let Err(e) = file.write_all(&block[..len]) {
+            let len = (size - i * b).min(b) as usize;
+            if let Err(e) = out.write_all(&block[..len.min(block.len())]) {
                 log::error!("{key}: writing the recovery file {shown} failed: {e}");
-                return format!("{shown} (incomplete: {e})");
+                return (format!("{shown} (incomplete: {e})"), false);
             }
         }
-        let _ = file.sync_all();
+        let synced = out.sync_all().is_ok();
         if lost > 0 {
             log::error!("{key}: {lost} unchanged block(s) of the opened version could no longer be read; they are zeros in {shown}");
         }
-        shown
+        (shown, synced)
     }
 }
 
-use std::os::unix::fs::DirBuilderExt;
+/// Encodes gathered pieces, in block order, into the stored bytes of a part.
+fn encode_pieces(
+    codec: &Codec,
+    size: u64,
+    n: u64,
+    pieces: BTreeMap<u64, Piece>,
+    journal: Option<&Journal>,
+    key: &str,
+) -> FsResult<Vec<u8>> {
+    let cap: usize = pieces
+        .values()
+        .map(|p| match p {
+            Piece::Stored(b) => b.len(),
+            Piece::Journal(_, b) | Piece::Plain(_, b) => b.len() + 28,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(cap);
+    for (_, piece) in pieces {
+        let (i, plain) = match piece {
+            Piece::Stored(bytes) => {
+                out.extend_from_slice(&bytes);
+                continue;
+            }
+            Piece::Plain(i, plain) => (i, plain),
+            Piece::Journal(i, sealed) => {
+                let opened = journal.and_then(|j| j.open_sealed(i, &sealed));
+                let plain = opened.ok_or_else(|| {
+                    log::error!("{key}: journal block {i} failed authentication (the local journal was damaged)");
+                    FsError::Local(std::io::Error::other(format!("{key}: journal block {i} is damaged")))
+                })?;
+                (i, plain)
+            }
+        };
+        let len = codec.block_plain_range(i, size);
+        let len = ((len.end - len.start) as usize).min(plain.len());
+        codec.encode_into(i, i + 1 == n, &plain[..len], &mut out);
+    }
+    Ok(out)
+}

@@ -1,35 +1,84 @@
 //! Open files and their unsaved changes.
 //!
 //! A [`FileState`] is shared by every handle on one inode. It knows the version the file was opened from (`base`,
-//! `None` for a file S3 does not have yet), the current size, and the dirty blocks: whole plaintext blocks in
-//! memory up to `max_dirty_bytes`, beyond that sealed into the staging file. Block `i`'s current content is its
-//! dirty copy if there is one, else the base's block `i` cut at `base_valid` (everything past a truncation is
-//! zeros), else zeros. Uploading (upload.rs) turns this into a new version.
+//! `None` for a file S3 does not have yet), the current size, and which blocks are dirty. Block `i`'s current
+//! content is its dirty copy if there is one, else the base's block `i` cut at `base_valid` (everything past a
+//! truncation is zeros), else zeros (see `content.rs`).
+//!
+//! Every dirty block is in the file's journal (journal.rs) before the write that made it returns; a bounded
+//! in-memory cache keeps the plaintext of recently written blocks so that small writes into one block and reads
+//! of fresh data do not open the journal again. Evicting from the cache costs nothing: the journal has the block.
+//!
+//! Every change bumps the state's `generation`. An upload (upload.rs) works from a snapshot of one generation and
+//! commits only what that generation held; `saved_gen` says which generation S3 has. A state with
+//! `saved_gen < generation` is dirty and stays in memory, with its journal, until an upload catches up, whatever
+//! happens to its handles (uploader.rs).
 use super::codec::{Codec, Version};
 use super::dir::AttrChange;
 use super::inode::{Attr, Kind};
-use super::staging::Staging;
+use super::journal::{Journal, Manifest, SealWith};
 use super::{lock, Fs, FsError, FsResult, Handle};
 use crate::format::{BlockSize, ObjectHeader};
-use crate::store::ObjectInfo;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+/// What the uploader reports to those waiting for a file to be saved.
+#[derive(Clone, Debug, Default)]
+pub struct UploadStatus {
+    /// The newest generation S3 holds.
+    pub saved_gen: u64,
+    /// The last upload's error, if it failed.
+    pub error: Option<Arc<FsError>>,
+    /// The error will not go away by waiting (waiters return it at once; the uploader still retries).
+    pub permanent: bool,
+    /// Upload attempts finished so far, so that a waiter heeds only errors of attempts made after it asked.
+    pub attempts: u64,
+}
+
 pub struct OpenFile {
+    /// The inode (0 for a file recovered from the journal at mount, which no inode names yet).
+    pub ino: u64,
     pub state: tokio::sync::Mutex<FileState>,
+    /// An upload task is running for this file.
+    pub running: AtomicBool,
+    /// The newest generation someone asked to be saved.
+    pub wanted: AtomicU64,
+    pub status: tokio::sync::watch::Sender<UploadStatus>,
+    /// Wakes the upload task from its backoff sleep when someone asks for a save.
+    pub wake: tokio::sync::Notify,
+}
+
+impl OpenFile {
+    pub fn new(ino: u64, state: FileState) -> Arc<OpenFile> {
+        let saved = state.saved_gen;
+        Arc::new(OpenFile {
+            ino,
+            state: tokio::sync::Mutex::new(state),
+            running: AtomicBool::new(false),
+            wanted: AtomicU64::new(0),
+            status: tokio::sync::watch::channel(UploadStatus {
+                saved_gen: saved,
+                ..UploadStatus::default()
+            })
+            .0,
+            wake: tokio::sync::Notify::new(),
+        })
+    }
 }
 
 /// An open inode's shared state and the number of handles (and in-flight setattrs) holding it. The entry stays
-/// in the map at count 0 until its final upload is done, so that a reopen racing the last release finds the same
-/// state instead of making a second one.
+/// in the map at count 0 until the state is saved, so that a reopen finds the same state instead of making a
+/// second one, and so that lookups and reads see unsaved data.
 pub struct OpenEntry {
     pub file: Arc<OpenFile>,
     pub count: u64,
 }
 
 pub struct FileState {
+    /// The object key (kept up to date across renames).
+    pub key: String,
     /// The version the file was opened from, or last uploaded; `None` for a new file.
     pub base: Option<Version>,
     /// Bytes of `base` still part of the file: its size, cut by every truncation since.
@@ -37,17 +86,26 @@ pub struct FileState {
     /// Current plaintext size.
     pub size: u64,
     pub bs: BlockSize,
-    /// Codec and header of the next upload: the base's (same file id and data key), or made at the first upload
-    /// of a new file.
-    pub codec: Option<(Arc<Codec>, Option<ObjectHeader>)>,
-    pub dirty: BTreeMap<u64, Vec<u8>>,
-    pub spilled: BTreeSet<u64>,
-    pub staging: Option<Staging>,
-    /// Content or size changed since the last upload.
-    pub modified: bool,
-    /// Attributes changed since the last upload.
-    pub meta_dirty: bool,
+    /// Codec and header of the next upload: the base's (same file id and data key), or a new file's.
+    pub codec: Arc<Codec>,
+    pub header: Option<ObjectHeader>,
+    /// Blocks whose current content is in the journal.
+    pub dirty: BTreeSet<u64>,
+    /// Plaintext of recently written dirty blocks (whole blocks), at most `max_dirty_bytes`.
+    pub cache: BTreeMap<u64, Vec<u8>>,
+    pub journal: Option<Arc<Journal>>,
+    /// Bumped by every change of content or attributes.
+    pub generation: u64,
+    /// The generation of the last content change.
+    pub content_gen: u64,
+    /// The generation S3 holds.
+    pub saved_gen: u64,
+    /// The smallest size a truncation set since the running upload took its snapshot (`u64::MAX`: none).
+    pub min_cut: u64,
     pub attr: Attr,
+    /// Token and upload id of the upload in flight, as the journal's manifest records them.
+    pub upload_token: Option<String>,
+    pub multipart: Option<String>,
     /// Unlinked while open: nothing more is uploaded.
     pub unlinked: bool,
     /// An upload failed for good (a conflict): writes and flushes fail until the file is reopened.
@@ -55,36 +113,115 @@ pub struct FileState {
 }
 
 impl FileState {
-    fn block_len(&self) -> usize {
-        self.bs.get() as usize
-    }
-
-    pub fn is_dirty(&self, i: u64) -> bool {
-        self.dirty.contains_key(&i) || self.spilled.contains(&i)
-    }
-
-    pub fn dirty_bytes(&self) -> u64 {
-        self.dirty.len() as u64 * self.bs.get()
-    }
-
-    /// After a rename: the object now lives under another key with this ETag.
-    pub fn moved_to(&mut self, info: &ObjectInfo) {
-        if let Some(b) = &mut self.base {
-            b.etag = info.etag.clone();
+    /// A state for a version S3 holds (nothing unsaved).
+    pub fn opened(key: String, version: Version, attr: Attr) -> FileState {
+        FileState {
+            key,
+            base_valid: version.plain_size,
+            size: version.plain_size,
+            bs: version.codec.block_size(),
+            codec: version.codec.clone(),
+            header: version.header.clone(),
+            base: Some(version),
+            dirty: BTreeSet::new(),
+            cache: BTreeMap::new(),
+            journal: None,
+            generation: 0,
+            content_gen: 0,
+            saved_gen: 0,
+            min_cut: u64::MAX,
+            attr: Attr { size: 0, ..attr },
+            upload_token: None,
+            multipart: None,
+            unlinked: false,
+            poisoned: false,
         }
     }
 
-    /// Marks everything uploaded as `version`.
-    pub fn uploaded(&mut self, version: Version, header: Option<ObjectHeader>) {
-        self.codec = Some((version.codec.clone(), header));
-        self.base_valid = version.plain_size;
-        self.size = version.plain_size;
-        self.base = Some(version);
+    pub fn is_dirty(&self, i: u64) -> bool {
+        self.dirty.contains(&i)
+    }
+
+    /// Content or size changed since S3's version.
+    pub fn modified(&self) -> bool {
+        self.content_gen > self.saved_gen || self.base.is_none()
+    }
+
+    /// Anything (content or attributes) not yet in S3.
+    pub fn unsaved(&self) -> bool {
+        !self.unlinked && !self.poisoned && (self.generation > self.saved_gen || self.base.is_none())
+    }
+
+    /// After a rename: the object now lives under another key with this ETag (a server-side copy keeps the
+    /// bytes, so the base version is otherwise the same).
+    pub fn moved_to(&mut self, info: &crate::store::ObjectInfo) {
+        self.key = info.key.clone();
+        if let Some(b) = &mut self.base {
+            b.etag = info.etag.clone();
+        }
+        if let Err(e) = self.save_manifest() {
+            log::warn!("{}: recording the rename in the journal: {e}", self.key);
+        }
+    }
+
+    /// The name is gone: nothing more is uploaded, and the journal entry goes.
+    pub fn unlink(&mut self) {
+        self.unlinked = true;
         self.dirty.clear();
-        self.spilled.clear();
-        self.staging = None;
-        self.modified = false;
-        self.meta_dirty = false;
+        self.cache.clear();
+        if let Some(j) = self.journal.take() {
+            j.remove();
+        }
+    }
+
+    /// Plaintext bytes held by the cache.
+    pub fn cached_bytes(&self) -> u64 {
+        self.cache.len() as u64 * self.bs.get()
+    }
+
+    /// Records a change; `content`: of data or size (not only attributes).
+    pub fn touch(&mut self, content: bool) {
+        self.generation += 1;
+        if content {
+            self.content_gen = self.generation;
+            self.attr.mtime = SystemTime::now();
+        }
+    }
+
+    /// The journal manifest describing this state.
+    pub fn manifest(&self) -> Manifest {
+        let mut header = crate::store::Metadata::new();
+        if let Some(h) = &self.header {
+            h.to_metadata(&mut header);
+        }
+        Manifest {
+            key: self.key.clone(),
+            base: self.base.as_ref().map(|b| super::journal::BaseRef {
+                etag: b.etag.clone(),
+                object_size: b.object_size,
+                plain_size: b.plain_size,
+            }),
+            base_valid: self.base_valid,
+            size: self.size,
+            perm: self.attr.perm,
+            uid: self.attr.uid,
+            gid: self.attr.gid,
+            mtime: self.attr.mtime,
+            header,
+            upload_token: self.upload_token.clone(),
+            multipart: self.multipart.clone(),
+            modified: self.modified(),
+            ..Manifest::default()
+        }
+    }
+
+    /// Saves the manifest, if there is a journal.
+    pub fn save_manifest(&self) -> FsResult<()> {
+        if let Some(j) = &self.journal {
+            let mut m = self.manifest();
+            j.save_manifest(&mut m)?;
+        }
+        Ok(())
     }
 }
 
@@ -101,19 +238,23 @@ impl Fs {
             Kind::File => {}
         }
         let file = self.acquire(ino).await?;
-        let fh = self.new_handle(ino, file.clone(), writable).await;
+        let fh = self.new_handle(ino, file.clone(), writable);
         if truncate && writable {
             let mut st = file.state.lock().await;
-            self.truncate_locked(&mut st, 0)?;
+            self.truncate_locked(&mut st, 0).await?;
         }
         Ok(fh)
     }
 
-    /// Creates a new file; it exists locally until its first upload (at flush or close).
+    /// Creates a new file; it exists here (and in the journal) until its first upload (at flush or close).
     pub async fn create(&self, parent: u64, name: &str, perm: u16, uid: u32, gid: u32) -> FsResult<(Attr, u64)> {
         self.check_writable()?;
         super::inode::check_name(name)?;
-        self.dir_path(parent)?;
+        let parent_path = self.dir_path(parent)?;
+        let key = self.key_of(&super::inode::join(&parent_path, name));
+        self.check_key(&key)?;
+        // The data key first: a KMS call must not happen under any lock.
+        let (codec, header) = self.new_codec().await?;
         let attr = Attr {
             ino: 0,
             kind: Kind::File,
@@ -134,35 +275,44 @@ impl Fs {
             ino
         };
         let attr = Attr { ino, ..attr };
-        let state = FileState {
+        let mut state = FileState {
+            key,
             base: None,
             base_valid: 0,
             size: 0,
-            bs: self.cfg.block_size,
-            codec: None,
-            dirty: BTreeMap::new(),
-            spilled: BTreeSet::new(),
-            staging: None,
-            modified: true,
-            meta_dirty: true,
+            bs: codec.block_size(),
+            codec,
+            header,
+            dirty: BTreeSet::new(),
+            cache: BTreeMap::new(),
+            journal: None,
+            generation: 1,
+            content_gen: 1,
+            saved_gen: 0,
+            min_cut: u64::MAX,
             attr: attr.clone(),
+            upload_token: None,
+            multipart: None,
             unlinked: false,
             poisoned: false,
         };
-        let file = Arc::new(OpenFile {
-            state: tokio::sync::Mutex::new(state),
-        });
-        lock(&self.open_files).insert(
+        self.ensure_journal(&mut state)?;
+        let file = OpenFile::new(ino, state);
+        let replaced = lock(&self.open_files).insert(
             ino,
             OpenEntry {
                 file: file.clone(),
                 count: 1,
             },
         );
-        Ok((attr, self.new_handle(ino, file, true).await))
+        if let Some(old) = replaced {
+            // An earlier file of this name that was unlinked while its upload was pending.
+            old.file.state.lock().await.unlink();
+        }
+        Ok((attr, self.new_handle(ino, file, true)))
     }
 
-    async fn new_handle(&self, ino: u64, file: Arc<OpenFile>, writable: bool) -> u64 {
+    fn new_handle(&self, ino: u64, file: Arc<OpenFile>, writable: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         if let Some(n) = lock(&self.inodes).get_mut(ino) {
             n.open_count += 1;
@@ -177,9 +327,8 @@ impl Fs {
         fh
     }
 
-    /// The shared state of an open inode, made from a fresh HEAD if no handle has it open.
     /// Takes one reference to the shared state of an inode, made from a fresh HEAD if nobody holds it.
-    async fn acquire(&self, ino: u64) -> FsResult<Arc<OpenFile>> {
+    pub(super) async fn acquire(&self, ino: u64) -> FsResult<Arc<OpenFile>> {
         if let Some(e) = lock(&self.open_files).get_mut(&ino) {
             e.count += 1;
             return Ok(e.file.clone());
@@ -188,36 +337,19 @@ impl Fs {
         let info = self.store.head(&key).await?;
         let version = self.version_of(&info).await?;
         let attr = self.cached_attr(ino)?;
-        let state = FileState {
-            base_valid: version.plain_size,
-            size: version.plain_size,
-            bs: version.codec.block_size(),
-            codec: Some((version.codec.clone(), version.header.clone())),
-            base: Some(version),
-            dirty: BTreeMap::new(),
-            spilled: BTreeSet::new(),
-            staging: None,
-            modified: false,
-            meta_dirty: false,
-            attr: Attr { size: 0, ..attr },
-            unlinked: false,
-            poisoned: false,
-        };
-        let file = Arc::new(OpenFile {
-            state: tokio::sync::Mutex::new(state),
-        });
+        let file = OpenFile::new(ino, FileState::opened(key, version, attr));
         let mut open = lock(&self.open_files);
         let e = open.entry(ino).or_insert(OpenEntry { file, count: 0 });
         e.count += 1;
         Ok(e.file.clone())
     }
 
-    /// The shared state of an open inode, if any.
+    /// The shared state of an open (or unsaved) inode, if any.
     pub(super) fn open_state(&self, ino: u64) -> Option<Arc<OpenFile>> {
         lock(&self.open_files).get(&ino).map(|e| e.file.clone())
     }
 
-    /// Gives back one reference; true if it was the last (the entry stays until [`Self::remove_if_unused`]).
+    /// Gives back one reference; true if it was the last.
     fn drop_ref(&self, ino: u64, file: &Arc<OpenFile>) -> bool {
         match lock(&self.open_files).get_mut(&ino) {
             Some(e) if Arc::ptr_eq(&e.file, file) => {
@@ -228,26 +360,47 @@ impl Fs {
         }
     }
 
-    /// Forgets the state once nobody took it again.
-    fn remove_if_unused(&self, ino: u64, file: &Arc<OpenFile>) {
+    /// Forgets the state once nobody holds it and nothing in it is unsaved.
+    pub(super) async fn remove_if_unused(&self, ino: u64, file: &Arc<OpenFile>) {
+        let unsaved = file.state.lock().await.unsaved();
+        if unsaved {
+            return;
+        }
         let mut open = lock(&self.open_files);
         if open
             .get(&ino)
             .is_some_and(|e| e.count == 0 && Arc::ptr_eq(&e.file, file))
         {
             open.remove(&ino);
+            drop(open);
+            let mut t = lock(&self.inodes);
+            if let Some(n) = t.get_mut(ino) {
+                n.pending = false;
+            }
+            t.forget(ino, 0);
         }
     }
 
-    /// Gives back one reference; the last one uploads what is left (changes made through another handle after
-    /// that handle's own last upload included), then forgets the state.
-    async fn let_go(&self, ino: u64, file: &Arc<OpenFile>) -> FsResult<()> {
-        let result = if self.drop_ref(ino, file) {
-            self.upload_file(ino, file).await
-        } else {
-            Ok(())
+    /// Gives back one reference; the last one saves what is left (changes made through another handle after
+    /// that handle's own flush included).
+    async fn let_go(&self, ino: u64, file: &Arc<OpenFile>, wait: bool) -> FsResult<()> {
+        let result = match (self.drop_ref(ino, file), wait) {
+            (true, true) => self.save(file).await,
+            (true, false) => {
+                let gen = file.state.lock().await.generation;
+                file.wanted.fetch_max(gen, Ordering::SeqCst);
+                self.kick(file);
+                Ok(())
+            }
+            (false, _) => Ok(()),
         };
-        self.remove_if_unused(ino, file);
+        if file.state.lock().await.unsaved() {
+            // Keep the inode (and so the new content) visible while the upload is retried.
+            if let Some(n) = lock(&self.inodes).get_mut(ino) {
+                n.pending = true;
+            }
+        }
+        self.remove_if_unused(ino, file).await;
         result
     }
 
@@ -266,137 +419,81 @@ impl Fs {
         })
     }
 
+    /// Starts the file's journal entry if it has none.
+    pub(super) fn ensure_journal(&self, st: &mut FileState) -> FsResult<()> {
+        if st.journal.is_some() {
+            return Ok(());
+        }
+        let seal = match st.codec.as_ref() {
+            Codec::Sealed { bs, cipher } if *bs == st.bs => SealWith::File(cipher.clone()),
+            _ => SealWith::JournalKey,
+        };
+        let mut m = st.manifest();
+        let j = self.journal.create(seal, st.bs, &mut m)?;
+        st.journal = Some(Arc::new(j));
+        Ok(())
+    }
+
+    /// The largest plaintext size a file of this codec can have: its object must fit S3's 5 TiB.
+    pub(super) fn max_size(codec: &Codec) -> u64 {
+        const S3_MAX_OBJECT: u64 = 5 << 40;
+        (S3_MAX_OBJECT / codec.stored_block_len()) * codec.block_len()
+    }
+
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let h = self.handle(fh)?;
         if !h.writable {
             return Err(FsError::BadHandle);
         }
-        let mut st = h.file.state.lock().await;
-        if st.poisoned {
-            return Err(FsError::Poisoned);
+        if data.is_empty() {
+            return Ok(0);
         }
-        let b = st.bs.get();
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let off = offset + pos as u64;
-            let index = off / b;
-            let in_block = (off % b) as usize;
-            let n = (b as usize - in_block).min(data.len() - pos);
-            if n == b as usize {
-                // A whole block: no need to read what was there.
-                st.spilled.remove(&index);
-                st.dirty.insert(index, data[pos..pos + n].to_vec());
-            } else {
-                let block = self.dirty_block_mut(&mut st, index).await?;
-                block[in_block..in_block + n].copy_from_slice(&data[pos..pos + n]);
-            }
-            pos += n;
-        }
-        st.size = st.size.max(offset + data.len() as u64);
-        st.modified = true;
-        st.attr.mtime = SystemTime::now();
-        self.spill_if_needed(&mut st).await?;
+        self.write_at(&h.file, offset, data).await?;
         Ok(data.len() as u32)
     }
 
-    /// The dirty copy of block `index`, made from its current content first.
-    async fn dirty_block_mut<'a>(&self, st: &'a mut FileState, index: u64) -> FsResult<&'a mut Vec<u8>> {
-        if !st.dirty.contains_key(&index) {
-            let block = self.current_block(st, index).await?;
-            st.spilled.remove(&index);
-            st.dirty.insert(index, block);
-        }
-        st.dirty.get_mut(&index).ok_or(FsError::BadHandle)
-    }
-
-    /// Block `index` as the file now has it: whole block length, zero-padded.
-    pub(super) async fn current_block(&self, st: &FileState, index: u64) -> FsResult<Vec<u8>> {
-        let b = st.bs.get();
-        if let Some(d) = st.dirty.get(&index) {
-            return Ok(d.clone());
-        }
-        if st.spilled.contains(&index) {
-            if let Some(s) = &st.staging {
-                return Ok(s.read_block(index, st.block_len())?);
-            }
-        }
-        let mut block = vec![0u8; st.block_len()];
-        let start = index * b;
-        if let Some(base) = st.base.as_ref().filter(|_| start < st.base_valid) {
-            let key = self.key_of(&self.path_of_state(st)?);
-            let got = self.base_blocks(&key, base, index..index + 1).await?;
-            let valid = (st.base_valid - start).min(b) as usize;
-            let src = &got[0];
-            let n = valid.min(src.len());
-            block[..n].copy_from_slice(&src[..n]);
-        }
-        Ok(block)
-    }
-
-    /// Moves all but the newest dirty blocks to the staging file when memory holds more than the bound.
-    async fn spill_if_needed(&self, st: &mut FileState) -> FsResult<()> {
-        if st.dirty_bytes() <= self.cfg.max_dirty_bytes {
-            return Ok(());
-        }
-        if st.staging.is_none() {
-            st.staging = Some(self.new_staging(st).await?);
-        }
-        let keep = st.dirty.keys().next_back().copied();
-        let indexes: Vec<u64> = st.dirty.keys().copied().filter(|i| Some(*i) != keep).collect();
-        for i in indexes {
-            if let Some(block) = st.dirty.remove(&i) {
-                if let Some(s) = &st.staging {
-                    s.write_block(i, &block)?;
-                }
-                st.spilled.insert(i);
-            }
-        }
-        Ok(())
-    }
-
-    /// A staging file in the object's format when the file's codec seals (made now for a new file), else one
-    /// under a key of its own.
-    async fn new_staging(&self, st: &mut FileState) -> FsResult<Staging> {
-        if st.codec.is_none() && self.keys.is_some() {
-            st.codec = Some(self.new_codec().await?);
-        }
-        match st.codec.as_ref().map(|c| c.0.as_ref()) {
-            Some(Codec::Sealed { bs, cipher }) if *bs == st.bs => {
-                Ok(Staging::for_file(&self.cfg.staging_dir, st.bs, cipher)?)
-            }
-            _ => Ok(Staging::new(&self.cfg.staging_dir, st.bs)?),
-        }
-    }
-
-    /// Sets the size (truncate down or extend with zeros).
-    pub(super) fn truncate_locked(&self, st: &mut FileState, size: u64) -> FsResult<()> {
+    /// Sets the size (truncate down or extend with zeros). Costs memory of at most one block, whatever the size.
+    pub(super) async fn truncate_locked(&self, st: &mut FileState, size: u64) -> FsResult<()> {
         if st.poisoned {
             return Err(FsError::Poisoned);
         }
+        if size > Self::max_size(&st.codec) {
+            return Err(FsError::FileTooBig);
+        }
+        self.ensure_journal(st)?;
         let b = st.bs.get();
         let keep_blocks = size.div_ceil(b);
-        st.dirty.retain(|i, _| *i < keep_blocks);
-        st.spilled.retain(|i| *i < keep_blocks);
-        if !size.is_multiple_of(b) {
-            let last = size / b;
-            if let Some(block) = st.dirty.get_mut(&last) {
-                block[(size % b) as usize..].fill(0);
-            }
-            // A spilled partial block is zeroed on the way back in.
-            if st.spilled.contains(&last) {
-                if let Some(s) = &st.staging {
-                    let mut block = s.read_block(last, st.block_len())?;
-                    block[(size % b) as usize..].fill(0);
-                    st.spilled.remove(&last);
-                    st.dirty.insert(last, block);
-                }
-            }
+        st.dirty.retain(|i| *i < keep_blocks);
+        st.cache.retain(|i, _| *i < keep_blocks);
+        let journal = st.journal.clone().ok_or(FsError::BadHandle)?;
+        let last = size / b;
+        let tail = (size % b) as usize;
+        let last_block = match (tail, st.is_dirty(last)) {
+            (0, _) | (_, false) => None,
+            _ => Some(st.cache.remove(&last)),
+        };
+        let zeroed = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Vec<u8>>> {
+            journal.cut(keep_blocks)?;
+            let Some(cached) = last_block else { return Ok(None) };
+            let block = match cached {
+                Some(block) => Some(block),
+                None => journal.read_block(last)?,
+            };
+            let Some(mut block) = block else { return Ok(None) };
+            block[tail..].fill(0);
+            journal.write_block(last, &block)?;
+            Ok(Some(block))
+        })
+        .await
+        .map_err(|e| FsError::Local(std::io::Error::other(e)))??;
+        if let Some(block) = zeroed {
+            st.cache.insert(last, block);
         }
         st.base_valid = st.base_valid.min(size);
+        st.min_cut = st.min_cut.min(size);
         st.size = size;
-        st.modified = true;
-        st.attr.mtime = SystemTime::now();
-        Ok(())
+        st.touch(true);
+        st.save_manifest()
     }
 
     /// setattr: size and/or attributes, with or without an open handle. Without one (truncate(2), chmod(2) on a
@@ -407,52 +504,68 @@ impl Fs {
             return self.set_metadata(ino, &change).await;
         }
         let file = self.acquire(ino).await?;
-        let applied = {
-            let mut st = file.state.lock().await;
-            let r = match size {
-                Some(size) => self.truncate_locked(&mut st, size),
-                None => Ok(()),
-            };
-            if r.is_ok() && !change.is_empty() {
-                change.apply(&mut st.attr);
-                st.meta_dirty = true;
-            }
-            r.map(|()| Attr {
-                ino,
-                size: st.size,
-                ..st.attr.clone()
-            })
-        };
-        let saved = self.let_go(ino, &file).await;
+        let applied = self.apply_setattr(&file, ino, size, &change).await;
+        let saved = self.let_go(ino, &file, true).await;
         let attr = applied?;
         saved?;
         Ok(attr)
     }
 
-    /// flush (every close of a descriptor) and fsync: uploads unsaved data; success means it is in S3.
-    pub async fn flush(&self, fh: u64) -> FsResult<()> {
-        let h = self.handle(fh)?;
-        // Also for read-only handles: an attribute change (fchmod, futimens) may be waiting.
-        self.upload_file(h.ino, &h.file).await
+    async fn apply_setattr(
+        &self,
+        file: &Arc<OpenFile>,
+        ino: u64,
+        size: Option<u64>,
+        change: &AttrChange,
+    ) -> FsResult<Attr> {
+        let mut st = file.state.lock().await;
+        if let Some(size) = size {
+            self.truncate_locked(&mut st, size).await?;
+        }
+        if !change.is_empty() {
+            change.apply(&mut st.attr);
+            st.touch(false);
+            self.ensure_journal(&mut st)?;
+            st.save_manifest()?;
+        }
+        Ok(Attr {
+            ino,
+            size: st.size,
+            ..st.attr.clone()
+        })
     }
 
-    /// The last close of a handle: uploads what is left, then forgets the state once no handle remains.
+    /// flush (every close of a descriptor) and fsync: saves unsaved data; success means it is in S3. A read-only
+    /// handle only starts the upload of what others changed (an fchmod through it, say) and does not wait: a
+    /// reader's close must not fail because a writer's upload is slow.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        self.save_for(&h).await
+    }
+
+    async fn save_for(&self, h: &Handle) -> FsResult<()> {
+        if h.writable {
+            return self.save(&h.file).await;
+        }
+        let gen = h.file.state.lock().await.generation;
+        h.file.wanted.fetch_max(gen, Ordering::SeqCst);
+        self.kick(&h.file);
+        Ok(())
+    }
+
+    /// The last close of a handle: saves what is left, then forgets the state once no handle remains and S3 has
+    /// everything.
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let Some(h) = lock(&self.handles).remove(&fh) else {
             return Err(FsError::BadHandle);
         };
-        let flushed = self.upload_file(h.ino, &h.file).await;
-        let last = self.let_go(h.ino, &h.file).await;
+        let flushed = self.save_for(&h).await;
+        let last = self.let_go(h.ino, &h.file, h.writable).await;
         let mut t = lock(&self.inodes);
         if let Some(n) = t.get_mut(h.ino) {
             n.open_count = n.open_count.saturating_sub(1);
         }
         t.forget(h.ino, 0);
         flushed.and(last)
-    }
-
-    /// The inode path that belongs to an open file's state (looked up by identity in the open-file map).
-    pub(super) fn path_of_state(&self, st: &FileState) -> FsResult<String> {
-        self.path_of(st.attr.ino)
     }
 }

@@ -120,6 +120,8 @@ impl TestMount {
     }
 
     pub fn try_mount(vol: &Volume, extra: &[&str]) -> anyhow::Result<TestMount> {
+        // The daemon's log lines, shown with a failing test's output.
+        let _ = env_logger::builder().is_test(true).try_init();
         let opts = vol.mount_options(extra);
         let rt = s3crypt::run::runtime()?;
         let (counter, backend, key_stats) = rt.block_on(async {
@@ -130,13 +132,18 @@ impl TestMount {
                 vol.bucket.clone(),
                 keys.sse.clone(),
             )));
-            let store: Arc<dyn ObjectStore> = counter.clone();
+            // As the daemon does: retries above the counting store, so every attempt is counted.
+            let store: Arc<dyn ObjectStore> = Arc::new(s3crypt::store::Retrying::new(
+                counter.clone(),
+                s3crypt::store::RetryPolicy::default(),
+            ));
             let backend = s3crypt::run::open_volume(&opts, &vol.bucket, "", store, &keys).await?;
             anyhow::Ok((counter, backend, keys.stats.clone()))
         })?;
         let block_size = backend.block_size.get();
-        let cfg = s3crypt::run::fs_config(&opts, &vol.bucket, "", backend.block_size);
-        let fs = Arc::new(Fs::new(backend.store, backend.keys, cfg));
+        let cfg = s3crypt::run::fs_config(&opts, &vol.bucket, "", backend.block_size, backend.journal_key.clone());
+        let fs = Fs::new(backend.store, backend.keys, cfg)?;
+        rt.block_on(fs.recover());
         let mnt = tempfile::Builder::new().prefix("s3crypt-test").tempdir()?;
         let source = format!("s3://{}", vol.bucket);
         let session = s3crypt::run::start_session(fs.clone(), rt.handle().clone(), mnt.path(), &opts, &source)?;

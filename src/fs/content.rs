@@ -1,0 +1,256 @@
+//! What a block of an open file holds now: one answer for the read path, the write path and uploads.
+//!
+//! Block `i` of an open file is, in this order: its plaintext in the state's cache, its sealed copy in the journal,
+//! the base version's block `i` cut at `base_valid`, or zeros. [`FileState::source`] says which; the functions
+//! here produce the bytes. The state's lock is held only while memory and the journal (local disk) are read; base
+//! blocks come from the block cache or S3 with no lock held, and a writer that needed one checks, once it has the
+//! lock again, that the block's source did not change meanwhile.
+use super::write::{FileState, OpenFile};
+use super::{Fs, FsError, FsResult};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Where block `i`'s current content comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Cached,
+    Journal,
+    /// The base's block, whose first `valid` bytes are still part of the file.
+    Base {
+        valid: usize,
+    },
+    Zeros,
+}
+
+impl FileState {
+    pub fn source(&self, i: u64) -> Source {
+        if self.cache.contains_key(&i) {
+            return Source::Cached;
+        }
+        if self.dirty.contains(&i) {
+            return Source::Journal;
+        }
+        let b = self.bs.get();
+        let start = i.saturating_mul(b);
+        match &self.base {
+            Some(_) if start < self.base_valid => Source::Base {
+                valid: (self.base_valid - start).min(b) as usize,
+            },
+            _ => Source::Zeros,
+        }
+    }
+}
+
+/// How a written block starts before the write's bytes go in.
+enum Start {
+    /// The write covers the whole block.
+    Whole,
+    Have(Vec<u8>),
+    Journal,
+}
+
+fn journal_lost(key: &str, i: u64) -> FsError {
+    log::error!("{key}: journal block {i} failed authentication (the local journal was damaged)");
+    FsError::Local(std::io::Error::other(format!("{key}: journal block {i} is damaged")))
+}
+
+fn join_err(e: tokio::task::JoinError) -> FsError {
+    FsError::Local(std::io::Error::other(e))
+}
+
+impl Fs {
+    /// The current plaintext of `blocks` of an open file, whole blocks, zero-padded.
+    pub(super) async fn blocks_now(&self, file: &OpenFile, blocks: Range<u64>) -> FsResult<Vec<Vec<u8>>> {
+        let (mut out, needs, base, key, b) = {
+            let st = file.state.lock().await;
+            let b = st.bs.get() as usize;
+            let mut out: Vec<Option<Vec<u8>>> = Vec::new();
+            let (mut from_journal, mut needs) = (Vec::new(), Vec::new());
+            for i in blocks.clone() {
+                out.push(match st.source(i) {
+                    Source::Cached => st.cache.get(&i).cloned(),
+                    Source::Journal => {
+                        from_journal.push(i);
+                        None
+                    }
+                    Source::Base { valid } => {
+                        needs.push((i, valid));
+                        None
+                    }
+                    Source::Zeros => Some(vec![0u8; b]),
+                });
+            }
+            if let (false, Some(j)) = (from_journal.is_empty(), st.journal.clone()) {
+                let idx = from_journal.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    idx.iter()
+                        .map(|i| j.read_block(*i))
+                        .collect::<std::io::Result<Vec<_>>>()
+                })
+                .await
+                .map_err(join_err)??;
+                for (i, block) in from_journal.into_iter().zip(read) {
+                    out[(i - blocks.start) as usize] = Some(block.ok_or_else(|| journal_lost(&st.key, i))?);
+                }
+            }
+            (out, needs, st.base.clone(), st.key.clone(), b)
+        };
+        if let (Some(&(first, _)), Some(&(last, _)), Some(base)) = (needs.first(), needs.last(), base) {
+            let got = self.base_blocks(&key, &base, first..last + 1).await?;
+            for (i, valid) in needs {
+                let src = &got[(i - first) as usize];
+                let mut block = vec![0u8; b];
+                let n = valid.min(src.len());
+                block[..n].copy_from_slice(&src[..n]);
+                out[(i - blocks.start) as usize] = Some(block);
+            }
+        }
+        Ok(out.into_iter().map(|b| b.unwrap_or_default()).collect())
+    }
+
+    /// Writes `data` at `offset`: every touched block is sealed into the journal before this returns.
+    pub(super) async fn write_at(&self, file: &Arc<OpenFile>, offset: u64, data: &[u8]) -> FsResult<()> {
+        let end = offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig)?;
+        loop {
+            let (edges, base_id) = {
+                let st = file.state.lock().await;
+                if st.poisoned {
+                    return Err(FsError::Poisoned);
+                }
+                if end > Self::max_size(&st.codec) {
+                    return Err(FsError::FileTooBig);
+                }
+                (self.edge_needs(&st, offset, end), st.base.as_ref().map(|b| b.id))
+            };
+            let mut fetched = Vec::new();
+            for &(i, valid) in &edges {
+                fetched.push((i, valid, self.blocks_now_base(file, i).await?));
+            }
+            let mut st = file.state.lock().await;
+            let unchanged = st.base.as_ref().map(|b| b.id) == base_id
+                && fetched
+                    .iter()
+                    .all(|(i, valid, _)| st.source(*i) == super::content::Source::Base { valid: *valid });
+            if !unchanged {
+                continue;
+            }
+            return self.apply_write(&mut st, offset, data, fetched).await;
+        }
+    }
+
+    /// The partial blocks at either end of a write whose current content is the base's.
+    fn edge_needs(&self, st: &FileState, offset: u64, end: u64) -> Vec<(u64, usize)> {
+        let b = st.bs.get();
+        let mut edges = Vec::new();
+        for (i, partial) in [
+            (offset / b, !offset.is_multiple_of(b) || end - offset < b),
+            ((end - 1) / b, !end.is_multiple_of(b)),
+        ] {
+            if let (true, Source::Base { valid }) = (partial, st.source(i)) {
+                if !edges.iter().any(|(j, _)| *j == i) {
+                    edges.push((i, valid));
+                }
+            }
+        }
+        edges
+    }
+
+    /// Base block `i` of the file as the state now names it (no lock held while fetching).
+    async fn blocks_now_base(&self, file: &OpenFile, i: u64) -> FsResult<Vec<u8>> {
+        let (base, key) = {
+            let st = file.state.lock().await;
+            (st.base.clone(), st.key.clone())
+        };
+        let Some(base) = base else { return Ok(Vec::new()) };
+        let got = self.base_blocks(&key, &base, i..i + 1).await?;
+        Ok(got.first().map(|b| b.to_vec()).unwrap_or_default())
+    }
+
+    /// Seals the written blocks into the journal and records them, under the state's lock.
+    async fn apply_write(
+        &self,
+        st: &mut FileState,
+        offset: u64,
+        data: &[u8],
+        fetched: Vec<(u64, usize, Vec<u8>)>,
+    ) -> FsResult<()> {
+        self.ensure_journal(st)?;
+        let b = st.bs.get();
+        let bl = b as usize;
+        let end = offset + data.len() as u64;
+        let mut ops: Vec<(u64, Start, usize, Vec<u8>)> = Vec::new();
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let off = offset + pos as u64;
+            let (i, from) = (off / b, (off % b) as usize);
+            let n = (bl - from).min(data.len() - pos);
+            let start = if n == bl {
+                Start::Whole
+            } else {
+                match st.source(i) {
+                    Source::Cached => Start::Have(st.cache.remove(&i).unwrap_or_else(|| vec![0u8; bl])),
+                    Source::Journal => Start::Journal,
+                    Source::Base { valid } => {
+                        let src = fetched.iter().find(|f| f.0 == i).map(|f| &f.2[..]).unwrap_or(&[]);
+                        let mut block = vec![0u8; bl];
+                        let k = valid.min(src.len());
+                        block[..k].copy_from_slice(&src[..k]);
+                        Start::Have(block)
+                    }
+                    Source::Zeros => Start::Have(vec![0u8; bl]),
+                }
+            };
+            ops.push((i, start, from, data[pos..pos + n].to_vec()));
+            pos += n;
+        }
+        let journal = st.journal.clone().ok_or(FsError::BadHandle)?;
+        let grown = (end > st.size).then_some(end);
+        let key = st.key.clone();
+        let written = tokio::task::spawn_blocking(move || seal_ops(&journal, ops, bl, grown, &key))
+            .await
+            .map_err(join_err)??;
+        for (i, block) in written {
+            st.dirty.insert(i);
+            st.cache.insert(i, block);
+        }
+        while st.cached_bytes() > self.cfg.max_dirty_bytes.max(b) {
+            st.cache.pop_first();
+        }
+        st.size = st.size.max(end);
+        st.touch(true);
+        Ok(())
+    }
+}
+
+/// Builds each written block, seals it into the journal and records a new size; returns the plaintext blocks.
+fn seal_ops(
+    journal: &super::journal::Journal,
+    ops: Vec<(u64, Start, usize, Vec<u8>)>,
+    bl: usize,
+    grown: Option<u64>,
+    key: &str,
+) -> FsResult<Vec<(u64, Vec<u8>)>> {
+    let mut out = Vec::with_capacity(ops.len());
+    for (i, start, from, bytes) in ops {
+        let block = match start {
+            Start::Whole => bytes,
+            Start::Have(mut block) => {
+                block.resize(bl, 0);
+                block[from..from + bytes.len()].copy_from_slice(&bytes);
+                block
+            }
+            Start::Journal => {
+                let mut block = journal.read_block(i)?.ok_or_else(|| journal_lost(key, i))?;
+                block.resize(bl, 0);
+                block[from..from + bytes.len()].copy_from_slice(&bytes);
+                block
+            }
+        };
+        journal.write_block(i, &block)?;
+        out.push((i, block));
+    }
+    if let Some(size) = grown {
+        journal.record_size(size)?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,653 @@
+//! The write-back journal: where a file's unsaved changes live until S3 holds them.
+//!
+//! # Why
+//! A program's write returns once the data is in the daemon. From then on the data must survive an S3 outage, a
+//! crash or kill of the daemon, and a restart: it is in S3, in this journal, or (after a real conflict) in the
+//! recovery directory. The journal is what lets a failed upload keep the data and a later mount finish the job.
+//!
+//! # Layout
+//! Under the mount's `staging_dir`, one directory per volume (`journal/<volume id>`, mode 0700), and in it, per
+//! file with unsaved changes, three files named after a random entry id:
+//! - `<id>.blocks`: the file's dirty blocks, sealed with AES-256-GCM-SIV, block `i` at offset `i * (B + 28)`; the
+//!   file is sparse. In the client-side modes the blocks are sealed exactly as the object holds them (the file's
+//!   own data key and file id, non-final), so the journal holds only ciphertext the object would hold anyway and an
+//!   upload copies them as they are. In the SSE modes they are sealed under the volume's journal key (see
+//!   [`JournalRoot`]) and a per-entry id.
+//! - `<id>.manifest`: what the blocks belong to: the object key, the base version (ETag and sizes) the changes
+//!   apply to, how much of the base is still valid, the size, the POSIX attributes, the client-side header and
+//!   the token and upload id of an upload in flight. Written whole to a temporary file and renamed over.
+//! - `<id>.sizes`: appended 16-byte records `(manifest seq, size)`, one per write that grows the file, so that
+//!   appends do not rewrite the manifest. A record counts only if its seq is the manifest's.
+//!
+//! Which blocks are dirty is not recorded anywhere: a slot is dirty exactly when it authenticates. A hole reads as
+//! zeros and fails, and a truncation cuts the blocks file, so a stale slot cannot come back.
+//!
+//! # Durability
+//! Every write reaches the blocks file (and, when it grows the file, the sizes file) before it returns: a kill of
+//! the daemon loses nothing a program was told was written. [`Journal::sync`] (fsync of all three files and the
+//! directory) runs when the data has to outlive a power loss: when an upload fails at close or fsync, and at
+//! unmount. A block that was being rewritten at the very moment of a crash can fail authentication; it then reads
+//! as its content at the last successful upload (the log names it at recovery).
+use crate::format::{self, BlockCipher, BlockSize, DataKey, FileId};
+use crate::store::Metadata;
+use rand::RngCore;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Manifest format version.
+const MANIFEST_VERSION: u32 = 1;
+/// Bytes per record of the sizes file.
+const SIZE_RECORD: usize = 16;
+
+/// The journal directory of one volume and the key that seals journal blocks of files that have no key of their
+/// own (the SSE modes, and plaintext objects in a client-side mount with `allow_plaintext`).
+pub struct JournalRoot {
+    dir: PathBuf,
+    key: DataKey,
+}
+
+impl std::fmt::Debug for JournalRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JournalRoot").field("dir", &self.dir).finish()
+    }
+}
+
+/// Where a file's journal blocks are sealed.
+#[derive(Clone)]
+pub enum SealWith {
+    /// The file's own cipher: blocks are in the object's format.
+    File(Box<BlockCipher>),
+    /// The volume's journal key with a fresh per-entry id.
+    JournalKey,
+}
+
+impl JournalRoot {
+    /// Opens (creating, mode 0700) `<staging_dir>/journal/<volume_id>`. `key`: the journal key, or `None` to use
+    /// (creating on first use) a random key in the file `journal.key` (mode 0600) in that directory.
+    pub fn open(staging_dir: &Path, volume_id: &str, key: Option<DataKey>) -> io::Result<JournalRoot> {
+        let dir = staging_dir.join("journal").join(volume_id);
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        let key = match key {
+            Some(k) => k,
+            None => local_key(&dir.join("journal.key"))?,
+        };
+        Ok(JournalRoot { dir, key })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts a new, empty journal entry for `manifest` (its manifest is written at once).
+    pub fn create(&self, seal: SealWith, bs: BlockSize, manifest: &mut Manifest) -> io::Result<Journal> {
+        let mut id = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut id);
+        let entry = hex::encode(id);
+        let (cipher, object_format) = match seal {
+            SealWith::File(c) => (*c, true),
+            SealWith::JournalKey => {
+                let mut fid: FileId = [0u8; 16];
+                rand::rngs::OsRng.fill_bytes(&mut fid);
+                manifest.journal_file_id = Some(hex::encode(fid));
+                (BlockCipher::new(&self.key, fid), false)
+            }
+        };
+        manifest.object_format = object_format;
+        manifest.block_size = bs.get();
+        let j = Journal::open_files(&self.dir, &entry, cipher, object_format, bs, true)?;
+        j.save_manifest(manifest)?;
+        Ok(j)
+    }
+
+    /// Every entry left in the directory (by an earlier run of the daemon): its manifest and id. Entries whose
+    /// manifest cannot be read are reported in the log and left alone.
+    pub fn entries(&self) -> Vec<(String, Manifest)> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(".tmp") {
+                // A large part being assembled when an earlier run died; it is made anew if still needed.
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+            let Some(id) = name.strip_suffix(".manifest") else {
+                continue;
+            };
+            match std::fs::read_to_string(e.path())
+                .map_err(|e| e.to_string())
+                .and_then(|t| Manifest::parse(&t))
+            {
+                Ok(m) => out.push((id.to_string(), m)),
+                Err(err) => log::error!(
+                    "journal entry {}: unreadable manifest, left as is: {err}",
+                    e.path().display()
+                ),
+            }
+        }
+        out
+    }
+
+    /// Opens an existing entry. `file_cipher`: the file's own cipher when the manifest says the blocks are in the
+    /// object's format.
+    pub fn reopen(&self, id: &str, m: &Manifest, file_cipher: Option<BlockCipher>) -> io::Result<Journal> {
+        let bs = BlockSize::new(m.block_size as u32)
+            .ok_or_else(|| io::Error::other(format!("journal entry {id}: bad block size {}", m.block_size)))?;
+        let cipher = if m.object_format {
+            file_cipher.ok_or_else(|| io::Error::other(format!("journal entry {id}: the file's key is needed")))?
+        } else {
+            let fid = m
+                .journal_file_id
+                .as_deref()
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|v| FileId::try_from(v.as_slice()).ok())
+                .ok_or_else(|| io::Error::other(format!("journal entry {id}: no journal file id")))?;
+            BlockCipher::new(&self.key, fid)
+        };
+        let j = Journal::open_files(&self.dir, id, cipher, m.object_format, bs, false)?;
+        j.seq.store(m.seq, std::sync::atomic::Ordering::Relaxed);
+        Ok(j)
+    }
+}
+
+/// Reads the local journal key, or makes one (mode 0600, written to a temporary file and renamed).
+fn local_key(path: &Path) -> io::Result<DataKey> {
+    match std::fs::read(path) {
+        Ok(bytes) => DataKey::from_slice(&bytes)
+            .ok_or_else(|| io::Error::other(format!("{}: not a 32-byte key", path.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut key);
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.write_all(&key)?;
+            f.sync_all()?;
+            // Another daemon may have won the race: keep whichever key landed first.
+            if std::fs::hard_link(&tmp, path).is_err() && !path.exists() {
+                std::fs::rename(&tmp, path)?;
+            }
+            let _ = std::fs::remove_file(&tmp);
+            let bytes = std::fs::read(path)?;
+            zeroize::Zeroize::zeroize(&mut key);
+            DataKey::from_slice(&bytes)
+                .ok_or_else(|| io::Error::other(format!("{}: not a 32-byte key", path.display())))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What a journal entry's blocks belong to. Plain data, written as `name value` lines; strings are hex-encoded so
+/// that any key or ETag round-trips.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub seq: u64,
+    /// The full object key.
+    pub key: String,
+    /// The version the changes apply to; `None` for a file S3 does not have yet.
+    pub base: Option<BaseRef>,
+    /// Bytes of the base still part of the file.
+    pub base_valid: u64,
+    pub size: u64,
+    pub block_size: u64,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: SystemTime,
+    /// The s3crypt header (client-side modes): the object metadata that carries the wrapped key and file id.
+    pub header: Metadata,
+    /// Blocks are sealed with the file's own key, in the object's format.
+    pub object_format: bool,
+    /// Hex file id of the journal-key sealing (when not `object_format`).
+    pub journal_file_id: Option<String>,
+    /// The token of the last upload that may have reached S3: an object carrying it holds this entry's data
+    /// as of that upload.
+    pub upload_token: Option<String>,
+    /// A multipart upload started for this entry and not yet completed or aborted.
+    pub multipart: Option<String>,
+    /// Content changed (else only attributes).
+    pub modified: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseRef {
+    pub etag: String,
+    pub object_size: u64,
+    pub plain_size: u64,
+}
+
+impl Default for Manifest {
+    fn default() -> Self {
+        Manifest {
+            seq: 0,
+            key: String::new(),
+            base: None,
+            base_valid: 0,
+            size: 0,
+            block_size: 0,
+            perm: 0,
+            uid: 0,
+            gid: 0,
+            mtime: UNIX_EPOCH,
+            header: Metadata::new(),
+            object_format: false,
+            journal_file_id: None,
+            upload_token: None,
+            multipart: None,
+            modified: false,
+        }
+    }
+}
+
+impl Manifest {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let mut line = |k: &str, v: String| {
+            s.push_str(k);
+            s.push(' ');
+            s.push_str(&v);
+            s.push('\n');
+        };
+        line("version", MANIFEST_VERSION.to_string());
+        line("seq", self.seq.to_string());
+        line("key", hex::encode(&self.key));
+        if let Some(b) = &self.base {
+            line(
+                "base",
+                format!("{} {} {}", hex::encode(&b.etag), b.object_size, b.plain_size),
+            );
+        }
+        line("base_valid", self.base_valid.to_string());
+        line("size", self.size.to_string());
+        line("block_size", self.block_size.to_string());
+        line("attr", format!("{} {} {}", self.perm, self.uid, self.gid));
+        let t = self.mtime.duration_since(UNIX_EPOCH).unwrap_or_default();
+        line("mtime", format!("{} {}", t.as_secs(), t.subsec_nanos()));
+        for (k, v) in &self.header {
+            line("header", format!("{} {}", hex::encode(k), hex::encode(v)));
+        }
+        line("object_format", u8::from(self.object_format).to_string());
+        if let Some(f) = &self.journal_file_id {
+            line("journal_file_id", f.clone());
+        }
+        if let Some(t) = &self.upload_token {
+            line("upload_token", t.clone());
+        }
+        if let Some(u) = &self.multipart {
+            line("multipart", hex::encode(u));
+        }
+        line("modified", u8::from(self.modified).to_string());
+        line("end", "1".into());
+        s
+    }
+
+    pub fn parse(text: &str) -> Result<Manifest, String> {
+        let mut m = Manifest::default();
+        let mut complete = false;
+        for l in text.lines() {
+            let (k, v) = l.split_once(' ').ok_or_else(|| format!("bad line {l:?}"))?;
+            let f: Vec<&str> = v.split(' ').collect();
+            let num = |i: usize| -> Result<u64, String> {
+                f.get(i)
+                    .and_then(|x| x.parse().ok())
+                    .ok_or_else(|| format!("bad {k} line"))
+            };
+            let text = |i: usize| -> Result<String, String> {
+                f.get(i)
+                    .and_then(|x| hex::decode(x).ok())
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| format!("bad {k} line"))
+            };
+            match k {
+                "version" if num(0)? == u64::from(MANIFEST_VERSION) => {}
+                "version" => return Err(format!("unsupported manifest version {v}")),
+                "seq" => m.seq = num(0)?,
+                "key" => m.key = text(0)?,
+                "base" => {
+                    m.base = Some(BaseRef {
+                        etag: text(0)?,
+                        object_size: num(1)?,
+                        plain_size: num(2)?,
+                    })
+                }
+                "base_valid" => m.base_valid = num(0)?,
+                "size" => m.size = num(0)?,
+                "block_size" => m.block_size = num(0)?,
+                "attr" => {
+                    m.perm = num(0)? as u16;
+                    m.uid = num(1)? as u32;
+                    m.gid = num(2)? as u32;
+                }
+                "mtime" => m.mtime = UNIX_EPOCH + Duration::new(num(0)?, num(1)? as u32),
+                "header" => {
+                    m.header.insert(text(0)?, text(1)?);
+                }
+                "object_format" => m.object_format = num(0)? == 1,
+                "journal_file_id" => m.journal_file_id = Some(v.to_string()),
+                "upload_token" => m.upload_token = Some(v.to_string()),
+                "multipart" => m.multipart = Some(text(0)?),
+                "modified" => m.modified = num(0)? == 1,
+                "end" => complete = true,
+                _ => return Err(format!("unknown manifest line {k:?}")),
+            }
+        }
+        if !complete || m.key.is_empty() {
+            return Err("incomplete manifest".into());
+        }
+        Ok(m)
+    }
+}
+
+/// One file's journal entry.
+pub struct Journal {
+    dir: PathBuf,
+    id: String,
+    blocks: File,
+    sizes: File,
+    cipher: BlockCipher,
+    object_format: bool,
+    bs: BlockSize,
+    stored_len: u64,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("id", &self.id).finish()
+    }
+}
+
+impl Journal {
+    fn open_files(
+        dir: &Path,
+        id: &str,
+        cipher: BlockCipher,
+        object_format: bool,
+        bs: BlockSize,
+        new: bool,
+    ) -> io::Result<Journal> {
+        let open = |ext: &str, append: bool| {
+            let mut o = OpenOptions::new();
+            o.read(true).mode(0o600).create(new);
+            if append {
+                o.append(true);
+            } else {
+                o.write(true);
+            }
+            o.open(dir.join(format!("{id}.{ext}")))
+        };
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+            id: id.to_string(),
+            blocks: open("blocks", false)?,
+            sizes: open("sizes", true)?,
+            cipher,
+            object_format,
+            bs,
+            stored_len: format::sealed_block_len(bs),
+            seq: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// True when [`read_sealed`](Self::read_sealed) gives blocks in the object's format.
+    pub fn is_object_format(&self) -> bool {
+        self.object_format
+    }
+
+    /// Seals `plain` (a whole block, zero-padded) as block `index` and writes it.
+    pub fn write_block(&self, index: u64, plain: &[u8]) -> io::Result<()> {
+        let mut out = Vec::with_capacity(plain.len() + format::BLOCK_OVERHEAD as usize);
+        self.cipher
+            .seal_into(index, false, plain, &mut rand::thread_rng(), &mut out);
+        self.blocks.write_all_at(&out, index * self.stored_len)
+    }
+
+    /// The plaintext of block `index`, or `None` when the slot does not authenticate (never written, cut, or torn
+    /// by a crash).
+    pub fn read_block(&self, index: u64) -> io::Result<Option<Vec<u8>>> {
+        let sealed = self.read_sealed(index)?;
+        Ok(self.cipher.open(index, false, &sealed).ok())
+    }
+
+    /// Opens a slot's bytes read earlier with [`read_sealed`](Self::read_sealed).
+    pub fn open_sealed(&self, index: u64, sealed: &[u8]) -> Option<Vec<u8>> {
+        self.cipher.open(index, false, sealed).ok()
+    }
+
+    /// The sealed bytes of slot `index` (zeros past the end of the file).
+    pub fn read_sealed(&self, index: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.stored_len as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match self
+                .blocks
+                .read_at(&mut buf[done..], index * self.stored_len + done as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Drops every slot from block `keep_blocks` on.
+    pub fn cut(&self, keep_blocks: u64) -> io::Result<()> {
+        let len = self.blocks.metadata()?.len();
+        let keep = keep_blocks.saturating_mul(self.stored_len);
+        if len > keep {
+            self.blocks.set_len(keep)?;
+        }
+        Ok(())
+    }
+
+    /// Records a new size without rewriting the manifest.
+    pub fn record_size(&self, size: u64) -> io::Result<()> {
+        let mut rec = [0u8; SIZE_RECORD];
+        rec[..8].copy_from_slice(&self.seq.load(std::sync::atomic::Ordering::Relaxed).to_le_bytes());
+        rec[8..].copy_from_slice(&size.to_le_bytes());
+        (&self.sizes).write_all(&rec)
+    }
+
+    /// Writes `m` (with the next seq) over the manifest, then clears the sizes file (its records are now stale).
+    pub fn save_manifest(&self, m: &mut Manifest) -> io::Result<()> {
+        m.seq = self.seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
+        let path = self.dir.join(format!("{}.manifest", self.id));
+        let tmp = self.dir.join(format!("{}.manifest.tmp", self.id));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(m.render().as_bytes())?;
+        std::fs::rename(&tmp, &path)?;
+        self.seq.store(m.seq, std::sync::atomic::Ordering::Relaxed);
+        self.sizes.set_len(0)
+    }
+
+    /// The size the entry's last records give: the newest size record of the current manifest, else its size.
+    pub fn recorded_size(&self, m: &Manifest) -> io::Result<u64> {
+        let mut bytes = Vec::new();
+        (&self.sizes).read_to_end(&mut bytes)?;
+        let mut size = m.size;
+        for rec in bytes.chunks_exact(SIZE_RECORD) {
+            let seq = u64::from_le_bytes(rec[..8].try_into().unwrap_or_default());
+            if seq == m.seq {
+                size = u64::from_le_bytes(rec[8..].try_into().unwrap_or_default());
+            }
+        }
+        Ok(size)
+    }
+
+    /// The blocks below `n_blocks` whose slots authenticate (recovery).
+    pub fn scan(&self, n_blocks: u64) -> io::Result<Vec<u64>> {
+        let len = self.blocks.metadata()?.len();
+        let slots = len.div_ceil(self.stored_len).min(n_blocks);
+        let mut out = Vec::new();
+        for i in 0..slots {
+            if self.read_block(i)?.is_some() {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes everything written so far survive a power loss.
+    pub fn sync(&self) -> io::Result<()> {
+        self.blocks.sync_data()?;
+        self.sizes.sync_data()?;
+        File::open(self.dir.join(format!("{}.manifest", self.id)))?.sync_all()?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// Deletes the entry (its data is in S3 or in the recovery directory). The manifest goes first: without it
+    /// the blocks are never looked at again.
+    pub fn remove(&self) {
+        for ext in ["manifest", "sizes", "blocks", "manifest.tmp"] {
+            let p = self.dir.join(format!("{}.{ext}", self.id));
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    log::warn!("removing journal file {}: {e}", p.display());
+                }
+            }
+        }
+    }
+
+    pub fn block_size(&self) -> BlockSize {
+        self.bs
+    }
+}
+
+/// A volume's journal directory name: a hash of the bucket and prefix, so that two volumes never share one. The
+/// endpoint is left out on purpose: one bucket reached through another endpoint (a proxy, a regional name) is the
+/// same volume, and its journal must be found.
+pub fn volume_id(bucket: &str, prefix: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(format!("{bucket}\n{prefix}").as_bytes());
+    format!("{}-{}", sanitize(bucket), &hex::encode(h)[..16])
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .take(40)
+        .collect()
+}
+
+/// A random upload token (hex), stored in an object's metadata to recognise one's own write after a lost
+/// response.
+pub fn new_token() -> String {
+    let mut t = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut t);
+    hex::encode(t)
+}
+
+/// Metadata name of the upload token.
+pub const META_UPLOAD_TOKEN: &str = "s3crypt-upload";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bs() -> BlockSize {
+        BlockSize::new(4096).unwrap()
+    }
+
+    fn manifest() -> Manifest {
+        Manifest {
+            key: "dir/a file".into(),
+            base: Some(BaseRef {
+                etag: "\"abc\"".into(),
+                object_size: 100,
+                plain_size: 72,
+            }),
+            base_valid: 50,
+            size: 9000,
+            perm: 0o640,
+            uid: 1,
+            gid: 2,
+            mtime: UNIX_EPOCH + Duration::new(1_700_000_000, 123),
+            header: [("s3crypt-key".to_string(), "x y".to_string())].into_iter().collect(),
+            upload_token: Some("tok".into()),
+            multipart: Some("up/id".into()),
+            modified: true,
+            ..Manifest::default()
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips_and_refuses_truncation() {
+        let mut m = manifest();
+        m.seq = 7;
+        m.journal_file_id = Some("00ff".into());
+        let text = m.render();
+        assert_eq!(Manifest::parse(&text).unwrap(), m);
+        let cut = &text[..text.len() - 6];
+        assert!(Manifest::parse(cut).is_err());
+    }
+
+    #[test]
+    fn blocks_sizes_and_reopen_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let mut m = manifest();
+        let j = root.create(SealWith::JournalKey, bs(), &mut m).unwrap();
+        j.write_block(0, &[1u8; 4096]).unwrap();
+        j.write_block(3, &[3u8; 4096]).unwrap();
+        j.record_size(4 * 4096 - 5).unwrap();
+        // No sync, no close: a killed daemon leaves exactly this.
+        let (id, m2) = root.entries().pop().unwrap();
+        assert_eq!(id, j.id());
+        let root2 = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let j2 = root2.reopen(&id, &m2, None).unwrap();
+        assert_eq!(j2.recorded_size(&m2).unwrap(), 4 * 4096 - 5);
+        assert_eq!(j2.scan(10).unwrap(), vec![0, 3]);
+        assert_eq!(j2.read_block(3).unwrap().unwrap(), vec![3u8; 4096]);
+        // The raw file holds no plaintext.
+        let raw = std::fs::read(dir.path().join("journal/vol").join(format!("{id}.blocks"))).unwrap();
+        assert!(!raw.windows(64).any(|w| w.iter().all(|b| *b == 3)));
+        // A cut drops slots for good; a new manifest makes old size records stale.
+        j2.cut(1).unwrap();
+        assert_eq!(j2.scan(10).unwrap(), vec![0]);
+        let mut m3 = m2.clone();
+        m3.size = 10;
+        j2.save_manifest(&mut m3).unwrap();
+        assert_eq!(j2.recorded_size(&m3).unwrap(), 10);
+        j2.remove();
+        assert!(root2.entries().is_empty());
+    }
+
+    #[test]
+    fn a_torn_slot_does_not_authenticate() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        j.write_block(0, &[7u8; 4096]).unwrap();
+        j.blocks.write_all_at(&[0u8; 100], 2000).unwrap();
+        assert!(j.read_block(0).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_local_journal_key_is_private_and_stable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = JournalRoot::open(dir.path(), "v", None).unwrap();
+        let b = JournalRoot::open(dir.path(), "v", None).unwrap();
+        assert_eq!(a.key.as_bytes(), b.key.as_bytes());
+        let mode = std::fs::metadata(dir.path().join("journal/v/journal.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
