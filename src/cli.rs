@@ -136,6 +136,8 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("nonempty", "", "off", "allow mounting over a non-empty directory"),
     opt("fsname", "NAME", "SOURCE", "the name shown by mount(8) and df"),
     opt("stats_file", "FILE", "none", "on SIGUSR1, write request, byte and KMS counters as JSON to FILE"),
+    opt("metrics_addr", "HOST:PORT", "off", "serve Prometheus /metrics and /health over HTTP here (e.g. 127.0.0.1:9464)"),
+    opt("log_level", "LEVEL", "info", "error|warn|info|debug|trace, or TARGET=LEVEL;... (e.g. s3crypt=debug;aws=warn); RUST_LOG wins"),
 ];
 
 /// Standard mount(8)/systemd option words that s3crypt accepts and passes over.
@@ -238,6 +240,11 @@ pub struct MountOptions {
     pub fsname: Option<String>,
     /// Where SIGUSR1 writes the counters.
     pub stats_file: Option<PathBuf>,
+    /// Where the Prometheus `/metrics` and `/health` endpoint listens; `None`: no endpoint.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The log filter (`info`, `debug`, `s3crypt=debug;aws=warn`, ...; `;` separates directives, as `,`
+    /// separates options); `RUST_LOG` wins over it.
+    pub log_level: Option<String>,
     /// Standard mount(8)/systemd words that were accepted and passed over, as given.
     pub ignored: Vec<String>,
 }
@@ -274,6 +281,8 @@ impl Default for MountOptions {
             nonempty: false,
             fsname: None,
             stats_file: None,
+            metrics_addr: None,
+            log_level: None,
             ignored: Vec::new(),
         }
     }
@@ -332,6 +341,8 @@ impl MountOptions {
             "nonempty" => self.nonempty = w.flag()?,
             "fsname" => self.fsname = Some(w.text()?.to_string()),
             "stats_file" => self.stats_file = Some(PathBuf::from(w.text()?)),
+            "metrics_addr" => self.metrics_addr = Some(w.socket_addr()?),
+            "log_level" => self.log_level = Some(w.log_level()?),
             "remount" => return Err(w.err("remounting is not supported; unmount and mount again")),
             n if is_standard_ignored(n) => self.ignored.push(word.to_string()),
             _ => {
@@ -473,6 +484,30 @@ impl Word<'_> {
     fn duration(&self) -> Result<Duration, OptionError> {
         let v = self.text()?;
         parse_duration(v).ok_or_else(|| self.err(&format!("'{v}' is not a duration (e.g. 600, 600s, 10m, 1h, 500ms)")))
+    }
+
+    /// `HOST:PORT` with a literal IP address (`127.0.0.1:9464`, `[::1]:9464`): no name lookup at parse time.
+    fn socket_addr(&self) -> Result<std::net::SocketAddr, OptionError> {
+        let v = self.text()?;
+        v.parse().map_err(|_| {
+            self.err(&format!(
+                "'{v}' is not HOST:PORT with an IP address, e.g. 127.0.0.1:9464"
+            ))
+        })
+    }
+
+    /// A level name, or an env_logger filter made of `target=level` directives.
+    fn log_level(&self) -> Result<String, OptionError> {
+        let v = self.text()?;
+        const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+        let ok = v.split(';').all(|d| {
+            let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
+            LEVELS.contains(&level.to_ascii_lowercase().as_str())
+        });
+        if !ok {
+            return Err(self.err(&format!("'{v}' is not a log level; valid: {}", LEVELS.join(", "))));
+        }
+        Ok(v.to_string())
     }
 
     fn store(&self) -> Result<StoreKind, OptionError> {
@@ -690,6 +725,37 @@ mod tests {
 
     fn strings(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn metrics_addr_is_off_by_default_and_takes_an_ip_and_port() {
+        assert_eq!(parse("").metrics_addr, None);
+        let a = parse("metrics_addr=127.0.0.1:9464").metrics_addr.unwrap();
+        assert_eq!(a.to_string(), "127.0.0.1:9464");
+        assert_eq!(parse("metrics_addr=[::1]:9").metrics_addr.unwrap().port(), 9);
+        for bad in [
+            "metrics_addr",
+            "metrics_addr=",
+            "metrics_addr=localhost:9464",
+            "metrics_addr=127.0.0.1",
+        ] {
+            let e = MountOptions::parse(&[bad]).unwrap_err().0;
+            assert!(e.contains("metrics_addr"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn log_level_takes_a_level_or_directives() {
+        assert_eq!(parse("").log_level, None);
+        assert_eq!(parse("log_level=debug").log_level.as_deref(), Some("debug"));
+        assert_eq!(
+            parse("log_level=s3crypt=debug;aws_smithy=WARN").log_level.as_deref(),
+            Some("s3crypt=debug;aws_smithy=WARN")
+        );
+        for bad in ["log_level", "log_level=loud", "log_level=s3crypt=verbose"] {
+            let e = MountOptions::parse(&[bad]).unwrap_err().0;
+            assert!(e.contains("log_level"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -11,7 +11,6 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     // Before any thread starts: takes the readiness pipe of a background start out of the environment.
     s3crypt::notify::Readiness::init();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let mut args: Vec<String> = std::env::args().collect();
     if args.first().is_some_and(|a| cli::is_mount_helper(a)) {
         match cli::mount_helper_args(&args[1..]) {
@@ -26,6 +25,7 @@ fn main() -> ExitCode {
         }
     }
     let cli = Cli::parse_from(&args);
+    init_logging(&cli);
     match run(cli, &args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -33,6 +33,32 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The log filter: `RUST_LOG` if set, else the `log_level=` mount option, else `-v`/`-vv`, else info. Colour only
+/// on a terminal; under systemd (journald adds its own timestamp) no timestamp.
+fn init_logging(cli: &Cli) {
+    use std::io::IsTerminal;
+    let words = match &cli.command {
+        Command::Mount { options, .. } | Command::Cat { options, .. } | Command::Put { options, .. } => options.clone(),
+        Command::Keygen { .. } => Vec::new(),
+    };
+    // A bad option is reported (after this) by the command; here it only means no level from the options.
+    let from_option = MountOptions::parse(&words).ok().and_then(|o| o.log_level);
+    let default = match (from_option, cli.verbose) {
+        (Some(level), _) => level.replace(';', ","),
+        (None, 0) => "info".to_string(),
+        (None, 1) => "debug".to_string(),
+        (None, _) => "trace".to_string(),
+    };
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
+    if !std::io::stderr().is_terminal() {
+        b.write_style(env_logger::WriteStyle::Never);
+    }
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        b.format_timestamp(None);
+    }
+    b.init();
 }
 
 fn options(words: &[String]) -> anyhow::Result<MountOptions> {
