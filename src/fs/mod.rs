@@ -32,6 +32,7 @@ mod error;
 pub mod inode;
 pub mod journal;
 mod read;
+mod stats;
 mod upload;
 mod uploader;
 mod write;
@@ -41,6 +42,7 @@ pub use upload::MAX_PARTS;
 pub use dir::{AttrChange, DirEntry};
 pub use error::{FsError, FsResult};
 pub use inode::{Attr, Kind, ROOT_INO};
+pub use stats::FsStats;
 pub use uploader::Recovery;
 
 use crate::format::{BlockCipher, BlockSize, DataKey, ObjectHeader, FORMAT_VERSION};
@@ -156,6 +158,8 @@ pub struct Fs {
     journal: journal::JournalRoot,
     /// Files recovered from the journal at mount whose upload still fails (no inode names them).
     recovered: Mutex<Vec<Arc<OpenFile>>>,
+    /// Event counters for metrics (see [`stats`]).
+    counters: Arc<stats::FsCounters>,
     /// This file system, for the upload tasks it spawns.
     me: Weak<Fs>,
 }
@@ -194,6 +198,7 @@ impl Fs {
             reader,
             journal,
             recovered: Mutex::new(Vec::new()),
+            counters: Default::default(),
             me: me.clone(),
             cfg,
         }))

@@ -8,6 +8,7 @@
 //! An authentication failure is EIO for that read and a log line naming the object and block.
 use super::blockcache::{Block, BlockCache};
 use super::codec::Version;
+use super::stats::FsCounters;
 use super::{lock, Fs, FsError, FsResult};
 use crate::format::{self, BlockSize, FormatError};
 use crate::store::{ByteRange, ObjectStore};
@@ -46,6 +47,7 @@ impl ReadAhead {
 async fn fetch_run(
     store: Arc<dyn ObjectStore>,
     cache: Arc<BlockCache>,
+    counters: Arc<FsCounters>,
     key: String,
     v: Version,
     blocks: Range<u64>,
@@ -85,6 +87,7 @@ async fn fetch_run(
             }
             Err(source) => {
                 if let FormatError::Auth { block } = source {
+                    counters.auth_failure();
                     log::error!(
                         "{key}: authentication failed for block {block}: the object was modified, truncated or sealed under another key"
                     );
@@ -204,7 +207,15 @@ impl Fs {
                 j += 1;
             }
             let run = index..blocks.start + j as u64;
-            let fetched = fetch_run(self.store.clone(), self.cache.clone(), key.to_string(), v.clone(), run).await?;
+            let fetched = fetch_run(
+                self.store.clone(),
+                self.cache.clone(),
+                self.counters.clone(),
+                key.to_string(),
+                v.clone(),
+                run,
+            )
+            .await?;
             for (k, b) in fetched.into_iter().enumerate() {
                 got[i + k] = Some(b.map_err(FsError::Shared)?);
             }
@@ -224,16 +235,17 @@ impl Fs {
         if range.clone().all(|i| self.cache.contains(v.id, i)) {
             return None;
         }
-        let (store, cache, key2, v2, map) = (
+        let (store, cache, counters, key2, v2, map) = (
             self.store.clone(),
             self.cache.clone(),
+            self.counters.clone(),
             key.to_string(),
             v.clone(),
             self.reader.inflight.clone(),
         );
         let id = v.id;
         let fut: ChunkFuture = async move {
-            let r = fetch_run(store, cache, key2, v2, range)
+            let r = fetch_run(store, cache, counters, key2, v2, range)
                 .await
                 .map(Arc::new)
                 .map_err(Arc::new);

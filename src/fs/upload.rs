@@ -485,6 +485,7 @@ impl Fs {
     /// drop the journal only if the recovery file is complete.
     async fn conflict(&self, file: &OpenFile, snap: &Snapshot, msg: &str) -> FsError {
         let key = snap.key.clone();
+        self.counters.conflict();
         log::debug!("{key}: condition failed: {msg}");
         let (recovery, complete) = self.save_recovery(file, &key).await;
         let mut st = file.state.lock().await;
@@ -532,7 +533,10 @@ impl Fs {
                     .open(&path)
             });
         let mut out = match created {
-            Ok(f) => f,
+            Ok(f) => {
+                self.counters.recovery_file();
+                f
+            }
             Err(e) => {
                 log::error!("{key}: could not create the recovery file {shown}: {e}");
                 return (format!("{shown} (not written: {e})"), false);

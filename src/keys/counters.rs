@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct KeyStats {
     kms_generate: AtomicU64,
     kms_decrypt: AtomicU64,
+    kms_generate_failed: AtomicU64,
+    kms_decrypt_failed: AtomicU64,
     local_unwrap: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
@@ -21,6 +23,10 @@ pub struct KeyStatsSnapshot {
     pub kms_generate: u64,
     /// Decrypt requests sent to KMS (successful or not).
     pub kms_decrypt: u64,
+    /// GenerateDataKey requests that failed (KMS answered with an error or did not answer).
+    pub kms_generate_failed: u64,
+    /// Decrypt requests that failed.
+    pub kms_decrypt_failed: u64,
     /// Unwraps done with the local master key (successful or not).
     pub local_unwrap: u64,
     /// Data keys served from the cache.
@@ -38,6 +44,8 @@ impl KeyStats {
         KeyStatsSnapshot {
             kms_generate: self.kms_generate.load(Ordering::Relaxed),
             kms_decrypt: self.kms_decrypt.load(Ordering::Relaxed),
+            kms_generate_failed: self.kms_generate_failed.load(Ordering::Relaxed),
+            kms_decrypt_failed: self.kms_decrypt_failed.load(Ordering::Relaxed),
             local_unwrap: self.local_unwrap.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             cache_misses: self.cache_misses.load(Ordering::Relaxed),
@@ -50,6 +58,14 @@ impl KeyStats {
 
     pub(crate) fn count_kms_decrypt(&self) {
         self.kms_decrypt.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_kms_generate_failed(&self) {
+        self.kms_generate_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_kms_decrypt_failed(&self) {
+        self.kms_decrypt_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_local_unwrap(&self) {

@@ -120,7 +120,10 @@ impl DataKeyProvider for KmsProvider {
             .encryption_context(FILE_ID_CONTEXT_KEY, hex::encode(file_id))
             .send()
             .await
-            .map_err(|e| kms_error(e, "GenerateDataKey", &self.key_id))?;
+            .map_err(|e| {
+                self.stats.count_kms_generate_failed();
+                kms_error(e, "GenerateDataKey", &self.key_id)
+            })?;
         let key = take_plaintext(out.plaintext.take(), "GenerateDataKey")?;
         let wrapped = out
             .ciphertext_blob
@@ -140,7 +143,10 @@ impl DataKeyProvider for KmsProvider {
             .encryption_context(FILE_ID_CONTEXT_KEY, hex::encode(file_id))
             .send()
             .await
-            .map_err(|e| kms_error(e, "Decrypt", &self.key_id))?;
+            .map_err(|e| {
+                self.stats.count_kms_decrypt_failed();
+                kms_error(e, "Decrypt", &self.key_id)
+            })?;
         take_plaintext(out.plaintext.take(), "Decrypt")
     }
 }

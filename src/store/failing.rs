@@ -26,8 +26,8 @@ use rand::{Rng, SeedableRng};
 use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// The kind of one [`ObjectStore`] call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,6 +65,29 @@ impl OpKind {
     fn index(self) -> usize {
         self as usize
     }
+
+    /// The S3 API name of the operation (a metric label: a fixed set, never a key).
+    pub fn api_name(self) -> &'static str {
+        match self {
+            OpKind::Head => "HeadObject",
+            OpKind::Get => "GetObject",
+            OpKind::Put => "PutObject",
+            OpKind::CreateMultipart => "CreateMultipartUpload",
+            OpKind::UploadPart => "UploadPart",
+            OpKind::UploadPartCopy => "UploadPartCopy",
+            OpKind::Complete => "CompleteMultipartUpload",
+            OpKind::Abort => "AbortMultipartUpload",
+            OpKind::Copy => "CopyObject",
+            OpKind::Delete => "DeleteObject",
+            OpKind::DeleteMany => "DeleteObjects",
+            OpKind::List => "ListObjectsV2",
+        }
+    }
+}
+
+/// Told about every call that [`FailingStore`] counts, with its outcome and how long it took (for metrics).
+pub trait Observer: Send + Sync {
+    fn call(&self, op: OpKind, result: Result<(), &StoreError>, elapsed: Duration);
 }
 
 /// Which error a rule injects.
@@ -304,6 +327,7 @@ pub struct FailingStore<S> {
     counters: [OpCounters; 12],
     has_rules: AtomicBool,
     rules: Mutex<Vec<RuleState>>,
+    observer: OnceLock<Arc<dyn Observer>>,
 }
 
 impl<S: ObjectStore> FailingStore<S> {
@@ -314,7 +338,13 @@ impl<S: ObjectStore> FailingStore<S> {
             counters: Default::default(),
             has_rules: AtomicBool::new(false),
             rules: Mutex::new(Vec::new()),
+            observer: OnceLock::new(),
         }
+    }
+
+    /// Sets the one observer of every call from now on; false if one was set already.
+    pub fn set_observer(&self, observer: Arc<dyn Observer>) -> bool {
+        self.observer.set(observer).is_ok()
     }
 
     /// Adds a rule; rules are checked in the order added and all that fire apply (the first error wins; delays
@@ -389,6 +419,18 @@ impl<S: ObjectStore> FailingStore<S> {
 
     /// Runs one call: counts it, applies the rules, forwards `fut` unless a rule fails it first.
     async fn call<T, F>(&self, op: OpKind, key: &str, bytes_up: u64, fut: F) -> StoreResult<T>
+    where
+        F: Future<Output = StoreResult<T>>,
+    {
+        let started = Instant::now();
+        let result = self.call_counted(op, key, bytes_up, fut).await;
+        if let Some(o) = self.observer.get() {
+            o.call(op, result.as_ref().map(|_| ()), started.elapsed());
+        }
+        result
+    }
+
+    async fn call_counted<T, F>(&self, op: OpKind, key: &str, bytes_up: u64, fut: F) -> StoreResult<T>
     where
         F: Future<Output = StoreResult<T>>,
     {

@@ -68,11 +68,17 @@ impl RetryPolicy {
 pub struct Retrying<S> {
     inner: S,
     policy: RetryPolicy,
+    /// Attempts after the first, over all calls (for metrics).
+    retries: std::sync::atomic::AtomicU64,
 }
 
 impl<S: ObjectStore> Retrying<S> {
     pub fn new(inner: S, policy: RetryPolicy) -> Self {
-        Retrying { inner, policy }
+        Retrying {
+            inner,
+            policy,
+            retries: Default::default(),
+        }
     }
 
     pub fn inner(&self) -> &S {
@@ -81,6 +87,11 @@ impl<S: ObjectStore> Retrying<S> {
 
     pub fn policy(&self) -> RetryPolicy {
         self.policy
+    }
+
+    /// How many times a call was retried after a transient error, in all.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `attempt` until it succeeds, fails with a non-transient error, or the attempts are used up.
@@ -97,6 +108,7 @@ impl<S: ObjectStore> Retrying<S> {
                     let delay = self.policy.delay(n);
                     log::warn!("{op} {key}: transient error (attempt {n} of {max}), retrying in {delay:?}: {msg}");
                     tokio::time::sleep(delay).await;
+                    self.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     n += 1;
                 }
                 Err(StoreError::Transient(msg)) if max > 1 => {
