@@ -4,6 +4,7 @@
 //! with the result or the error's errno: exactly one answer per request on every path, and no callback blocks
 //! a FUSE thread on S3. Directory listings are taken once at `opendir` and served by offset from the handle.
 use crate::fs::{Attr, Fs, FsError, Kind};
+use crate::metrics::Metrics;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
@@ -28,15 +29,17 @@ pub struct FuseAdapter {
     ttl: Duration,
     dirs: DirListings,
     next_dir: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> Self {
+    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Self {
         let ttl = fs.metadata_ttl();
         FuseAdapter {
             fs,
             rt,
             ttl,
+            metrics,
             dirs: Arc::new(Mutex::new(HashMap::new())),
             next_dir: AtomicU64::new(1),
         }
@@ -101,11 +104,17 @@ fn placeholder_ino(parent: u64, name: &str) -> u64 {
     h.finish() | (1 << 63)
 }
 
+/// Runs one request on tokio: calls the core, answers with the result or the errno, and records the request's
+/// operation name `$op`, outcome and duration in the metrics.
 macro_rules! run {
-    ($self:ident, $reply:ident, |$fs:ident| $body:expr, |$ok:ident| $done:expr) => {{
+    ($self:ident, $op:literal, $reply:ident, |$fs:ident| $body:expr, |$ok:ident| $done:expr) => {{
         let $fs = $self.fs.clone();
+        let metrics = $self.metrics.clone();
+        let started = std::time::Instant::now();
         $self.rt.spawn(async move {
-            match $body.await {
+            let result = $body.await;
+            metrics.fuse_request($op, result.is_ok(), started.elapsed());
+            match result {
                 Ok($ok) => $done,
                 Err(e) => $reply.error(errno(&e)),
             }
@@ -126,7 +135,7 @@ impl Filesystem for FuseAdapter {
             Err(e) => return reply.error(e),
         };
         let ttl = self.ttl;
-        run!(self, reply, |fs| fs.lookup(parent.0, &name), |a| reply.entry(
+        run!(self, "lookup", reply, |fs| fs.lookup(parent.0, &name), |a| reply.entry(
             &ttl,
             &file_attr(&a),
             Generation(0)
@@ -139,7 +148,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.ttl;
-        run!(self, reply, |fs| fs.getattr(ino.0), |a| reply
+        run!(self, "getattr", reply, |fs| fs.getattr(ino.0), |a| reply
             .attr(&ttl, &file_attr(&a)))
     }
 
@@ -168,12 +177,12 @@ impl Filesystem for FuseAdapter {
             mtime: mtime.map(time),
         };
         let ttl = self.ttl;
-        run!(self, reply, |fs| fs.setattr(ino.0, size, change), |a| reply
+        run!(self, "setattr", reply, |fs| fs.setattr(ino.0, size, change), |a| reply
             .attr(&ttl, &file_attr(&a)))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        run!(self, reply, |fs| fs.readlink(ino.0), |d| reply.data(&d))
+        run!(self, "readlink", reply, |fs| fs.readlink(ino.0), |d| reply.data(&d))
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
@@ -183,8 +192,13 @@ impl Filesystem for FuseAdapter {
         };
         let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
         let perm = (mode & !umask & 0o7777) as u16;
-        run!(self, reply, |fs| fs.mkdir(parent.0, &name, perm, uid, gid), |a| reply
-            .entry(&ttl, &file_attr(&a), Generation(0)))
+        run!(
+            self,
+            "mkdir",
+            reply,
+            |fs| fs.mkdir(parent.0, &name, perm, uid, gid),
+            |a| reply.entry(&ttl, &file_attr(&a), Generation(0))
+        )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -192,7 +206,7 @@ impl Filesystem for FuseAdapter {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        run!(self, reply, |fs| fs.unlink(parent.0, &name), |_u| reply.ok())
+        run!(self, "unlink", reply, |fs| fs.unlink(parent.0, &name), |_u| reply.ok())
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -200,7 +214,7 @@ impl Filesystem for FuseAdapter {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        run!(self, reply, |fs| fs.rmdir(parent.0, &name), |_u| reply.ok())
+        run!(self, "rmdir", reply, |fs| fs.rmdir(parent.0, &name), |_u| reply.ok())
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
@@ -209,9 +223,13 @@ impl Filesystem for FuseAdapter {
             _ => return reply.error(Errno::EINVAL),
         };
         let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
-        run!(self, reply, |fs| fs.symlink(parent.0, &name, &target, uid, gid), |a| {
-            reply.entry(&ttl, &file_attr(&a), Generation(0))
-        })
+        run!(
+            self,
+            "symlink",
+            reply,
+            |fs| fs.symlink(parent.0, &name, &target, uid, gid),
+            |a| { reply.entry(&ttl, &file_attr(&a), Generation(0)) }
+        )
     }
 
     fn rename(
@@ -235,6 +253,7 @@ impl Filesystem for FuseAdapter {
         let no_replace = bits & libc::RENAME_NOREPLACE != 0;
         run!(
             self,
+            "rename",
             reply,
             |fs| fs.rename(parent.0, &name, newparent.0, &newname, no_replace),
             |_u| reply.ok()
@@ -245,7 +264,7 @@ impl Filesystem for FuseAdapter {
         let acc = flags.0 & libc::O_ACCMODE;
         let writable = acc != libc::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
-        run!(self, reply, |fs| fs.open(ino.0, writable, truncate), |fh| reply
+        run!(self, "open", reply, |fs| fs.open(ino.0, writable, truncate), |fh| reply
             .opened(FileHandle(fh), FopenFlags::empty()))
     }
 
@@ -260,7 +279,8 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        run!(self, reply, |fs| fs.read(fh.0, offset, size), |d| reply.data(&d))
+        run!(self, "read", reply, |fs| fs.read(fh.0, offset, size), |d| reply
+            .data(&d))
     }
 
     fn write(
@@ -276,11 +296,12 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
-        run!(self, reply, |fs| fs.write(fh.0, offset, &data), |n| reply.written(n))
+        run!(self, "write", reply, |fs| fs.write(fh.0, offset, &data), |n| reply
+            .written(n))
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        run!(self, reply, |fs| fs.flush(fh.0), |_u| reply.ok())
+        run!(self, "flush", reply, |fs| fs.flush(fh.0), |_u| reply.ok())
     }
 
     fn release(
@@ -293,17 +314,17 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        run!(self, reply, |fs| fs.release(fh.0), |_u| reply.ok())
+        run!(self, "release", reply, |fs| fs.release(fh.0), |_u| reply.ok())
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        run!(self, reply, |fs| fs.flush(fh.0), |_u| reply.ok())
+        run!(self, "fsync", reply, |fs| fs.flush(fh.0), |_u| reply.ok())
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let dirs = self.dirs.clone();
         let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
-        run!(self, reply, |fs| fs.readdir(ino.0), |entries| {
+        run!(self, "opendir", reply, |fs| fs.readdir(ino.0), |entries| {
             let mut list = vec![
                 (ino.0, FileType::Directory, ".".to_string()),
                 (ino.0, FileType::Directory, "..".to_string()),
@@ -362,9 +383,15 @@ impl Filesystem for FuseAdapter {
         };
         let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
         let perm = (mode & !umask & 0o7777) as u16;
-        run!(self, reply, |fs| fs.create(parent.0, &name, perm, uid, gid), |r| {
-            let (a, fh) = r;
-            reply.created(&ttl, &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
-        })
+        run!(
+            self,
+            "create",
+            reply,
+            |fs| fs.create(parent.0, &name, perm, uid, gid),
+            |r| {
+                let (a, fh) = r;
+                reply.created(&ttl, &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+            }
+        )
     }
 }

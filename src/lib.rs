@@ -18,6 +18,7 @@ pub mod format;
 pub mod fs;
 pub mod fuse;
 pub mod keys;
+pub mod metrics;
 pub mod notify;
 pub mod run;
 pub mod store;

@@ -3,6 +3,7 @@ use crate::cli::{self, MountOptions, StoreKind};
 use crate::format::{self, BlockSize};
 use crate::fs::{CseKeys, Fs, FsConfig};
 use crate::keys::{self, KeyConfig};
+use crate::metrics::Metrics;
 use crate::notify::Readiness;
 use crate::store::failing::FailingStore;
 use crate::store::memory::MemoryStore;
@@ -19,6 +20,8 @@ pub struct Backend {
     pub store: Arc<dyn ObjectStore>,
     /// Request and byte counters of the store (for `stats_file`).
     pub counters: Option<Counters>,
+    /// The store without retries or counting, for `/health` (set by [`backend`]).
+    pub probe: Option<Arc<dyn ObjectStore>>,
     pub keys: Option<CseKeys>,
     pub key_stats: Arc<keys::KeyStats>,
     pub block_size: BlockSize,
@@ -54,41 +57,104 @@ pub async fn load_keys(opts: &MountOptions) -> Result<(aws_config::SdkConfig, ke
     Ok((sdk, keys))
 }
 
+/// The store stack of a mount and what observes it.
+pub struct StoreStack {
+    /// What the file system uses: retries above a counting store.
+    pub store: Arc<dyn ObjectStore>,
+    pub counters: Counters,
+    /// The same bucket with no retries and no counting, for `/health` probes.
+    pub probe: Arc<dyn ObjectStore>,
+}
+
 /// The store the options ask for: S3 (with retries) or, for benchmarks, memory. Every attempt is counted (a few
-/// atomic additions per request) so that `stats_file` can report it.
+/// atomic additions per request) for `stats_file` and `metrics`, which also reads the key counters of `keys`.
 pub fn make_store(
     opts: &MountOptions,
     sdk: &aws_config::SdkConfig,
     bucket: &str,
     keys: &keys::Keys,
-) -> (Arc<dyn ObjectStore>, Counters) {
+    metrics: &Arc<Metrics>,
+) -> StoreStack {
+    metrics.set_keys(keys.stats.clone());
     match opts.store {
         StoreKind::Memory => {
             log::warn!("store=memory: benchmark mode, nothing is written to S3 and all data is lost at unmount");
             let counted = Arc::new(FailingStore::new(MemoryStore::fast()));
-            let c = counted.clone();
-            (counted, Arc::new(move || c.stats()))
+            counted.set_observer(metrics.clone());
+            let (c, c2) = (counted.clone(), counted.clone());
+            metrics.set_store(move || c.stats(), || 0);
+            StoreStack {
+                store: counted.clone(),
+                counters: Arc::new(move || c2.stats()),
+                probe: counted,
+            }
         }
-        StoreKind::S3 => {
-            let client = crate::store::s3::s3_client_from(sdk, opts.path_style);
-            let s3 = S3Store::new(client, bucket.to_string(), keys.sse.clone());
-            let counted = Arc::new(FailingStore::new(s3));
-            let c = counted.clone();
-            (
-                Arc::new(Retrying::new(counted, RetryPolicy::default())),
-                Arc::new(move || c.stats()),
-            )
-        }
+        StoreKind::S3 => s3_stack(opts, sdk, bucket, keys, metrics).0,
     }
+}
+
+/// The S3 store stack `Retrying<FailingStore<S3Store>>`, observed by `metrics`; also returns the counting layer
+/// (tests assert requests and bytes on it).
+pub fn s3_stack(
+    opts: &MountOptions,
+    sdk: &aws_config::SdkConfig,
+    bucket: &str,
+    keys: &keys::Keys,
+    metrics: &Arc<Metrics>,
+) -> (StoreStack, Arc<FailingStore<S3Store>>) {
+    metrics.set_keys(keys.stats.clone());
+    let client = crate::store::s3::s3_client_from(sdk, opts.path_style);
+    let probe = Arc::new(S3Store::new(client.clone(), bucket.to_string(), keys.sse.clone()));
+    let counted = Arc::new(FailingStore::new(S3Store::new(
+        client,
+        bucket.to_string(),
+        keys.sse.clone(),
+    )));
+    counted.set_observer(metrics.clone());
+    let retrying = Arc::new(Retrying::new(counted.clone(), RetryPolicy::default()));
+    let (c, c2, r) = (counted.clone(), counted.clone(), retrying.clone());
+    metrics.set_store(move || c.stats(), move || r.retries());
+    let stack = StoreStack {
+        store: retrying,
+        counters: Arc::new(move || c2.stats()),
+        probe,
+    };
+    (stack, counted)
+}
+
+/// Starts the `metrics_addr=` endpoint, if asked for, once the mount at `mountpoint` answers.
+pub fn serve_metrics(
+    opts: &MountOptions,
+    metrics: &Arc<Metrics>,
+    probe: Arc<dyn ObjectStore>,
+    prefix: &str,
+    mountpoint: &Path,
+    rt: &tokio::runtime::Handle,
+) -> Result<Option<crate::metrics::server::Server>> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(addr) = opts.metrics_addr else { return Ok(None) };
+    let dev = std::fs::metadata(mountpoint)
+        .with_context(|| format!("reading {}", mountpoint.display()))?
+        .dev();
+    let health = crate::metrics::server::Health {
+        probe,
+        prefix: prefix.to_string(),
+        mountpoint: mountpoint.to_path_buf(),
+        dev,
+    };
+    let server = crate::metrics::server::start(addr, metrics.clone(), Arc::new(health), rt)
+        .with_context(|| format!("listening on metrics_addr={addr}"))?;
+    Ok(Some(server))
 }
 
 /// Connects to the bucket, checks it is there, loads the keys and, in the client-side modes, opens (or makes)
 /// the volume descriptor, which refuses a wrong key or block size here rather than as EIO later.
-pub async fn backend(opts: &MountOptions, bucket: &str, prefix: &str) -> Result<Backend> {
+pub async fn backend(opts: &MountOptions, bucket: &str, prefix: &str, metrics: &Arc<Metrics>) -> Result<Backend> {
     let (sdk, keys) = load_keys(opts).await?;
-    let (store, counters) = make_store(opts, &sdk, bucket, &keys);
-    let mut b = open_volume(opts, bucket, prefix, store, &keys).await?;
-    b.counters = Some(counters);
+    let stack = make_store(opts, &sdk, bucket, &keys, metrics);
+    let mut b = open_volume(opts, bucket, prefix, stack.store, &keys).await?;
+    b.counters = Some(stack.counters);
+    b.probe = Some(stack.probe);
     Ok(b)
 }
 
@@ -121,6 +187,7 @@ pub async fn open_volume(
     Ok(Backend {
         store,
         counters: None,
+        probe: None,
         keys: cse,
         key_stats: keys.stats.clone(),
         block_size,
@@ -275,13 +342,16 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()
     let (bucket, prefix) = cli::parse_volume_url(source)?;
     check_mountpoint(mountpoint)?;
     let rt = runtime()?;
-    let backend = rt.block_on(backend(&opts, &bucket, &prefix))?;
+    let metrics = Metrics::new(&bucket, &prefix);
+    let backend = rt.block_on(backend(&opts, &bucket, &prefix, &metrics))?;
     let (backend_counters, key_stats) = (backend.counters.clone(), backend.key_stats.clone());
+    let probe = backend.probe.clone().unwrap_or_else(|| backend.store.clone());
     let cfg = fs_config(&opts, &bucket, &prefix, backend.block_size, backend.journal_key.clone());
     let fs = Fs::new(backend.store, backend.keys, cfg).context("opening the write-back journal (staging_dir)")?;
     let journal_dir = fs.journal_dir().to_path_buf();
     report_recovery(&rt.block_on(fs.recover()));
-    let (bg, own) = start_own_session(fs.clone(), rt.handle().clone(), mountpoint, &opts, source)?;
+    let (bg, own) = start_own_session(fs.clone(), rt.handle().clone(), mountpoint, &opts, source, &metrics)?;
+    let _metrics_server = serve_metrics(&opts, &metrics, probe, &prefix, mountpoint, rt.handle())?;
     log::info!(
         "mounted s3://{bucket}/{prefix} at {} ({})",
         mountpoint.display(),
@@ -454,15 +524,17 @@ fn fusermount_unmount(path: &Path) -> Result<Released> {
     Ok(Released::Detached)
 }
 
-/// Mounts `fs` at `mountpoint` and serves it on background threads; returns once the mount answers.
+/// Mounts `fs` at `mountpoint` and serves it on background threads; returns once the mount answers. `metrics`
+/// records each FUSE request and reads the file system's numbers from now on.
 pub fn start_session(
     fs: Arc<Fs>,
     rt: tokio::runtime::Handle,
     mountpoint: &Path,
     opts: &MountOptions,
     source: &str,
+    metrics: &Arc<Metrics>,
 ) -> Result<fuser::BackgroundSession> {
-    Ok(start_own_session(fs, rt, mountpoint, opts, source)?.0)
+    Ok(start_own_session(fs, rt, mountpoint, opts, source, metrics)?.0)
 }
 
 /// [`start_session`], also returning what tells this mount apart from a later one on the same path, recorded
@@ -473,9 +545,11 @@ fn start_own_session(
     mountpoint: &Path,
     opts: &MountOptions,
     source: &str,
+    metrics: &Arc<Metrics>,
 ) -> Result<(fuser::BackgroundSession, OwnMount)> {
     use std::os::fd::AsFd;
-    let adapter = crate::fuse::FuseAdapter::new(fs, rt);
+    metrics.set_fs(&fs);
+    let adapter = crate::fuse::FuseAdapter::new(fs, rt, metrics.clone());
     let session = fuser::Session::new(adapter, mountpoint, &session_config(opts, source)).with_context(|| {
         format!(
             "mounting at {} (is FUSE available: /dev/fuse, fuse3?)",
@@ -631,7 +705,7 @@ pub fn cat(source: &str, opts: MountOptions) -> Result<()> {
     let rt = runtime()?;
     let data = rt.block_on(async {
         let (prefix, _) = split_key(&key);
-        let b = backend(&opts, &bucket, prefix).await?;
+        let b = backend(&opts, &bucket, prefix, &Metrics::new(&bucket, prefix)).await?;
         let out = b
             .store
             .get(&key, None, None)
@@ -680,7 +754,7 @@ pub fn put(file: &Path, dest: &str, opts: MountOptions) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let (prefix, _) = split_key(&key);
-        let b = backend(&opts, &bucket, prefix).await?;
+        let b = backend(&opts, &bucket, prefix, &Metrics::new(&bucket, prefix)).await?;
         let mut meta = crate::store::Metadata::new();
         let attr = crate::fs::Attr {
             ino: 0,

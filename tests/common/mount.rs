@@ -2,16 +2,18 @@
 //!
 //! A [`Volume`] is a fresh bucket set up for one key mode: its default encryption differs from the mode under
 //! test (so a HEAD proves the mount sent its own header), with a fresh KMS key and key files. A [`TestMount`]
-//! mounts it in this process through the same code the daemon runs (`run::open_volume`, `run::start_session`),
-//! with the real S3 store wrapped in the request-counting store so tests can assert requests and bytes.
+//! mounts it in this process through the same code the daemon runs (`run::s3_stack`, `run::open_volume`,
+//! `run::start_session`, `run::serve_metrics`), with the real S3 store wrapped in the request-counting store so
+//! tests can assert requests and bytes.
 #![allow(dead_code)]
 
 use s3crypt::cli::MountOptions;
 use s3crypt::fs::Fs;
 use s3crypt::keys::{KeyMode, KeyStats};
+use s3crypt::metrics::server::Server;
+use s3crypt::metrics::Metrics;
 use s3crypt::store::failing::FailingStore;
 use s3crypt::store::s3::S3Store;
-use s3crypt::store::ObjectStore;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -107,6 +109,9 @@ pub struct TestMount {
     pub key_stats: Arc<KeyStats>,
     pub block_size: u64,
     session: Option<fuser::BackgroundSession>,
+    pub metrics: Arc<Metrics>,
+    /// The `metrics_addr=` endpoint, if the options asked for one.
+    pub metrics_server: Option<Server>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -124,21 +129,13 @@ impl TestMount {
         let _ = env_logger::builder().is_test(true).try_init();
         let opts = vol.mount_options(extra);
         let rt = s3crypt::run::runtime()?;
-        let (counter, backend, key_stats) = rt.block_on(async {
+        let metrics = Metrics::new(&vol.bucket, "");
+        let (counter, backend, key_stats, probe) = rt.block_on(async {
             let (sdk, keys) = s3crypt::run::load_keys(&opts).await?;
-            let client = s3crypt::store::s3::s3_client_from(&sdk, true);
-            let counter = Arc::new(FailingStore::new(S3Store::new(
-                client,
-                vol.bucket.clone(),
-                keys.sse.clone(),
-            )));
-            // As the daemon does: retries above the counting store, so every attempt is counted.
-            let store: Arc<dyn ObjectStore> = Arc::new(s3crypt::store::Retrying::new(
-                counter.clone(),
-                s3crypt::store::RetryPolicy::default(),
-            ));
-            let backend = s3crypt::run::open_volume(&opts, &vol.bucket, "", store, &keys).await?;
-            anyhow::Ok((counter, backend, keys.stats.clone()))
+            // The daemon's store stack: retries above the counting store, so every attempt is counted.
+            let (stack, counter) = s3crypt::run::s3_stack(&opts, &sdk, &vol.bucket, &keys, &metrics);
+            let backend = s3crypt::run::open_volume(&opts, &vol.bucket, "", stack.store, &keys).await?;
+            anyhow::Ok((counter, backend, keys.stats.clone(), stack.probe))
         })?;
         let block_size = backend.block_size.get();
         let cfg = s3crypt::run::fs_config(&opts, &vol.bucket, "", backend.block_size, backend.journal_key.clone());
@@ -146,7 +143,9 @@ impl TestMount {
         rt.block_on(fs.recover());
         let mnt = tempfile::Builder::new().prefix("s3crypt-test").tempdir()?;
         let source = format!("s3://{}", vol.bucket);
-        let session = s3crypt::run::start_session(fs.clone(), rt.handle().clone(), mnt.path(), &opts, &source)?;
+        let session =
+            s3crypt::run::start_session(fs.clone(), rt.handle().clone(), mnt.path(), &opts, &source, &metrics)?;
+        let metrics_server = s3crypt::run::serve_metrics(&opts, &metrics, probe, "", mnt.path(), rt.handle())?;
         Ok(TestMount {
             mnt,
             fs,
@@ -154,6 +153,8 @@ impl TestMount {
             key_stats,
             block_size,
             session: Some(session),
+            metrics,
+            metrics_server,
             rt: Some(rt),
         })
     }
@@ -168,6 +169,7 @@ impl TestMount {
     }
 
     fn stop(&mut self) {
+        self.metrics_server.take();
         if let (Some(session), Some(rt)) = (self.session.take(), self.rt.as_ref()) {
             rt.block_on(self.fs.flush_all());
             if let Err(e) = session.umount_and_join() {
