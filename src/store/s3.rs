@@ -705,15 +705,40 @@ where
     let what = format!("{} {} (bucket {})", ctx.op, ctx.key, ctx.bucket);
     match &err {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            StoreError::Transient(format!("{what}: {}", DisplayErrorContext(&err)))
+            // The message keeps the innermost cause ("connection reset by peer"); the SDK's whole chain, which
+            // runs to hundreds of characters, goes to the debug log only.
+            log::debug!("{what}: {}", DisplayErrorContext(&err));
+            StoreError::Transient(format!("{what}: {}", short_cause(&err)))
         }
         SdkError::ConstructionFailure(_) => {
-            StoreError::InvalidRequest(format!("{what}: {}", DisplayErrorContext(&err)))
+            log::debug!("{what}: {}", DisplayErrorContext(&err));
+            StoreError::InvalidRequest(format!("{what}: {}", short_cause(&err)))
         }
         _ => {
             let status = err.raw_response().map(|r| r.status().as_u16()).unwrap_or(0);
             classify(ctx, status, err.code(), err.message())
         }
+    }
+}
+
+/// What an SDK error without a response says, short: its kind and its innermost cause's own message.
+fn short_cause<E: std::error::Error + 'static>(err: &SdkError<E, HttpResponse>) -> String {
+    let kind = match err {
+        SdkError::TimeoutError(_) => "timeout",
+        SdkError::DispatchFailure(_) => "connection failed",
+        SdkError::ResponseError(_) => "broken response",
+        SdkError::ConstructionFailure(_) => "request could not be built",
+        _ => "error",
+    };
+    let mut cause: &dyn std::error::Error = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let msg = cause.to_string();
+    if std::ptr::eq(cause as *const _ as *const u8, err as *const _ as *const u8) || msg.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind}: {msg}")
     }
 }
 
