@@ -19,6 +19,10 @@
 //! - `<id>.sizes`: appended 16-byte records `(manifest seq, size)`, one per write that grows the file, so that
 //!   appends do not rewrite the manifest. A record counts only if its seq is the manifest's.
 //!
+//! The daemon that owns an entry holds an exclusive `flock` on its blocks file; the kernel drops it when the
+//! process ends, however it ends. A mount that recovers the journal skips entries it cannot lock: they belong to
+//! an earlier daemon of the same volume that is still saving them (`umount; mount` in quick succession).
+//!
 //! Which blocks are dirty is not recorded anywhere: a slot is dirty exactly when it authenticates. A hole reads as
 //! zeros and fails, and a truncation cuts the blocks file, so a stale slot cannot come back.
 //!
@@ -380,10 +384,17 @@ impl Journal {
             }
             o.open(dir.join(format!("{id}.{ext}")))
         };
+        let blocks = open("blocks", false)?;
+        lock_exclusive(&blocks).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => {
+                io::Error::new(e.kind(), format!("journal entry {id} is in use by a running daemon"))
+            }
+            _ => e,
+        })?;
         Ok(Journal {
             dir: dir.to_path_buf(),
             id: id.to_string(),
-            blocks: open("blocks", false)?,
+            blocks,
             sizes: open("sizes", true)?,
             cipher,
             object_format,
@@ -528,6 +539,19 @@ impl Journal {
     }
 }
 
+/// Takes the entry's lock, without waiting: the daemon that owns an entry holds it for the entry's life (the
+/// kernel drops it when the process dies, even by kill -9), so a mount that starts while an earlier daemon is
+/// still saving its files leaves that daemon's entries alone.
+fn lock_exclusive(f: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function borrows; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A volume's journal directory name: a hash of the bucket and prefix, so that two volumes never share one. The
 /// endpoint is left out on purpose: one bucket reached through another endpoint (a proxy, a regional name) is the
 /// same volume, and its journal must be found.
@@ -605,9 +629,10 @@ mod tests {
         j.write_block(0, &[1u8; 4096]).unwrap();
         j.write_block(3, &[3u8; 4096]).unwrap();
         j.record_size(4 * 4096 - 5).unwrap();
-        // No sync, no close: a killed daemon leaves exactly this.
+        // No sync: a killed daemon leaves exactly this (and its lock dies with it).
         let (id, m2) = root.entries().pop().unwrap();
         assert_eq!(id, j.id());
+        drop(j);
         let root2 = JournalRoot::open(dir.path(), "vol", None).unwrap();
         let j2 = root2.reopen(&id, &m2, None).unwrap();
         assert_eq!(j2.recorded_size(&m2).unwrap(), 4 * 4096 - 5);
@@ -625,6 +650,19 @@ mod tests {
         assert_eq!(j2.recorded_size(&m3).unwrap(), 10);
         j2.remove();
         assert!(root2.entries().is_empty());
+    }
+
+    #[test]
+    fn an_entry_owned_by_a_live_journal_cannot_be_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let mut m = manifest();
+        let live = root.create(SealWith::JournalKey, bs(), &mut m).unwrap();
+        let (id, m2) = root.entries().pop().unwrap();
+        let err = root.reopen(&id, &m2, None).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        drop(live);
+        root.reopen(&id, &m2, None).expect("free once its owner is gone");
     }
 
     #[test]
