@@ -440,7 +440,11 @@ async fn large_parts_are_streamed_from_a_file_and_round_trip() {
     fs.write(fh, 30 << 20, b"middle").await.unwrap();
     content[30 << 20..(30 << 20) + 6].copy_from_slice(b"middle");
     fs.release(fh).await.unwrap();
-    assert_eq!(store.stats().count(OpKind::UploadPartCopy), 2, "untouched parts are copied in S3");
+    assert_eq!(
+        store.stats().count(OpKind::UploadPartCopy),
+        2,
+        "untouched parts are copied in S3"
+    );
     same(&read_all(&fs, attr.ino).await, &content, "streamed parts");
     let left: Vec<_> = std::fs::read_dir(dir.path().join("journal/vol"))
         .unwrap()
