@@ -101,7 +101,8 @@ impl JournalRoot {
         };
         manifest.object_format = object_format;
         manifest.block_size = bs.get();
-        let j = Journal::open_files(&self.dir, &entry, cipher, object_format, bs, true)?;
+        let fid = manifest.journal_file_id.clone();
+        let j = Journal::open_files(&self.dir, &entry, cipher, object_format, fid, bs, true)?;
         j.save_manifest(manifest)?;
         Ok(j)
     }
@@ -153,7 +154,8 @@ impl JournalRoot {
                 .ok_or_else(|| io::Error::other(format!("journal entry {id}: no journal file id")))?;
             BlockCipher::new(&self.key, fid)
         };
-        let j = Journal::open_files(&self.dir, id, cipher, m.object_format, bs, false)?;
+        let fid = m.journal_file_id.clone();
+        let j = Journal::open_files(&self.dir, id, cipher, m.object_format, fid, bs, false)?;
         j.seq.store(m.seq, std::sync::atomic::Ordering::Relaxed);
         Ok(j)
     }
@@ -354,6 +356,9 @@ pub struct Journal {
     sizes: File,
     cipher: BlockCipher,
     object_format: bool,
+    /// Hex file id of the journal-key sealing, written into every manifest with the block size and format: the
+    /// state that builds a manifest does not know them, and a manifest without them cannot be reopened.
+    journal_file_id: Option<String>,
     bs: BlockSize,
     stored_len: u64,
     seq: std::sync::atomic::AtomicU64,
@@ -371,6 +376,7 @@ impl Journal {
         id: &str,
         cipher: BlockCipher,
         object_format: bool,
+        journal_file_id: Option<String>,
         bs: BlockSize,
         new: bool,
     ) -> io::Result<Journal> {
@@ -398,6 +404,7 @@ impl Journal {
             sizes: open("sizes", true)?,
             cipher,
             object_format,
+            journal_file_id,
             bs,
             stored_len: format::sealed_block_len(bs),
             seq: std::sync::atomic::AtomicU64::new(0),
@@ -472,6 +479,9 @@ impl Journal {
     /// Writes `m` (with the next seq) over the manifest, then clears the sizes file (its records are now stale).
     pub fn save_manifest(&self, m: &mut Manifest) -> io::Result<()> {
         m.seq = self.seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
+        m.block_size = self.bs.get();
+        m.object_format = self.object_format;
+        m.journal_file_id = self.journal_file_id.clone();
         let path = self.dir.join(format!("{}.manifest", self.id));
         let tmp = self.dir.join(format!("{}.manifest.tmp", self.id));
         let mut f = OpenOptions::new()
@@ -644,9 +654,15 @@ mod tests {
         // A cut drops slots for good; a new manifest makes old size records stale.
         j2.cut(1).unwrap();
         assert_eq!(j2.scan(10).unwrap(), vec![0]);
-        let mut m3 = m2.clone();
-        m3.size = 10;
+        // A later manifest, built by someone who knows nothing of the sealing, still names it.
+        let mut m3 = Manifest {
+            key: m2.key.clone(),
+            size: 10,
+            ..Manifest::default()
+        };
         j2.save_manifest(&mut m3).unwrap();
+        assert_eq!((m3.block_size, m3.object_format), (4096, false));
+        assert_eq!(m3.journal_file_id, m2.journal_file_id);
         assert_eq!(j2.recorded_size(&m3).unwrap(), 10);
         j2.remove();
         assert!(root2.entries().is_empty());

@@ -315,7 +315,12 @@ impl Fs {
             key: m.key.clone(),
             source,
         })?;
-        let bs = BlockSize::new(m.block_size as u32).ok_or(FsError::BadHandle)?;
+        let bs = BlockSize::new(m.block_size as u32).ok_or_else(|| {
+            FsError::Local(std::io::Error::other(format!(
+                "journal entry {id}: bad block size {} in its manifest",
+                m.block_size
+            )))
+        })?;
         let codec = match (&header, &self.keys) {
             (Some(h), Some(keys)) => Arc::new(Codec::Sealed {
                 bs: h.block_size,
