@@ -929,3 +929,50 @@ fn hostile_truncates_keep_the_daemon_up_and_small() {
         let _ = c.delete_object().bucket(&vol.bucket).key("zeros").send().await;
     });
 }
+
+/// SIGTERM while S3 is unreachable: the daemon keeps trying for 3 x upload_timeout, then exits non-zero saying
+/// where the data is (the journal), and the next mount of the volume uploads it.
+#[test]
+fn sigterm_during_an_outage_leaves_the_data_in_the_journal_for_the_next_mount() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let vol = Volume::new(KeyMode::CseLocal);
+    let proxy = common::proxy::FaultProxy::start(common::endpoint());
+    let mnt_dir = tempfile::Builder::new().prefix("s3crypt-term").tempdir().unwrap();
+    let mnt = mnt_dir.path();
+    let endpoint = format!("endpoint={}", proxy.endpoint());
+    let d = Daemon::start(
+        &vol,
+        mnt,
+        vol.dir.path().join("daemon.log"),
+        &[&endpoint, "upload_timeout=2s"],
+    );
+    let data = content(77, 3 * MIB);
+    let mut f = File::create(mnt.join("kept")).unwrap();
+    f.write_all(&data).unwrap();
+    proxy.set_mode(common::proxy::Mode::Reset);
+    let started = Instant::now();
+    let log = d.log.clone();
+    let st = d.stop();
+    drop(f);
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !st.success(),
+        "the daemon says it could not save everything: {st}\n{text}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(6),
+        "it kept trying for 3 x upload_timeout first"
+    );
+    assert!(text.contains("journal"), "the message names the journal:\n{text}");
+    assert_eq!(journal_manifests(&vol).len(), 1, "the data waits in the journal");
+    proxy.set_mode(common::proxy::Mode::Pass);
+    detach(mnt);
+    let d = Daemon::start(&vol, mnt, vol.dir.path().join("daemon-2.log"), &[]);
+    let got = read_object(mnt, "kept").expect("the next mount has the file");
+    assert!(got == data, "kept: {} bytes, want {}", got.len(), data.len());
+    assert!(
+        journal_manifests(&vol).is_empty(),
+        "the journal is empty once S3 has it"
+    );
+    assert!(d.stop().success());
+}
