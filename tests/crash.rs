@@ -258,23 +258,6 @@ fn read_object(mnt: &Path, name: &str) -> Option<Vec<u8>> {
     }
 }
 
-/// Multipart uploads the bucket still has open, as `key upload-id`.
-fn pending_multipart_uploads(rt: &tokio::runtime::Runtime, bucket: &str) -> Vec<String> {
-    rt.block_on(async {
-        let out = common::s3_client()
-            .await
-            .list_multipart_uploads()
-            .bucket(bucket)
-            .send()
-            .await
-            .expect("list multipart uploads");
-        out.uploads()
-            .iter()
-            .map(|u| format!("{} {}", u.key().unwrap_or("?"), u.upload_id().unwrap_or("?")))
-            .collect()
-    })
-}
-
 /// Every file in the volume's journal directories (`<staging_dir>/journal/<volume id>/`).
 fn journal_files(vol: &Volume) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -556,7 +539,7 @@ fn judge(vol: &Volume, name: &str, got: &Option<Vec<u8>>, prev: &Option<Vec<u8>>
 /// The state of the volume after a mount: no pending multipart upload, no journal entry left.
 #[track_caller]
 fn assert_settled(rt: &tokio::runtime::Runtime, vol: &Volume, when: &str) {
-    let pending = pending_multipart_uploads(rt, &vol.bucket);
+    let pending = rt.block_on(common::pending_multipart_uploads(&vol.bucket));
     assert!(
         pending.is_empty(),
         "{when}: multipart uploads left pending: {pending:?}"
