@@ -8,24 +8,12 @@ mod common;
 
 use common::mount::{close_checked, pattern, write_file, TestMount, Volume, ALL_MODES};
 use common::proxy::{FaultProxy, Mode, RequestHead};
+use common::same;
 use s3crypt::keys::KeyMode;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
-
-/// Compares contents without printing them.
-#[track_caller]
-fn same(got: &[u8], want: &[u8], what: &str) {
-    if got != want {
-        let at = got.iter().zip(want).position(|(a, b)| a != b);
-        panic!(
-            "{what}: {} bytes, want {}; first difference at {at:?}",
-            got.len(),
-            want.len()
-        );
-    }
-}
 
 fn through(proxy: &FaultProxy, extra: &[&str]) -> Vec<String> {
     let mut v = vec![format!("endpoint={}", proxy.endpoint())];
@@ -73,16 +61,7 @@ fn object_size(mode: KeyMode, len: usize) -> u64 {
 
 fn pending_multipart_uploads(bucket: &str) -> usize {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let out = common::s3_client()
-            .await
-            .list_multipart_uploads()
-            .bucket(bucket)
-            .send()
-            .await
-            .expect("list multipart uploads");
-        out.uploads().len()
-    })
+    rt.block_on(common::pending_multipart_uploads(bucket)).len()
 }
 
 fn no_recovery_files(vol: &Volume) {

@@ -19,6 +19,10 @@
 //! - `<id>.sizes`: appended 16-byte records `(manifest seq, size)`, one per write that grows the file, so that
 //!   appends do not rewrite the manifest. A record counts only if its seq is the manifest's.
 //!
+//! The daemon that owns an entry holds an exclusive `flock` on its blocks file; the kernel drops it when the
+//! process ends, however it ends. A mount that recovers the journal skips entries it cannot lock: they belong to
+//! an earlier daemon of the same volume that is still saving them (`umount; mount` in quick succession).
+//!
 //! Which blocks are dirty is not recorded anywhere: a slot is dirty exactly when it authenticates. A hole reads as
 //! zeros and fails, and a truncation cuts the blocks file, so a stale slot cannot come back.
 //!
@@ -97,7 +101,8 @@ impl JournalRoot {
         };
         manifest.object_format = object_format;
         manifest.block_size = bs.get();
-        let j = Journal::open_files(&self.dir, &entry, cipher, object_format, bs, true)?;
+        let fid = manifest.journal_file_id.clone();
+        let j = Journal::open_files(&self.dir, &entry, cipher, object_format, fid, bs, true)?;
         j.save_manifest(manifest)?;
         Ok(j)
     }
@@ -149,7 +154,8 @@ impl JournalRoot {
                 .ok_or_else(|| io::Error::other(format!("journal entry {id}: no journal file id")))?;
             BlockCipher::new(&self.key, fid)
         };
-        let j = Journal::open_files(&self.dir, id, cipher, m.object_format, bs, false)?;
+        let fid = m.journal_file_id.clone();
+        let j = Journal::open_files(&self.dir, id, cipher, m.object_format, fid, bs, false)?;
         j.seq.store(m.seq, std::sync::atomic::Ordering::Relaxed);
         Ok(j)
     }
@@ -350,6 +356,9 @@ pub struct Journal {
     sizes: File,
     cipher: BlockCipher,
     object_format: bool,
+    /// Hex file id of the journal-key sealing, written into every manifest with the block size and format: the
+    /// state that builds a manifest does not know them, and a manifest without them cannot be reopened.
+    journal_file_id: Option<String>,
     bs: BlockSize,
     stored_len: u64,
     seq: std::sync::atomic::AtomicU64,
@@ -367,6 +376,7 @@ impl Journal {
         id: &str,
         cipher: BlockCipher,
         object_format: bool,
+        journal_file_id: Option<String>,
         bs: BlockSize,
         new: bool,
     ) -> io::Result<Journal> {
@@ -380,13 +390,21 @@ impl Journal {
             }
             o.open(dir.join(format!("{id}.{ext}")))
         };
+        let blocks = open("blocks", false)?;
+        lock_exclusive(&blocks).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => {
+                io::Error::new(e.kind(), format!("journal entry {id} is in use by a running daemon"))
+            }
+            _ => e,
+        })?;
         Ok(Journal {
             dir: dir.to_path_buf(),
             id: id.to_string(),
-            blocks: open("blocks", false)?,
+            blocks,
             sizes: open("sizes", true)?,
             cipher,
             object_format,
+            journal_file_id,
             bs,
             stored_len: format::sealed_block_len(bs),
             seq: std::sync::atomic::AtomicU64::new(0),
@@ -461,6 +479,9 @@ impl Journal {
     /// Writes `m` (with the next seq) over the manifest, then clears the sizes file (its records are now stale).
     pub fn save_manifest(&self, m: &mut Manifest) -> io::Result<()> {
         m.seq = self.seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
+        m.block_size = self.bs.get();
+        m.object_format = self.object_format;
+        m.journal_file_id = self.journal_file_id.clone();
         let path = self.dir.join(format!("{}.manifest", self.id));
         let tmp = self.dir.join(format!("{}.manifest.tmp", self.id));
         let mut f = OpenOptions::new()
@@ -525,6 +546,19 @@ impl Journal {
 
     pub fn block_size(&self) -> BlockSize {
         self.bs
+    }
+}
+
+/// Takes the entry's lock, without waiting: the daemon that owns an entry holds it for the entry's life (the
+/// kernel drops it when the process dies, even by kill -9), so a mount that starts while an earlier daemon is
+/// still saving its files leaves that daemon's entries alone.
+fn lock_exclusive(f: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function borrows; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -605,9 +639,10 @@ mod tests {
         j.write_block(0, &[1u8; 4096]).unwrap();
         j.write_block(3, &[3u8; 4096]).unwrap();
         j.record_size(4 * 4096 - 5).unwrap();
-        // No sync, no close: a killed daemon leaves exactly this.
+        // No sync: a killed daemon leaves exactly this (and its lock dies with it).
         let (id, m2) = root.entries().pop().unwrap();
         assert_eq!(id, j.id());
+        drop(j);
         let root2 = JournalRoot::open(dir.path(), "vol", None).unwrap();
         let j2 = root2.reopen(&id, &m2, None).unwrap();
         assert_eq!(j2.recorded_size(&m2).unwrap(), 4 * 4096 - 5);
@@ -619,12 +654,31 @@ mod tests {
         // A cut drops slots for good; a new manifest makes old size records stale.
         j2.cut(1).unwrap();
         assert_eq!(j2.scan(10).unwrap(), vec![0]);
-        let mut m3 = m2.clone();
-        m3.size = 10;
+        // A later manifest, built by someone who knows nothing of the sealing, still names it.
+        let mut m3 = Manifest {
+            key: m2.key.clone(),
+            size: 10,
+            ..Manifest::default()
+        };
         j2.save_manifest(&mut m3).unwrap();
+        assert_eq!((m3.block_size, m3.object_format), (4096, false));
+        assert_eq!(m3.journal_file_id, m2.journal_file_id);
         assert_eq!(j2.recorded_size(&m3).unwrap(), 10);
         j2.remove();
         assert!(root2.entries().is_empty());
+    }
+
+    #[test]
+    fn an_entry_owned_by_a_live_journal_cannot_be_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let mut m = manifest();
+        let live = root.create(SealWith::JournalKey, bs(), &mut m).unwrap();
+        let (id, m2) = root.entries().pop().unwrap();
+        let err = root.reopen(&id, &m2, None).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        drop(live);
+        root.reopen(&id, &m2, None).expect("free once its owner is gone");
     }
 
     #[test]

@@ -247,9 +247,15 @@ impl Fs {
         let mut report = Recovery::default();
         let mut files = Vec::new();
         for (id, m) in self.journal.entries() {
-            report.aborted += self.abort_left_uploads(&m).await;
-            match self.reopen_entry(&id, m).await {
-                Ok(file) => files.push(file),
+            // Reopening takes the entry's lock: uploads are aborted only for entries no running daemon owns.
+            match self.reopen_entry(&id, m.clone()).await {
+                Ok(file) => {
+                    report.aborted += self.abort_left_uploads(&m).await;
+                    files.push(file);
+                }
+                Err(FsError::Local(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    log::info!("journal entry {id} belongs to a daemon that is still running; left to it");
+                }
                 Err(e) => {
                     log::error!("journal entry {id}: cannot be recovered now, left in place: {e}");
                     report.broken += 1;
@@ -309,7 +315,12 @@ impl Fs {
             key: m.key.clone(),
             source,
         })?;
-        let bs = BlockSize::new(m.block_size as u32).ok_or(FsError::BadHandle)?;
+        let bs = BlockSize::new(m.block_size as u32).ok_or_else(|| {
+            FsError::Local(std::io::Error::other(format!(
+                "journal entry {id}: bad block size {} in its manifest",
+                m.block_size
+            )))
+        })?;
         let codec = match (&header, &self.keys) {
             (Some(h), Some(keys)) => Arc::new(Codec::Sealed {
                 bs: h.block_size,

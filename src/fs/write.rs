@@ -560,7 +560,8 @@ impl Fs {
             return Err(FsError::BadHandle);
         };
         let flushed = self.save_for(&h).await;
-        let last = self.let_go(h.ino, &h.file, h.writable).await;
+        // After a failed save the upload goes on in the background; waiting a second time helps nobody.
+        let last = self.let_go(h.ino, &h.file, h.writable && flushed.is_ok()).await;
         let mut t = lock(&self.inodes);
         if let Some(n) = t.get_mut(h.ino) {
             n.open_count = n.open_count.saturating_sub(1);

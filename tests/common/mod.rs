@@ -92,6 +92,34 @@ pub fn unique_name(tag: &str) -> String {
     format!("t-{tag}-{}-{n}-{nanos:x}", std::process::id()).to_lowercase()
 }
 
+/// Multipart uploads the bucket still has open, as `key upload-id` (a raw client, straight to the server).
+pub async fn pending_multipart_uploads(bucket: &str) -> Vec<String> {
+    let out = s3_client()
+        .await
+        .list_multipart_uploads()
+        .bucket(bucket)
+        .send()
+        .await
+        .expect("list multipart uploads");
+    out.uploads()
+        .iter()
+        .map(|u| format!("{} {}", u.key().unwrap_or("?"), u.upload_id().unwrap_or("?")))
+        .collect()
+}
+
+/// Asserts equal contents without printing them: the lengths and the first difference.
+#[track_caller]
+pub fn same(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let at = got.iter().zip(want).position(|(a, b)| a != b);
+        panic!(
+            "{what}: {} bytes, want {}; first difference at {at:?}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
 /// Creates a fresh bucket and returns its name.
 pub async fn create_bucket(tag: &str) -> String {
     let name = unique_name(tag);
