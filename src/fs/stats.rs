@@ -42,11 +42,11 @@ pub struct FsStats {
     pub conflicts: u64,
     /// Files written to the recovery directory.
     pub recovery_files: u64,
-    /// Files whose upload task is running now (being saved or waiting to retry).
+    /// Files with data S3 does not have yet (being written, being saved, or waiting to retry).
     pub uploads_pending: u64,
     /// Open files (inodes with at least one open handle).
     pub open_files: u64,
-    /// Bytes in this volume's journal directory now (data not yet known to be in S3, and its manifests).
+    /// Bytes the volume's journal directory takes on disk now (allocated blocks: journal files are sparse).
     pub journal_bytes: u64,
 }
 
@@ -57,10 +57,11 @@ impl Fs {
         let (block_cache_hits, block_cache_misses, block_cache_bytes) = self.cache.stats();
         let open = lock(&self.open_files);
         let open_files = open.len() as u64;
-        let running = |f: &super::write::OpenFile| f.running.load(Ordering::Relaxed) as u64;
-        let mut uploads_pending: u64 = open.values().map(|e| running(&e.file)).sum();
+        // A state locked right now is being changed or snapshotted: count it as unsaved rather than wait.
+        let unsaved = |f: &super::write::OpenFile| f.state.try_lock().map_or(true, |st| st.unsaved()) as u64;
+        let mut uploads_pending: u64 = open.values().map(|e| unsaved(&e.file)).sum();
         drop(open);
-        uploads_pending += lock(&self.recovered).iter().map(|f| running(f)).sum::<u64>();
+        uploads_pending += lock(&self.recovered).iter().map(|f| unsaved(f)).sum::<u64>();
         FsStats {
             block_cache_hits,
             block_cache_misses,
@@ -82,7 +83,10 @@ fn dir_bytes(dir: &Path) -> u64 {
         .flatten()
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => dir_bytes(&e.path()),
-            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Ok(_) => e
+                .metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0),
             Err(_) => 0,
         })
         .sum()
