@@ -366,7 +366,7 @@ fn encode_fs(enc: &mut DescriptorEncoder, s: &crate::fs::FsStats) -> std::fmt::R
         ),
         (
             "uploads_pending",
-            "Files whose upload to S3 is running or waiting to be retried",
+            "Files with data S3 does not have yet (being written, saved, or retried)",
             None,
             G,
             s.uploads_pending,
