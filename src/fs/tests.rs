@@ -318,7 +318,15 @@ async fn the_next_mount_uploads_what_a_killed_one_left_in_the_journal() {
         assert!(key_files >= 6, "two journal entries on disk");
         // The kill fell just after a CreateMultipartUpload whose id the journal did not record yet.
         store.create_multipart("vol/old", &Metadata::new()).await.unwrap();
-        drop(first); // no flush, no release: as after kill -9
+        // No flush, no release: as after kill -9. A finished upload task may hold the Fs for a moment longer (a
+        // killed process holds nothing); wait until it is really gone and its journal locks are released.
+        let gone = Arc::downgrade(&first);
+        drop(first);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gone.strong_count() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the first Fs is still alive");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let second = Fs::new(store.clone(), keys, config(dir.path(), mode)).unwrap();
         let r = second.recover().await;
         assert_eq!((r.saved, r.pending, r.conflicts, r.broken), (2, 0, 0, 0), "{r:?}");
