@@ -10,6 +10,12 @@ pub enum FormatError {
         "authentication failed for block {block}: the object was modified, truncated, or sealed under another key"
     )]
     Auth { block: u64 },
+    /// The sealed extended attributes did not authenticate for this file.
+    #[error(
+        "authentication failed for the extended attributes: they were modified, taken from another file, or sealed \
+         under another key"
+    )]
+    XattrAuth,
     /// No plaintext size maps to this object size (see `plaintext_size`).
     #[error(
         "object size {size} is impossible in the block format: the object was truncated or is not an s3crypt object"

@@ -30,6 +30,22 @@ pub fn block_ad(file_id: &FileId, index: u64, is_final: bool) -> [u8; BLOCK_AD_L
     ad
 }
 
+/// Label at the start of the associated data of a file's sealed extended attributes (13 bytes).
+pub const XATTR_AD_LABEL: &[u8; 13] = b"s3crypt.xattr";
+/// Length of the extended attributes' associated data: label, version, file id.
+pub const XATTR_AD_LEN: usize = XATTR_AD_LABEL.len() + 1 + FILE_ID_LEN;
+
+/// The associated data of the extended attributes of file `file_id`: `"s3crypt.xattr" || version (u8) ||
+/// file_id (16)`. The label differs from every block's, so a sealed attribute set never opens as a block, nor a
+/// block as an attribute set.
+pub fn xattr_ad(file_id: &FileId) -> [u8; XATTR_AD_LEN] {
+    let mut ad = [0u8; XATTR_AD_LEN];
+    ad[..XATTR_AD_LABEL.len()].copy_from_slice(XATTR_AD_LABEL);
+    ad[XATTR_AD_LABEL.len()] = FORMAT_VERSION;
+    ad[XATTR_AD_LABEL.len() + 1..].copy_from_slice(file_id);
+    ad
+}
+
 /// Seals and opens the blocks of one file: an initialized AES-256-GCM-SIV for the file's data key, plus its id.
 /// Cheap to clone; `Debug` shows the file id, never key material. The AES key schedule is zeroized on drop.
 #[derive(Clone)]
@@ -68,16 +84,36 @@ impl BlockCipher {
         rng: &mut dyn rand::RngCore,
         out: &mut Vec<u8>,
     ) {
+        let ad = block_ad(&self.file_id, index, is_final);
+        self.seal_with(&ad, plaintext, rng, out);
+    }
+
+    /// Seals the file's extended-attribute set (`nonce || ciphertext || tag`, like a block, under its own
+    /// associated data).
+    pub fn seal_xattrs(&self, plaintext: &[u8], rng: &mut dyn rand::RngCore) -> Vec<u8> {
+        let mut out = Vec::with_capacity(plaintext.len() + NONCE_LEN + TAG_LEN);
+        self.seal_with(&xattr_ad(&self.file_id), plaintext, rng, &mut out);
+        out
+    }
+
+    /// Opens what [`seal_xattrs`](Self::seal_xattrs) sealed for this file.
+    pub fn open_xattrs(&self, sealed: &[u8]) -> Result<Vec<u8>, FormatError> {
+        let mut out = Vec::new();
+        self.open_with(&xattr_ad(&self.file_id), sealed, &mut out)
+            .map_err(|_| FormatError::XattrAuth)?;
+        Ok(out)
+    }
+
+    fn seal_with(&self, ad: &[u8], plaintext: &[u8], rng: &mut dyn rand::RngCore, out: &mut Vec<u8>) {
         let mut nonce = [0u8; NONCE_LEN];
         rng.fill_bytes(&mut nonce);
         out.reserve(NONCE_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(&nonce);
         let body_start = out.len();
         out.extend_from_slice(plaintext);
-        let ad = block_ad(&self.file_id, index, is_final);
         let tag = self
             .aead
-            .encrypt_inout_detached(&Nonce::from(nonce), &ad, (&mut out[body_start..]).into())
+            .encrypt_inout_detached(&Nonce::from(nonce), ad, (&mut out[body_start..]).into())
             // AES-GCM-SIV refuses only messages over 2^36 bytes; blocks are at most 1 MiB.
             .expect("block plaintext within AES-GCM-SIV's length limit");
         out.extend_from_slice(&tag);
@@ -93,27 +129,31 @@ impl BlockCipher {
     /// Like [`open`](Self::open), but appends the plaintext to `out`, decrypting in place there. On failure `out`
     /// is left as it was.
     pub fn open_into(&self, index: u64, is_final: bool, sealed: &[u8], out: &mut Vec<u8>) -> Result<(), FormatError> {
-        let auth = FormatError::Auth { block: index };
+        let ad = block_ad(&self.file_id, index, is_final);
+        self.open_with(&ad, sealed, out)
+            .map_err(|()| FormatError::Auth { block: index })
+    }
+
+    fn open_with(&self, ad: &[u8], sealed: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
         if sealed.len() < NONCE_LEN + TAG_LEN {
-            return Err(auth);
+            return Err(());
         }
         let (nonce, rest) = sealed.split_at(NONCE_LEN);
         let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let nonce = Nonce::try_from(nonce).map_err(|_| FormatError::Auth { block: index })?;
-        let tag = Tag::try_from(tag).map_err(|_| FormatError::Auth { block: index })?;
+        let nonce = Nonce::try_from(nonce).map_err(|_| ())?;
+        let tag = Tag::try_from(tag).map_err(|_| ())?;
         let start = out.len();
         out.extend_from_slice(body);
-        let ad = block_ad(&self.file_id, index, is_final);
         match self
             .aead
-            .decrypt_inout_detached(&nonce, &ad, (&mut out[start..]).into(), &tag)
+            .decrypt_inout_detached(&nonce, ad, (&mut out[start..]).into(), &tag)
         {
             Ok(()) => Ok(()),
             Err(_) => {
                 // Never hand out unauthenticated plaintext, not even in the spare capacity.
                 zeroize::Zeroize::zeroize(&mut out[start..]);
                 out.truncate(start);
-                Err(auth)
+                Err(())
             }
         }
     }

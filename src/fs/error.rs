@@ -43,6 +43,18 @@ pub enum FsError {
     /// The data is not in S3 within `upload_timeout`; it is kept (journal) and retried in the background.
     #[error("{key} is not in S3 yet ({cause}); the data is kept in the journal and the upload is retried")]
     NotSaved { key: String, cause: String },
+    /// getxattr/removexattr of a name the file does not have.
+    #[error("no such extended attribute")]
+    NoAttribute,
+    /// A reply buffer too small for the value or list; or an attribute name over 255 bytes.
+    #[error("result does not fit the buffer")]
+    Range,
+    /// The file's extended attributes would not fit S3's 2 KiB of object metadata.
+    #[error("{0}")]
+    NoSpace(String),
+    /// One extended attribute value larger than an object's metadata can ever hold.
+    #[error("{0}")]
+    TooBig(String),
     #[error("local I/O: {0}")]
     Local(#[from] std::io::Error),
     #[error("{0}")]
@@ -67,6 +79,10 @@ impl FsError {
             FsError::Exists => libc::EEXIST,
             FsError::InvalidName => libc::EINVAL,
             FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NoAttribute => libc::ENODATA,
+            FsError::Range => libc::ERANGE,
+            FsError::NoSpace(_) => libc::ENOSPC,
+            FsError::TooBig(_) => libc::E2BIG,
             FsError::ReadOnly => libc::EROFS,
             FsError::BadHandle => libc::EBADF,
             FsError::NotSupported(_) => libc::ENOTSUP,
@@ -149,6 +165,7 @@ fn key_errno(e: &KeyError) -> i32 {
 fn format_errno(e: &FormatError) -> i32 {
     match e {
         FormatError::Auth { .. } => libc::EIO,
+        FormatError::XattrAuth => libc::EIO,
         FormatError::BadSize { .. } => libc::EIO,
         FormatError::BadMetadata(_) => libc::EIO,
         FormatError::UnsupportedVersion(_) => libc::EIO,
