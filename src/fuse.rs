@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -49,7 +49,16 @@ impl FuseAdapter {
 fn errno(e: &FsError) -> Errno {
     let n = e.errno();
     match n {
-        libc::ENOENT | libc::EEXIST | libc::ENOTEMPTY | libc::ENOTDIR | libc::EISDIR => {
+        // What programs ask and expect to be told no (ENODATA: `ls -l` and writes query xattrs most files lack).
+        libc::ENOENT
+        | libc::EEXIST
+        | libc::ENOTEMPTY
+        | libc::ENOTDIR
+        | libc::EISDIR
+        | libc::ENODATA
+        | libc::ERANGE
+        | libc::ENOTSUP
+        | libc::ENAMETOOLONG => {
             log::debug!("{e}")
         }
         _ => log::warn!("{e}"),
@@ -62,6 +71,10 @@ fn file_type(kind: Kind) -> FileType {
         Kind::File => FileType::RegularFile,
         Kind::Dir => FileType::Directory,
         Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev(_) => FileType::CharDevice,
+        Kind::BlockDev(_) => FileType::BlockDevice,
     }
 }
 
@@ -70,18 +83,29 @@ fn file_attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
-        ctime: a.mtime,
+        ctime: a.ctime,
         crtime: a.mtime,
         kind: file_type(a.kind),
         perm: a.perm,
         nlink: if a.kind == Kind::Dir { 2 } else { 1 },
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.kind.rdev(),
         blksize: 64 * 1024,
         flags: 0,
+    }
+}
+
+/// getxattr/listxattr's reply: the size when asked for it (`size` 0), the bytes when they fit, else ERANGE.
+fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32)
+    } else if value.len() <= size as usize {
+        reply.data(value)
+    } else {
+        reply.error(Errno::ERANGE)
     }
 }
 
@@ -160,7 +184,7 @@ impl Filesystem for FuseAdapter {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
@@ -175,6 +199,7 @@ impl Filesystem for FuseAdapter {
             uid,
             gid,
             mtime: mtime.map(time),
+            atime: atime.map(time),
         };
         let ttl = self.ttl;
         run!(self, "setattr", reply, |fs| fs.setattr(ino.0, size, change), |a| reply
@@ -230,6 +255,46 @@ impl Filesystem for FuseAdapter {
             |fs| fs.symlink(parent.0, &name, &target, uid, gid),
             |a| { reply.entry(&ttl, &file_attr(&a), Generation(0)) }
         )
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid, ttl) = (req.uid(), req.gid(), self.ttl);
+        let perm = (mode & !umask & 0o7777) as u16;
+        if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
+            // mknod(2) of a regular file: an empty file, uploaded before the reply.
+            return run!(
+                self,
+                "mknod",
+                reply,
+                |fs| async {
+                    let (a, fh) = fs.create(parent.0, &name, perm, uid, gid).await?;
+                    fs.release(fh).await.map(|()| a)
+                },
+                |a| reply.entry(&ttl, &file_attr(&a), Generation(0))
+            );
+        }
+        let Some(kind) = Kind::special_from_mode(mode, rdev) else {
+            return reply.error(Errno::EINVAL);
+        };
+        run!(
+            self,
+            "mknod",
+            reply,
+            |fs| fs.mknod(parent.0, &name, kind, perm, uid, gid),
+            |a| reply.entry(&ttl, &file_attr(&a), Generation(0))
+        )
+    }
+
+    /// Hard links are not supported: an S3 object has exactly one key, so two names cannot share one file's
+    /// content and changes. EPERM is what link(2) returns on file systems without hard links.
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        log::debug!("link: hard links are not supported");
+        self.metrics.fuse_request("link", false, std::time::Duration::ZERO);
+        reply.error(Errno::EPERM);
     }
 
     fn rename(
@@ -364,6 +429,71 @@ impl Filesystem for FuseAdapter {
         let s = self.fs.statfs();
         reply.statfs(
             s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        )
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let value = value.to_vec();
+        run!(
+            self,
+            "setxattr",
+            reply,
+            |fs| async {
+                let change = crate::fs::XattrChange::Set {
+                    name: &name,
+                    value: &value,
+                    flags,
+                };
+                fs.change_xattr(ino.0, change).await
+            },
+            |_u| reply.ok()
+        )
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(_) => return reply.error(Errno::from_i32(libc::ENODATA)),
+        };
+        run!(
+            self,
+            "getxattr",
+            reply,
+            |fs| fs.getxattr(ino.0, &name),
+            |v| xattr_reply(reply, size, &v)
+        )
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        run!(self, "listxattr", reply, |fs| fs.listxattr(ino.0), |v| xattr_reply(
+            reply, size, &v
+        ))
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(_) => return reply.error(Errno::from_i32(libc::ENODATA)),
+        };
+        run!(
+            self,
+            "removexattr",
+            reply,
+            |fs| fs.change_xattr(ino.0, crate::fs::XattrChange::Remove { name: &name }),
+            |_u| reply.ok()
         )
     }
 

@@ -1,4 +1,9 @@
-//! Names: lookup, getattr, readdir, mkdir, rmdir, unlink, rename, symlink, readlink and attribute changes.
+//! Names: lookup, getattr, readdir, mkdir, rmdir, unlink, rename, symlink, mknod, readlink and attribute changes.
+//!
+//! A lookup costs one HEAD for a file and a LIST only when the HEAD finds nothing (a directory is a prefix, with
+//! or without a marker object). A name that is found to be missing is remembered for the metadata TTL, so the
+//! probes of shells and compilers cost one request per name per TTL. Keys longer than S3 accepts are refused with
+//! ENAMETOOLONG before any request.
 use super::inode::{attr_from_metadata, attr_to_metadata, check_name, join, Attr, Kind, Remote, ROOT_INO};
 use super::{lock, Fs, FsError, FsResult, VOLUME_OBJECT};
 use crate::store::{Metadata, ObjectInfo, PutCondition, StoreError};
@@ -47,9 +52,19 @@ impl Fs {
         if parent == ROOT_INO && name == VOLUME_OBJECT {
             return Err(FsError::NotFound);
         }
+        if lock(&self.inodes).known_missing(parent, name, self.cfg.metadata_ttl) {
+            return Err(FsError::NotFound);
+        }
         let path = join(&parent_path, name);
-        let found = self.find(&path).await?;
-        self.record(parent, name, found, true)
+        self.check_key(&self.key_of(&path))?;
+        match self.find(&path).await {
+            Ok(found) => self.record(parent, name, found, true),
+            Err(FsError::NotFound) => {
+                lock(&self.inodes).note_missing(parent, name);
+                Err(FsError::NotFound)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Attributes of an inode, from S3 when the cached ones are older than the metadata TTL.
@@ -75,13 +90,12 @@ impl Fs {
     async fn find(&self, path: &str) -> FsResult<Found> {
         let key = self.key_of(path);
         let dir_prefix = format!("{key}/");
-        let (head, list) = tokio::join!(self.store.head(&key), self.store.list(&dir_prefix, None, None, Some(2)));
-        match head {
+        match self.store.head(&key).await {
             Ok(info) if !key.ends_with('/') => return Ok(Found::Object(info)),
             Ok(_) | Err(StoreError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        let page = list?;
+        let page = self.store.list(&dir_prefix, None, None, Some(2)).await?;
         if page.objects.is_empty() && page.common_prefixes.is_empty() {
             return Err(FsError::NotFound);
         }
@@ -208,23 +222,16 @@ impl Fs {
         self.check_writable()?;
         check_name(name)?;
         let path = join(&self.dir_path(parent)?, name);
+        let marker = format!("{}/", self.key_of(&path));
+        self.check_key(&marker)?;
         match self.find(&path).await {
             Ok(_) => return Err(FsError::Exists),
             Err(FsError::NotFound) => {}
             Err(e) => return Err(e),
         }
-        let attr = Attr {
-            ino: 0,
-            kind: Kind::Dir,
-            size: 0,
-            perm,
-            uid,
-            gid,
-            mtime: SystemTime::now(),
-        };
+        let attr = Attr::made_now(Kind::Dir, 0, perm, uid, gid);
         let mut meta = Metadata::new();
         attr_to_metadata(&attr, &mut meta);
-        let marker = format!("{}/", self.key_of(&path));
         self.store
             .put(&marker, Bytes::new(), &meta, PutCondition::IfNoneMatch)
             .await
@@ -234,6 +241,7 @@ impl Fs {
             })?;
         let mut t = lock(&self.inodes);
         let ino = t.upsert(parent, name, attr, None, true).ok_or(FsError::NotFound)?;
+        t.touch_dir(parent);
         t.get(ino).map(|n| n.attr.clone()).ok_or(FsError::NotFound)
     }
 
@@ -252,9 +260,11 @@ impl Fs {
             return Err(FsError::NotEmpty);
         }
         self.store.delete(&dir_prefix).await?;
+        let mut t = lock(&self.inodes);
         if let Some(ino) = pending {
-            lock(&self.inodes).detach(ino);
+            t.detach(ino);
         }
+        t.touch_dir(parent);
         Ok(())
     }
 
@@ -273,35 +283,44 @@ impl Fs {
             self.remove_if_unused(attr.ino, &file).await;
         }
         self.store.delete(&self.key_of(&path)).await?;
-        lock(&self.inodes).detach(attr.ino);
+        let mut t = lock(&self.inodes);
+        t.detach(attr.ino);
+        t.touch_dir(parent);
         Ok(())
     }
 
     pub async fn symlink(&self, parent: u64, name: &str, target: &str, uid: u32, gid: u32) -> FsResult<Attr> {
+        let attr = Attr::made_now(Kind::Symlink, target.len() as u64, 0o777, uid, gid);
+        self.make_node(parent, name, attr, target.as_bytes()).await
+    }
+
+    /// Makes a FIFO, socket or device node: an empty object whose metadata carries the type (and `rdev`).
+    pub async fn mknod(&self, parent: u64, name: &str, kind: Kind, perm: u16, uid: u32, gid: u32) -> FsResult<Attr> {
+        if !kind.is_special() {
+            return Err(FsError::NotSupported("mknod of this file type"));
+        }
+        self.make_node(parent, name, Attr::made_now(kind, 0, perm, uid, gid), b"")
+            .await
+    }
+
+    /// Stores a symlink or a special file with `body` as its content, failing if the name exists.
+    async fn make_node(&self, parent: u64, name: &str, attr: Attr, body: &[u8]) -> FsResult<Attr> {
         self.check_writable()?;
         check_name(name)?;
         let path = join(&self.dir_path(parent)?, name);
-        let attr = Attr {
-            ino: 0,
-            kind: Kind::Symlink,
-            size: target.len() as u64,
-            perm: 0o777,
-            uid,
-            gid,
-            mtime: SystemTime::now(),
-        };
+        let key = self.key_of(&path);
+        self.check_key(&key)?;
         let (codec, header) = self.new_codec().await?;
-        let mut body = Vec::new();
-        codec.encode_into(0, true, target.as_bytes(), &mut body);
+        let mut sealed = Vec::new();
+        codec.encode_into(0, true, body, &mut sealed);
         let mut meta = Metadata::new();
         attr_to_metadata(&attr, &mut meta);
         if let Some(h) = &header {
             h.to_metadata(&mut meta);
         }
-        let key = self.key_of(&path);
         let info = self
             .store
-            .put(&key, Bytes::from(body), &meta, PutCondition::IfNoneMatch)
+            .put(&key, Bytes::from(sealed), &meta, PutCondition::IfNoneMatch)
             .await
             .map_err(|e| match e {
                 StoreError::PreconditionFailed(_) => FsError::Exists,
@@ -316,6 +335,7 @@ impl Fs {
         let ino = t
             .upsert(parent, name, attr, Some(remote), true)
             .ok_or(FsError::NotFound)?;
+        t.touch_dir(parent);
         t.get(ino).map(|n| n.attr.clone()).ok_or(FsError::NotFound)
     }
 
@@ -347,6 +367,7 @@ impl Fs {
         let src = self.lookup(parent, name).await?;
         lock(&self.inodes).forget(src.ino, 1);
         let dst_path = join(&self.dir_path(new_parent)?, new_name);
+        self.check_key(&self.key_of(&dst_path))?;
         let dst = match self.find(&dst_path).await {
             Ok(f) => Some(f),
             Err(FsError::NotFound) => None,
@@ -358,7 +379,7 @@ impl Fs {
         let src_path = self.path_of(src.ino)?;
         match (src.kind, dst) {
             (Kind::Dir, Some(Found::Object(_))) => return Err(FsError::NotDir),
-            (Kind::File | Kind::Symlink, Some(Found::Dir(_))) => return Err(FsError::IsDir),
+            (k, Some(Found::Dir(_))) if k != Kind::Dir => return Err(FsError::IsDir),
             (Kind::Dir, Some(Found::Dir(_))) => {
                 let p = format!("{}/", self.key_of(&dst_path));
                 if !self.dir_is_empty(&p).await? {
@@ -382,7 +403,13 @@ impl Fs {
         } else {
             self.rename_object(src.ino, &src_path, &dst_path).await?;
         }
-        lock(&self.inodes).rename(src.ino, new_parent, new_name);
+        let mut t = lock(&self.inodes);
+        t.rename(src.ino, new_parent, new_name);
+        t.touch_dir(parent);
+        t.touch_dir(new_parent);
+        if let Some(n) = t.get_mut(src.ino) {
+            n.attr.ctime = SystemTime::now();
+        }
         Ok(())
     }
 
@@ -552,11 +579,12 @@ pub struct AttrChange {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mtime: Option<SystemTime>,
+    pub atime: Option<SystemTime>,
 }
 
 impl AttrChange {
     pub fn is_empty(&self) -> bool {
-        self.perm.is_none() && self.uid.is_none() && self.gid.is_none() && self.mtime.is_none()
+        self.perm.is_none() && self.uid.is_none() && self.gid.is_none() && self.mtime.is_none() && self.atime.is_none()
     }
 
     pub fn apply(&self, a: &mut Attr) {
@@ -571,6 +599,12 @@ impl AttrChange {
         }
         if let Some(m) = self.mtime {
             a.mtime = m;
+        }
+        if let Some(t) = self.atime {
+            a.atime = t;
+        }
+        if !self.is_empty() {
+            a.ctime = SystemTime::now();
         }
     }
 }

@@ -6,8 +6,13 @@
 //! inode below it. Attributes are cached for the metadata TTL; an open file's own state is always fresher than
 //! S3's and wins.
 //!
-//! POSIX attributes live in object metadata under the keys s3fs uses (`mode`, `uid`, `gid`, `mtime`), so a bucket
-//! in an SSE mode reads the same through s3fs and through s3crypt.
+//! POSIX attributes live in object metadata under the keys s3fs uses (`mode`, `uid`, `gid`, `mtime`, `atime`,
+//! `ctime`, `rdev`), so a bucket in an SSE mode reads the same through s3fs and through s3crypt. Special files
+//! (FIFOs, sockets, devices) are empty objects whose `mode` carries the file type.
+//!
+//! The table also remembers names that a lookup did not find (a negative cache, valid for the metadata TTL):
+//! shells, compilers and interpreters probe many names that do not exist, and each miss would otherwise cost a
+//! HEAD and a LIST.
 use crate::store::Metadata;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,6 +24,43 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
+    Fifo,
+    Socket,
+    /// A character device with its device number in the kernel's encoding (`makedev`).
+    CharDev(u32),
+    /// A block device with its device number in the kernel's encoding (`makedev`).
+    BlockDev(u32),
+}
+
+impl Kind {
+    /// FIFOs, sockets and devices: stored as empty objects, never opened by the daemon (the kernel handles them).
+    pub fn is_special(self) -> bool {
+        matches!(self, Kind::Fifo | Kind::Socket | Kind::CharDev(_) | Kind::BlockDev(_))
+    }
+
+    /// The device number `stat` shows (0 for everything but devices).
+    pub fn rdev(self) -> u32 {
+        match self {
+            Kind::CharDev(d) | Kind::BlockDev(d) => d,
+            Kind::File | Kind::Dir | Kind::Symlink | Kind::Fifo | Kind::Socket => 0,
+        }
+    }
+
+    /// The kind a `mknod(2)` of `mode` asks for, if it is a special file.
+    pub fn special_from_mode(mode: u32, rdev: u32) -> Option<Kind> {
+        match mode & libc::S_IFMT {
+            t if t == libc::S_IFIFO => Some(Kind::Fifo),
+            t if t == libc::S_IFSOCK => Some(Kind::Socket),
+            t if t == libc::S_IFCHR => Some(Kind::CharDev(rdev)),
+            t if t == libc::S_IFBLK => Some(Kind::BlockDev(rdev)),
+            _ => None,
+        }
+    }
+
+    /// Same kind of node, ignoring a device number (a lookup that finds a device keeps its inode).
+    fn same_type(self, other: Kind) -> bool {
+        std::mem::discriminant(&self) == std::mem::discriminant(&other)
+    }
 }
 
 /// Attributes as the kernel sees them.
@@ -33,6 +75,28 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub mtime: SystemTime,
+    /// Changed only by utimensat(2): reads do not write to S3 (as with `noatime`).
+    pub atime: SystemTime,
+    /// The last change of content or attributes.
+    pub ctime: SystemTime,
+}
+
+impl Attr {
+    /// Attributes of a node made here, now (the inode number is set when it enters the table).
+    pub fn made_now(kind: Kind, size: u64, perm: u16, uid: u32, gid: u32) -> Attr {
+        let now = SystemTime::now();
+        Attr {
+            ino: 0,
+            kind,
+            size,
+            perm,
+            uid,
+            gid,
+            mtime: now,
+            atime: now,
+            ctime: now,
+        }
+    }
 }
 
 /// What S3 said about the object behind a file or symlink, from a HEAD or a completed upload.
@@ -87,6 +151,10 @@ pub const META_MODE: &str = "mode";
 pub const META_UID: &str = "uid";
 pub const META_GID: &str = "gid";
 pub const META_MTIME: &str = "mtime";
+pub const META_ATIME: &str = "atime";
+pub const META_CTIME: &str = "ctime";
+/// The device number of a device node, decimal, in the kernel's encoding (as s3fs stores it).
+pub const META_RDEV: &str = "rdev";
 
 /// The file-type bits s3fs stores in `mode`.
 pub fn type_bits(kind: Kind) -> u32 {
@@ -94,6 +162,10 @@ pub fn type_bits(kind: Kind) -> u32 {
         Kind::File => libc::S_IFREG,
         Kind::Dir => libc::S_IFDIR,
         Kind::Symlink => libc::S_IFLNK,
+        Kind::Fifo => libc::S_IFIFO,
+        Kind::Socket => libc::S_IFSOCK,
+        Kind::CharDev(_) => libc::S_IFCHR,
+        Kind::BlockDev(_) => libc::S_IFBLK,
     }
 }
 
@@ -107,22 +179,24 @@ pub fn attr_from_metadata(
     d: &AttrDefaults,
 ) -> Attr {
     let mode: Option<u32> = meta.get(META_MODE).and_then(|m| m.trim().parse().ok());
+    let rdev: u32 = meta.get(META_RDEV).and_then(|s| s.trim().parse().ok()).unwrap_or(0);
     let kind = match mode.map(|m| m & libc::S_IFMT) {
         Some(t) if t == libc::S_IFLNK => Kind::Symlink,
         Some(t) if t == libc::S_IFDIR => Kind::Dir,
+        // A special file is an object like any file; only a name that is a file may turn out to be one.
+        Some(_) if fallback_kind == Kind::File => {
+            Kind::special_from_mode(mode.unwrap_or(0), rdev).unwrap_or(Kind::File)
+        }
         _ => fallback_kind,
     };
     let perm = match (mode, kind) {
         (Some(m), _) => (m & 0o7777) as u16,
         (None, Kind::Dir) => d.dir_perm,
         (None, Kind::Symlink) => 0o777,
-        (None, Kind::File) => d.file_perm,
+        (None, _) => d.file_perm,
     };
-    let mtime = meta
-        .get(META_MTIME)
-        .and_then(|s| parse_mtime(s))
-        .or(last_modified)
-        .unwrap_or(UNIX_EPOCH);
+    let time = |k: &str| meta.get(k).and_then(|s| parse_time(s));
+    let mtime = time(META_MTIME).or(last_modified).unwrap_or(UNIX_EPOCH);
     Attr {
         ino,
         kind,
@@ -131,11 +205,13 @@ pub fn attr_from_metadata(
         uid: meta.get(META_UID).and_then(|s| s.trim().parse().ok()).unwrap_or(d.uid),
         gid: meta.get(META_GID).and_then(|s| s.trim().parse().ok()).unwrap_or(d.gid),
         mtime,
+        atime: time(META_ATIME).unwrap_or(mtime),
+        ctime: time(META_CTIME).unwrap_or(mtime),
     }
 }
 
-/// `mtime` as s3fs writes it: seconds since the epoch, optionally with a fraction.
-fn parse_mtime(s: &str) -> Option<SystemTime> {
+/// A time as s3fs writes it: seconds since the epoch, optionally with a fraction.
+fn parse_time(s: &str) -> Option<SystemTime> {
     let s = s.trim();
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
     let secs: u64 = secs.parse().ok()?;
@@ -157,8 +233,28 @@ pub fn attr_to_metadata(attr: &Attr, meta: &mut Metadata) {
     );
     meta.insert(META_UID.into(), attr.uid.to_string());
     meta.insert(META_GID.into(), attr.gid.to_string());
-    let secs = attr.mtime.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    meta.insert(META_MTIME.into(), secs.to_string());
+    meta.insert(META_MTIME.into(), format_time(attr.mtime));
+    meta.insert(META_ATIME.into(), format_time(attr.atime));
+    meta.insert(META_CTIME.into(), format_time(attr.ctime));
+    match attr.kind {
+        Kind::CharDev(d) | Kind::BlockDev(d) => {
+            meta.insert(META_RDEV.into(), d.to_string());
+        }
+        Kind::File | Kind::Dir | Kind::Symlink | Kind::Fifo | Kind::Socket => {
+            meta.remove(META_RDEV);
+        }
+    }
+}
+
+/// Seconds since the epoch, with a 9-digit fraction when there is one (s3fs reads both; times before 1970 are
+/// stored as 0).
+pub fn format_time(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    if d.subsec_nanos() == 0 {
+        d.as_secs().to_string()
+    } else {
+        format!("{}.{:09}", d.as_secs(), d.subsec_nanos())
+    }
 }
 
 /// Checks one path component.
@@ -180,9 +276,15 @@ pub fn join(parent: &str, name: &str) -> String {
     }
 }
 
+/// The most names the negative cache holds; past it the cache starts again empty, so its memory stays bounded
+/// whatever a program probes.
+const NEGATIVE_CAP: usize = 16_384;
+
 pub struct InodeTable {
     inodes: HashMap<u64, Inode>,
     children: HashMap<(u64, String), u64>,
+    /// Names a lookup did not find, and when.
+    negative: HashMap<(u64, String), Instant>,
     next_ino: u64,
 }
 
@@ -207,7 +309,38 @@ impl InodeTable {
         InodeTable {
             inodes,
             children: HashMap::new(),
+            negative: HashMap::new(),
             next_ino: ROOT_INO + 1,
+        }
+    }
+
+    /// Records that `name` is not in `parent` (S3 and this mount have nothing by that name).
+    pub fn note_missing(&mut self, parent: u64, name: &str) {
+        if self.negative.len() >= NEGATIVE_CAP {
+            self.negative.clear();
+        }
+        self.negative.insert((parent, name.to_string()), Instant::now());
+    }
+
+    /// Whether a lookup of `name` in `parent` found nothing less than `ttl` ago.
+    pub fn known_missing(&self, parent: u64, name: &str, ttl: Duration) -> bool {
+        self.negative
+            .get(&(parent, name.to_string()))
+            .is_some_and(|t| t.elapsed() < ttl)
+    }
+
+    /// Forgets a miss: the name exists now (or may, after a failed operation).
+    pub fn forget_missing(&mut self, parent: u64, name: &str) {
+        self.negative.remove(&(parent, name.to_string()));
+    }
+
+    /// An entry of directory `ino` was created, removed or renamed here: its mtime and ctime are now. Kept in
+    /// memory only (persisting them would cost a PUT of the directory marker per change).
+    pub fn touch_dir(&mut self, ino: u64) {
+        if let Some(n) = self.inodes.get_mut(&ino) {
+            let now = SystemTime::now();
+            n.attr.mtime = now;
+            n.attr.ctime = now;
         }
     }
 
@@ -237,9 +370,15 @@ impl InodeTable {
     ) -> Option<u64> {
         let parent_path = self.inodes.get(&parent)?.path.clone();
         let key = (parent, name.to_string());
+        self.negative.remove(&key);
         if let Some(&ino) = self.children.get(&key) {
             let node = self.inodes.get_mut(&ino)?;
-            if node.attr.kind == attr.kind {
+            if node.attr.kind.same_type(attr.kind) {
+                if attr.kind == Kind::Dir {
+                    // A directory's times from changes made here are newer than its marker's.
+                    attr.mtime = attr.mtime.max(node.attr.mtime);
+                    attr.ctime = attr.ctime.max(node.attr.ctime);
+                }
                 attr.ino = ino;
                 node.attr = attr;
                 node.remote = remote;
@@ -314,6 +453,7 @@ impl InodeTable {
         let Some(parent_path) = self.inodes.get(&new_parent).map(|p| p.path.clone()) else {
             return;
         };
+        self.negative.remove(&(new_parent, new_name.to_string()));
         if let Some(&old) = self.children.get(&(new_parent, new_name.to_string())) {
             if old != ino {
                 self.detach(old);
@@ -378,6 +518,8 @@ mod tests {
             uid: 0,
             gid: 0,
             mtime: UNIX_EPOCH,
+            atime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
         }
     }
 
@@ -413,14 +555,66 @@ mod tests {
             uid: 10,
             gid: 20,
             mtime: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            atime: UNIX_EPOCH + Duration::new(1_600_000_000, 5),
+            ctime: UNIX_EPOCH + Duration::new(1_700_000_001, 123_456_789),
         };
         let mut m = Metadata::new();
         attr_to_metadata(&a, &mut m);
         assert_eq!(m["mode"], (libc::S_IFLNK | 0o777).to_string());
+        assert_eq!(m["mtime"], "1700000000");
+        assert_eq!(m["atime"], "1600000000.000000005");
+        assert_eq!(m["ctime"], "1700000001.123456789");
         let back = attr_from_metadata(5, Kind::File, 3, None, &m, &d);
         assert_eq!(back, a);
         let plain = attr_from_metadata(6, Kind::File, 0, None, &Metadata::new(), &d);
         assert_eq!((plain.perm, plain.uid, plain.gid), (0o644, 1, 2));
+    }
+
+    #[test]
+    fn special_files_round_trip_with_type_and_rdev() {
+        let d = AttrDefaults::new(0, 0, 0o022);
+        for kind in [Kind::Fifo, Kind::Socket, Kind::CharDev(0x0103), Kind::BlockDev(0x0801)] {
+            let mut a = attr(kind);
+            a.perm = 0o640;
+            let mut m = Metadata::new();
+            attr_to_metadata(&a, &mut m);
+            assert_eq!(m.contains_key("rdev"), kind.rdev() != 0, "{kind:?}");
+            assert_eq!(attr_from_metadata(0, Kind::File, 0, None, &m, &d), a, "{kind:?}");
+            // A directory marker never turns into a special file, whatever its metadata says.
+            assert_eq!(attr_from_metadata(0, Kind::Dir, 0, None, &m, &d).kind, Kind::Dir);
+        }
+        // s3fs's encoding: mode with the type bits, rdev in decimal.
+        let mut m = Metadata::new();
+        m.insert("mode".into(), (libc::S_IFCHR | 0o600).to_string());
+        m.insert("rdev".into(), "259".into());
+        assert_eq!(
+            attr_from_metadata(0, Kind::File, 0, None, &m, &d).kind,
+            Kind::CharDev(259)
+        );
+    }
+
+    #[test]
+    fn times_without_atime_or_ctime_fall_back_to_mtime() {
+        let d = AttrDefaults::new(0, 0, 0o022);
+        let mut m = Metadata::new();
+        m.insert("mtime".into(), "1700000000.5".into());
+        let a = attr_from_metadata(0, Kind::File, 0, None, &m, &d);
+        assert_eq!(a.mtime, UNIX_EPOCH + Duration::from_millis(1_700_000_000_500));
+        assert_eq!((a.atime, a.ctime), (a.mtime, a.mtime));
+    }
+
+    #[test]
+    fn negative_cache_expires_is_cleared_by_a_new_name_and_stays_bounded() {
+        let mut t = InodeTable::new(attr(Kind::Dir));
+        t.note_missing(ROOT_INO, "x");
+        assert!(t.known_missing(ROOT_INO, "x", Duration::from_secs(1)));
+        assert!(!t.known_missing(ROOT_INO, "x", Duration::ZERO));
+        t.upsert(ROOT_INO, "x", attr(Kind::File), None, true);
+        assert!(!t.known_missing(ROOT_INO, "x", Duration::from_secs(1)));
+        for i in 0..NEGATIVE_CAP + 10 {
+            t.note_missing(ROOT_INO, &i.to_string());
+        }
+        assert!(t.negative.len() <= NEGATIVE_CAP);
     }
 
     #[test]

@@ -204,6 +204,8 @@ pub struct Manifest {
     pub uid: u32,
     pub gid: u32,
     pub mtime: SystemTime,
+    pub atime: SystemTime,
+    pub ctime: SystemTime,
     /// The s3crypt header (client-side modes): the object metadata that carries the wrapped key and file id.
     pub header: Metadata,
     /// Blocks are sealed with the file's own key, in the object's format.
@@ -215,6 +217,8 @@ pub struct Manifest {
     pub upload_token: Option<String>,
     /// A multipart upload started for this entry and not yet completed or aborted.
     pub multipart: Option<String>,
+    /// The extended attributes in their stored form (sealed in the client-side modes).
+    pub xattr: Option<String>,
     /// Content changed (else only attributes).
     pub modified: bool,
 }
@@ -239,11 +243,14 @@ impl Default for Manifest {
             uid: 0,
             gid: 0,
             mtime: UNIX_EPOCH,
+            atime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
             header: Metadata::new(),
             object_format: false,
             journal_file_id: None,
             upload_token: None,
             multipart: None,
+            xattr: None,
             modified: false,
         }
     }
@@ -271,8 +278,10 @@ impl Manifest {
         line("size", self.size.to_string());
         line("block_size", self.block_size.to_string());
         line("attr", format!("{} {} {}", self.perm, self.uid, self.gid));
-        let t = self.mtime.duration_since(UNIX_EPOCH).unwrap_or_default();
-        line("mtime", format!("{} {}", t.as_secs(), t.subsec_nanos()));
+        for (name, time) in [("mtime", self.mtime), ("atime", self.atime), ("ctime", self.ctime)] {
+            let t = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+            line(name, format!("{} {}", t.as_secs(), t.subsec_nanos()));
+        }
         for (k, v) in &self.header {
             line("header", format!("{} {}", hex::encode(k), hex::encode(v)));
         }
@@ -285,6 +294,9 @@ impl Manifest {
         }
         if let Some(u) = &self.multipart {
             line("multipart", hex::encode(u));
+        }
+        if let Some(x) = &self.xattr {
+            line("xattr", hex::encode(x));
         }
         line("modified", u8::from(self.modified).to_string());
         line("end", "1".into());
@@ -329,6 +341,8 @@ impl Manifest {
                     m.gid = num(2)? as u32;
                 }
                 "mtime" => m.mtime = UNIX_EPOCH + Duration::new(num(0)?, num(1)? as u32),
+                "atime" => m.atime = UNIX_EPOCH + Duration::new(num(0)?, num(1)? as u32),
+                "ctime" => m.ctime = UNIX_EPOCH + Duration::new(num(0)?, num(1)? as u32),
                 "header" => {
                     m.header.insert(text(0)?, text(1)?);
                 }
@@ -336,6 +350,7 @@ impl Manifest {
                 "journal_file_id" => m.journal_file_id = Some(v.to_string()),
                 "upload_token" => m.upload_token = Some(v.to_string()),
                 "multipart" => m.multipart = Some(text(0)?),
+                "xattr" => m.xattr = Some(text(0)?),
                 "modified" => m.modified = num(0)? == 1,
                 "end" => complete = true,
                 _ => return Err(format!("unknown manifest line {k:?}")),
@@ -611,9 +626,12 @@ mod tests {
             uid: 1,
             gid: 2,
             mtime: UNIX_EPOCH + Duration::new(1_700_000_000, 123),
+            atime: UNIX_EPOCH + Duration::new(1_600_000_000, 4),
+            ctime: UNIX_EPOCH + Duration::new(1_700_000_001, 5),
             header: [("s3crypt-key".to_string(), "x y".to_string())].into_iter().collect(),
             upload_token: Some("tok".into()),
             multipart: Some("up/id".into()),
+            xattr: Some("%7B%7D".into()),
             modified: true,
             ..Manifest::default()
         }

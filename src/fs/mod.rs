@@ -36,6 +36,7 @@ mod stats;
 mod upload;
 mod uploader;
 mod write;
+mod xattr;
 
 pub use upload::MAX_PARTS;
 
@@ -44,6 +45,7 @@ pub use error::{FsError, FsResult};
 pub use inode::{Attr, Kind, ROOT_INO};
 pub use stats::FsStats;
 pub use uploader::Recovery;
+pub use xattr::XattrChange;
 
 use crate::format::{BlockCipher, BlockSize, DataKey, ObjectHeader, FORMAT_VERSION};
 use crate::keys::{DataKeyCache, DataKeyProvider, KeyError, KeyMode};
@@ -181,6 +183,8 @@ impl Fs {
             uid: cfg.uid,
             gid: cfg.gid,
             mtime: SystemTime::now(),
+            atime: SystemTime::now(),
+            ctime: SystemTime::now(),
         };
         let cache = Arc::new(BlockCache::new(cfg.block_cache_bytes, cfg.block_size.get()));
         let reader = read::ReadAhead::new(cfg.read_ahead_bytes, cfg.block_size);
@@ -218,7 +222,7 @@ impl Fs {
     }
 
     /// The object key of a path relative to the mount root.
-    fn key_of(&self, path: &str) -> String {
+    pub(super) fn key_of(&self, path: &str) -> String {
         format!("{}{}", self.cfg.prefix, path)
     }
 
@@ -262,7 +266,7 @@ impl Fs {
     }
 
     /// The codec for an existing object, from its metadata: the unwrapped data key in the client-side modes.
-    async fn codec_for(&self, key: &str, meta: &Metadata) -> FsResult<(Arc<Codec>, Option<ObjectHeader>)> {
+    pub(super) async fn codec_for(&self, key: &str, meta: &Metadata) -> FsResult<(Arc<Codec>, Option<ObjectHeader>)> {
         let Some(keys) = &self.keys else {
             return Ok((
                 Arc::new(Codec::Plain {

@@ -148,6 +148,9 @@ impl Fs {
         if let Some(h) = &st.header {
             h.to_metadata(&mut meta);
         }
+        if let Some(x) = &st.xattr {
+            meta.insert(super::xattr::meta_key(&st.codec).into(), x.clone());
+        }
         meta.insert(META_UPLOAD_TOKEN.into(), token.clone());
         Ok(Some(Snapshot {
             gen: st.generation,
@@ -446,12 +449,12 @@ impl Fs {
         } else {
             st.save_manifest()?;
         }
-        self.record_saved(file, &st);
+        self.record_saved(file, &st, &snap.meta);
         Ok(())
     }
 
-    /// Tells the inode table and those waiting what S3 now holds.
-    fn record_saved(&self, file: &OpenFile, st: &FileState) {
+    /// Tells the inode table and those waiting what S3 now holds: `meta` is the metadata the upload sent.
+    fn record_saved(&self, file: &OpenFile, st: &FileState, meta: &Metadata) {
         file.status.send_modify(|s| {
             s.saved_gen = s.saved_gen.max(st.saved_gen);
             s.error = None;
@@ -471,11 +474,10 @@ impl Fs {
             };
             n.refreshed = Instant::now();
             if let Some(b) = &st.base {
-                let remote = n.remote.take().map(|r| r.metadata).unwrap_or_default();
                 n.remote = Some(Remote {
                     etag: b.etag.clone(),
                     object_size: b.object_size,
-                    metadata: remote,
+                    metadata: meta.clone(),
                 });
             }
         }

@@ -103,6 +103,8 @@ pub struct FileState {
     /// The smallest size a truncation set since the running upload took its snapshot (`u64::MAX`: none).
     pub min_cut: u64,
     pub attr: Attr,
+    /// The extended attributes in their stored form (see `xattr`): carried into every upload.
+    pub xattr: Option<String>,
     /// Token and upload id of the upload in flight, as the journal's manifest records them.
     pub upload_token: Option<String>,
     pub multipart: Option<String>,
@@ -132,6 +134,7 @@ impl FileState {
             min_cut: u64::MAX,
             attr: Attr { size: 0, ..attr },
             upload_token: None,
+            xattr: None,
             multipart: None,
             unlinked: false,
             poisoned: false,
@@ -184,7 +187,9 @@ impl FileState {
         self.generation += 1;
         if content {
             self.content_gen = self.generation;
-            self.attr.mtime = SystemTime::now();
+            let now = SystemTime::now();
+            self.attr.mtime = now;
+            self.attr.ctime = now;
         }
     }
 
@@ -207,9 +212,12 @@ impl FileState {
             uid: self.attr.uid,
             gid: self.attr.gid,
             mtime: self.attr.mtime,
+            atime: self.attr.atime,
+            ctime: self.attr.ctime,
             header,
             upload_token: self.upload_token.clone(),
             multipart: self.multipart.clone(),
+            xattr: self.xattr.clone(),
             modified: self.modified(),
             ..Manifest::default()
         }
@@ -235,6 +243,11 @@ impl Fs {
         match attr.kind {
             Kind::Dir => return Err(FsError::IsDir),
             Kind::Symlink => return Err(FsError::NotSupported("open of a symlink")),
+            // The kernel opens FIFOs, sockets and devices itself; a request that reaches here is not one the
+            // daemon can serve.
+            Kind::Fifo | Kind::Socket | Kind::CharDev(_) | Kind::BlockDev(_) => {
+                return Err(FsError::NotSupported("open of a special file"))
+            }
             Kind::File => {}
         }
         let file = self.acquire(ino).await?;
@@ -255,20 +268,13 @@ impl Fs {
         self.check_key(&key)?;
         // The data key first: a KMS call must not happen under any lock.
         let (codec, header) = self.new_codec().await?;
-        let attr = Attr {
-            ino: 0,
-            kind: Kind::File,
-            size: 0,
-            perm,
-            uid,
-            gid,
-            mtime: SystemTime::now(),
-        };
+        let attr = Attr::made_now(Kind::File, 0, perm, uid, gid);
         let ino = {
             let mut t = lock(&self.inodes);
             let ino = t
                 .upsert(parent, name, attr.clone(), None, true)
                 .ok_or(FsError::NotFound)?;
+            t.touch_dir(parent);
             if let Some(n) = t.get_mut(ino) {
                 n.pending = true;
             }
@@ -292,6 +298,7 @@ impl Fs {
             min_cut: u64::MAX,
             attr: attr.clone(),
             upload_token: None,
+            xattr: None,
             multipart: None,
             unlinked: false,
             poisoned: false,
@@ -337,7 +344,9 @@ impl Fs {
         let info = self.store.head(&key).await?;
         let version = self.version_of(&info).await?;
         let attr = self.cached_attr(ino)?;
-        let file = OpenFile::new(ino, FileState::opened(key, version, attr));
+        let mut state = FileState::opened(key, version, attr);
+        state.xattr = info.metadata.get(super::xattr::meta_key(&state.codec)).cloned();
+        let file = OpenFile::new(ino, state);
         let mut open = lock(&self.open_files);
         let e = open.entry(ino).or_insert(OpenEntry { file, count: 0 });
         e.count += 1;
@@ -383,7 +392,7 @@ impl Fs {
 
     /// Gives back one reference; the last one saves what is left (changes made through another handle after
     /// that handle's own flush included).
-    async fn let_go(&self, ino: u64, file: &Arc<OpenFile>, wait: bool) -> FsResult<()> {
+    pub(super) async fn let_go(&self, ino: u64, file: &Arc<OpenFile>, wait: bool) -> FsResult<()> {
         let result = match (self.drop_ref(ino, file), wait) {
             (true, true) => self.save(file).await,
             (true, false) => {

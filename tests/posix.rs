@@ -1,0 +1,603 @@
+//! POSIX fidelity through real FUSE mounts, in a client-side and an SSE mode, written from the Linux man pages
+//! (mknod(2), mkfifo(3), utimensat(2), rename(2), link(2), path_resolution(7)): special files, separate atime,
+//! mtime and ctime, parent directory times, name limits, hard links, extended attributes (xattr(7),
+//! setxattr(2), getxattr(2), listxattr(2), removexattr(2)) and what a lookup costs in requests.
+mod common;
+
+use common::mount::{write_file, Counting, TestMount, Volume};
+use s3crypt::keys::KeyMode;
+use s3crypt::store::failing::OpKind;
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+macro_rules! in_two_modes {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use s3crypt::keys::KeyMode;
+                #[test]
+                fn sse_s3() { super::$name(KeyMode::SseS3) }
+                #[test]
+                fn cse_local() { super::$name(KeyMode::CseLocal) }
+            }
+        )*
+    };
+}
+
+in_two_modes!(
+    special_files_keep_type_mode_and_rdev_across_remount,
+    a_fifo_carries_data_between_a_writer_and_a_reader,
+    atime_mtime_and_ctime_are_kept_apart_with_nanoseconds,
+    utime_now_and_omit,
+    entry_changes_update_the_parent_directory_times,
+    names_and_keys_over_the_limits_are_enametoolong,
+    hard_links_are_eperm_and_leave_nothing_behind,
+    a_missing_name_is_asked_once_per_ttl,
+    a_cold_file_lookup_is_one_head,
+    xattrs_get_set_list_remove_with_flags_and_errors,
+    xattrs_survive_remount_chmod_rename_and_writes,
+    xattrs_beyond_the_metadata_limit_are_refused_and_nothing_is_lost,
+    xattrs_are_stored_as_the_mode_requires,
+    a_capability_query_costs_no_request,
+);
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn errno_of<T>(r: std::io::Result<T>) -> i32 {
+    r.err().and_then(|e| e.raw_os_error()).expect("an OS error")
+}
+
+fn mknod(p: &Path, mode: u32, dev: u64) -> std::io::Result<()> {
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::mknod(cpath(p).as_ptr(), mode, dev as libc::dev_t) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// utimensat(2) on a path, with raw timespecs (so UTIME_NOW and UTIME_OMIT can be passed).
+fn utimensat(p: &Path, atime: libc::timespec, mtime: libc::timespec) -> std::io::Result<()> {
+    let times = [atime, mtime];
+    // SAFETY: a valid path and a two-element array, as utimensat(2) asks.
+    if unsafe { libc::utimensat(libc::AT_FDCWD, cpath(p).as_ptr(), times.as_ptr(), 0) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn ts(secs: i64, nanos: i64) -> libc::timespec {
+    libc::timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    }
+}
+
+fn special(nsec: i64) -> libc::timespec {
+    ts(0, nsec)
+}
+
+/// (seconds, nanoseconds) of a stat time.
+fn times(m: &fs::Metadata) -> [(i64, i64); 3] {
+    [
+        (m.atime(), m.atime_nsec()),
+        (m.mtime(), m.mtime_nsec()),
+        (m.ctime(), m.ctime_nsec()),
+    ]
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn head_metadata(bucket: &str, key: &str) -> std::collections::HashMap<String, String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = common::s3_client().await;
+        let head = c.head_object().bucket(bucket).key(key).send().await.unwrap();
+        head.metadata().cloned().unwrap_or_default()
+    })
+}
+
+fn special_files_keep_type_mode_and_rdev_across_remount(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let chr = libc::makedev(1, 3);
+    let blk = libc::makedev(8, 1);
+    mknod(&m.path("fifo"), libc::S_IFIFO | 0o640, 0).unwrap();
+    mknod(&m.path("chr"), libc::S_IFCHR | 0o600, chr).unwrap();
+    mknod(&m.path("blk"), libc::S_IFBLK | 0o604, blk).unwrap();
+    let sock = std::os::unix::net::UnixListener::bind(m.path("sock")).unwrap();
+    drop(sock);
+    // mknod(2) of a regular file makes an empty file.
+    mknod(&m.path("reg"), libc::S_IFREG | 0o604, 0).unwrap();
+    assert_eq!(errno_of(mknod(&m.path("fifo"), libc::S_IFIFO | 0o600, 0)), libc::EEXIST);
+    let check = |m: &TestMount, when: &str| {
+        let md = |n: &str| fs::symlink_metadata(m.path(n)).unwrap_or_else(|e| panic!("{when}: stat {n}: {e}"));
+        let f = md("fifo");
+        assert!(f.file_type().is_fifo(), "{when}");
+        assert_eq!(f.mode() & 0o7777, 0o640, "{when}");
+        let c = md("chr");
+        assert!(c.file_type().is_char_device(), "{when}");
+        assert_eq!((c.mode() & 0o7777, c.rdev()), (0o600, chr), "{when}");
+        let b = md("blk");
+        assert!(b.file_type().is_block_device(), "{when}");
+        assert_eq!((b.mode() & 0o7777, b.rdev()), (0o604, blk), "{when}");
+        assert!(md("sock").file_type().is_socket(), "{when}");
+        let r = md("reg");
+        assert!(r.file_type().is_file(), "{when}");
+        assert_eq!((r.mode() & 0o7777, r.len()), (0o604, 0), "{when}");
+        let mut names: Vec<String> = fs::read_dir(m.mnt.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["blk", "chr", "fifo", "reg", "sock"], "{when}");
+    };
+    check(&m, "before remount");
+    m.unmount();
+    // s3fs's convention: `mode` carries the type bits, `rdev` the device number in the kernel's encoding.
+    let meta = head_metadata(&vol.bucket, "chr");
+    assert_eq!(
+        meta.get("mode").map(String::as_str),
+        Some(&*(libc::S_IFCHR | 0o600).to_string())
+    );
+    assert_eq!(meta.get("rdev").map(String::as_str), Some(&*chr.to_string()));
+    let meta = head_metadata(&vol.bucket, "fifo");
+    assert_eq!(
+        meta.get("mode").map(String::as_str),
+        Some(&*(libc::S_IFIFO | 0o640).to_string())
+    );
+    let m = TestMount::mount(&vol);
+    check(&m, "after remount");
+    // Special files go away like files.
+    for n in ["fifo", "chr", "blk", "sock"] {
+        fs::remove_file(m.path(n)).unwrap();
+    }
+    fs::rename(m.path("reg"), m.path("reg2")).unwrap();
+    assert_eq!(fs::read_dir(m.mnt.path()).unwrap().count(), 1);
+}
+
+fn a_fifo_carries_data_between_a_writer_and_a_reader(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let p = m.path("pipe");
+    mknod(&p, libc::S_IFIFO | 0o600, 0).unwrap();
+    let writer_path = p.clone();
+    let writer = std::thread::spawn(move || {
+        let mut w = fs::OpenOptions::new().write(true).open(&writer_path).unwrap();
+        w.write_all(b"through the pipe").unwrap();
+    });
+    let mut got = String::new();
+    fs::File::open(&p).unwrap().read_to_string(&mut got).unwrap();
+    writer.join().unwrap();
+    assert_eq!(got, "through the pipe");
+    // The pipe's data never went to S3: the node is still an empty object.
+    let md = fs::symlink_metadata(&p).unwrap();
+    assert!(md.file_type().is_fifo());
+    assert_eq!(md.len(), 0);
+}
+
+fn atime_mtime_and_ctime_are_kept_apart_with_nanoseconds(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let p = m.path("f");
+    write_file(&p, b"data").unwrap();
+    let before = now_secs();
+    utimensat(&p, ts(1_900_000_000, 123_456_789), ts(1_800_000_000, 5)).unwrap();
+    let md = fs::metadata(&p).unwrap();
+    let [a, mt, c] = times(&md);
+    assert_eq!(a, (1_900_000_000, 123_456_789));
+    assert_eq!(mt, (1_800_000_000, 5));
+    assert!(
+        c.0 >= before && c.0 <= now_secs() + 1,
+        "ctime is the time of the change: {c:?}"
+    );
+    // The same on a directory (its marker keeps them).
+    fs::create_dir(m.path("d")).unwrap();
+    utimensat(&m.path("d"), ts(1_500_000_000, 1), ts(1_400_000_000, 999_999_999)).unwrap();
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    let md = fs::metadata(m.path("f")).unwrap();
+    let [a2, mt2, c2] = times(&md);
+    assert_eq!((a2, mt2, c2), (a, mt, c), "after remount");
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"data");
+    let d = fs::metadata(m.path("d")).unwrap();
+    assert_eq!(times(&d)[..2], [(1_500_000_000, 1), (1_400_000_000, 999_999_999)]);
+    // Reading does not change atime (noatime-like: a read never writes to S3).
+    let mut buf = Vec::new();
+    fs::File::open(m.path("f")).unwrap().read_to_end(&mut buf).unwrap();
+    assert_eq!(times(&fs::metadata(m.path("f")).unwrap())[0], a);
+    // Writing changes mtime and ctime, not atime.
+    let t0 = now_secs();
+    write_file(&m.path("f"), b"new data").unwrap();
+    let [a3, mt3, c3] = times(&fs::metadata(m.path("f")).unwrap());
+    assert_eq!(a3, a);
+    assert!(mt3.0 >= t0 && c3.0 >= t0, "{mt3:?} {c3:?}");
+}
+
+fn utime_now_and_omit(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let p = m.path("f");
+    write_file(&p, b"x").unwrap();
+    utimensat(&p, ts(1_000_000_000, 0), ts(1_100_000_000, 0)).unwrap();
+    // UTIME_OMIT leaves that time alone; UTIME_NOW sets it to the current time.
+    let t0 = now_secs();
+    utimensat(&p, special(libc::UTIME_OMIT), special(libc::UTIME_NOW)).unwrap();
+    let [a, mt, _] = times(&fs::metadata(&p).unwrap());
+    assert_eq!(a, (1_000_000_000, 0));
+    assert!(mt.0 >= t0 && mt.0 <= now_secs() + 1, "{mt:?}");
+    utimensat(&p, special(libc::UTIME_NOW), special(libc::UTIME_OMIT)).unwrap();
+    let [a, mt2, _] = times(&fs::metadata(&p).unwrap());
+    assert!(a.0 >= t0, "{a:?}");
+    assert_eq!(mt2, mt);
+    // Both omitted: nothing changes, not even ctime (utimensat(2)).
+    let before = times(&fs::metadata(&p).unwrap());
+    utimensat(&p, special(libc::UTIME_OMIT), special(libc::UTIME_OMIT)).unwrap();
+    assert_eq!(times(&fs::metadata(&p).unwrap()), before);
+    // touch -a -d: only atime.
+    utimensat(&p, ts(1_900_000_000, 0), special(libc::UTIME_OMIT)).unwrap();
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    let [a, mt3, _] = times(&fs::metadata(m.path("f")).unwrap());
+    assert_eq!((a, mt3), ((1_900_000_000, 0), mt));
+}
+
+fn entry_changes_update_the_parent_directory_times(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    fs::create_dir(m.path("d")).unwrap();
+    fs::create_dir(m.path("e")).unwrap();
+    let d = m.path("d");
+    let stamp = |p: &Path| {
+        let md = fs::metadata(p).unwrap();
+        ((md.mtime(), md.mtime_nsec()), (md.ctime(), md.ctime_nsec()))
+    };
+    type Step<'a> = (&'a str, Box<dyn Fn() + 'a>);
+    let steps: Vec<Step> = vec![
+        ("create", Box::new(|| write_file(&d.join("f"), b"1").unwrap())),
+        ("mkdir", Box::new(|| fs::create_dir(d.join("sub")).unwrap())),
+        (
+            "symlink",
+            Box::new(|| std::os::unix::fs::symlink("f", d.join("l")).unwrap()),
+        ),
+        (
+            "mknod",
+            Box::new(|| mknod(&d.join("p"), libc::S_IFIFO | 0o600, 0).unwrap()),
+        ),
+        (
+            "rename within",
+            Box::new(|| fs::rename(d.join("f"), d.join("g")).unwrap()),
+        ),
+        ("unlink", Box::new(|| fs::remove_file(d.join("l")).unwrap())),
+        ("rmdir", Box::new(|| fs::remove_dir(d.join("sub")).unwrap())),
+    ];
+    for (what, step) in steps {
+        let before = stamp(&d);
+        std::thread::sleep(Duration::from_millis(20));
+        step();
+        let after = stamp(&d);
+        assert!(
+            after.0 > before.0 && after.1 > before.1,
+            "{what}: {before:?} -> {after:?}"
+        );
+    }
+    // A rename between directories changes both.
+    let e = m.path("e");
+    let (bd, be) = (stamp(&d), stamp(&e));
+    std::thread::sleep(Duration::from_millis(20));
+    fs::rename(d.join("g"), e.join("g")).unwrap();
+    assert!(stamp(&d).0 > bd.0 && stamp(&e).0 > be.0);
+    // The root too.
+    let br = stamp(m.mnt.path());
+    std::thread::sleep(Duration::from_millis(20));
+    write_file(&m.path("top"), b"t").unwrap();
+    assert!(stamp(m.mnt.path()).0 > br.0);
+}
+
+fn names_and_keys_over_the_limits_are_enametoolong(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let long = "n".repeat(256);
+    let too_long = m.path(&long);
+    assert_eq!(errno_of(fs::write(&too_long, b"x")), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(fs::metadata(&too_long)), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(fs::create_dir(&too_long)), libc::ENAMETOOLONG);
+    write_file(&m.path(&"n".repeat(255)), b"255 is fine").unwrap();
+    // Keys: four 250-byte directories make a 1,004-byte prefix ("a…/b…/c…/d…/"); a name of 20 bytes makes a
+    // 1,024-byte key (the limit), 21 bytes one over it.
+    let mut dir = m.mnt.path().to_path_buf();
+    for c in ["a", "b", "c", "d"] {
+        dir = dir.join(c.repeat(250));
+        fs::create_dir(&dir).unwrap();
+    }
+    let exact = dir.join("x".repeat(20));
+    let over = dir.join("y".repeat(21));
+    write_file(&exact, b"at the limit").unwrap();
+    assert_eq!(fs::read(&exact).unwrap(), b"at the limit");
+    assert_eq!(errno_of(fs::write(&over, b"x")), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(fs::create_dir(&over)), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(std::os::unix::fs::symlink("t", &over)), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(mknod(&over, libc::S_IFIFO | 0o600, 0)), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(fs::rename(&exact, &over)), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(fs::metadata(&over)), libc::ENAMETOOLONG);
+    // A directory marker is the key plus "/": a 20-byte directory name is one over.
+    assert_eq!(errno_of(fs::create_dir(dir.join("z".repeat(20)))), libc::ENAMETOOLONG);
+    // Nothing was lost or half-made.
+    assert_eq!(fs::read(&exact).unwrap(), b"at the limit");
+    assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+}
+
+fn hard_links_are_eperm_and_leave_nothing_behind(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    write_file(&m.path("f"), b"one name").unwrap();
+    assert_eq!(errno_of(fs::hard_link(m.path("f"), m.path("g"))), libc::EPERM);
+    assert_eq!(errno_of(fs::metadata(m.path("g"))), libc::ENOENT);
+    assert_eq!(fs::metadata(m.path("f")).unwrap().nlink(), 1);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"one name");
+}
+
+fn count(c: &Counting, op: OpKind) -> u64 {
+    c.stats().count(op)
+}
+
+fn a_missing_name_is_asked_once_per_ttl(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount_with(&vol, &["metadata_ttl=30s"]);
+    fs::create_dir(m.path("d")).unwrap();
+    let _ = fs::read_dir(m.path("d")).unwrap().count();
+    m.counter.reset();
+    for _ in 0..5 {
+        assert_eq!(errno_of(fs::metadata(m.path("d/missing"))), libc::ENOENT);
+        assert_eq!(errno_of(fs::File::open(m.path("d/missing"))), libc::ENOENT);
+    }
+    let (heads, lists) = (count(&m.counter, OpKind::Head), count(&m.counter, OpKind::List));
+    assert_eq!(
+        (heads, lists),
+        (1, 1),
+        "the first miss asks S3 once (HEAD, then LIST); the rest ask nothing"
+    );
+    // A name made here is found at once, despite the cached miss.
+    write_file(&m.path("d/missing"), b"here now").unwrap();
+    assert_eq!(fs::read(m.path("d/missing")).unwrap(), b"here now");
+    // And after it is removed, it is missing again.
+    fs::remove_file(m.path("d/missing")).unwrap();
+    assert_eq!(errno_of(fs::metadata(m.path("d/missing"))), libc::ENOENT);
+}
+
+fn a_cold_file_lookup_is_one_head(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    write_file(&m.path("f"), b"x").unwrap();
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    m.counter.reset();
+    let md = fs::metadata(m.path("f")).unwrap();
+    assert_eq!(md.len(), 1);
+    assert_eq!(
+        (count(&m.counter, OpKind::Head), count(&m.counter, OpKind::List)),
+        (1, 0),
+        "a file is found with one HEAD and no LIST"
+    );
+}
+
+fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid path and name; value pointer and length from a slice.
+    let r = unsafe { libc::setxattr(cpath(p).as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// getxattr(2) with a buffer of `size` bytes (0: ask for the size).
+fn getxattr_sized(p: &Path, name: &str, size: usize) -> std::io::Result<(usize, Vec<u8>)> {
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; size];
+    // SAFETY: valid path and name; the buffer is `size` bytes.
+    let r = unsafe { libc::getxattr(cpath(p).as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), size) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(r as usize);
+    Ok((r as usize, buf))
+}
+
+fn getxattr(p: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    let (len, _) = getxattr_sized(p, name, 0)?;
+    Ok(getxattr_sized(p, name, len)?.1)
+}
+
+fn listxattr(p: &Path) -> Vec<String> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid path; the buffer is 4096 bytes.
+    let r = unsafe { libc::listxattr(cpath(p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "listxattr: {}", std::io::Error::last_os_error());
+    buf.truncate(r as usize);
+    let mut names: Vec<String> = buf
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8(s.to_vec()).unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+fn removexattr(p: &Path, name: &str) -> std::io::Result<()> {
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid path and name.
+    if unsafe { libc::removexattr(cpath(p).as_ptr(), n.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn xattrs_get_set_list_remove_with_flags_and_errors(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let p = m.path("f");
+    write_file(&p, b"content").unwrap();
+    assert_eq!(listxattr(&p), Vec::<String>::new());
+    assert_eq!(errno_of(getxattr(&p, "user.a")), libc::ENODATA);
+    setxattr(&p, "user.a", b"hello", 0).unwrap();
+    let binary = [0u8, 1, 2, 0, 255, b'"', b'\\'];
+    setxattr(&p, "user.bin", &binary, libc::XATTR_CREATE).unwrap();
+    setxattr(&p, "user.empty", b"", 0).unwrap();
+    assert_eq!(getxattr(&p, "user.a").unwrap(), b"hello");
+    assert_eq!(getxattr(&p, "user.bin").unwrap(), binary);
+    assert_eq!(getxattr(&p, "user.empty").unwrap(), b"");
+    assert_eq!(listxattr(&p), ["user.a", "user.bin", "user.empty"]);
+    // XATTR_CREATE on an existing name: EEXIST; XATTR_REPLACE on a missing one: ENODATA (xattr(7)).
+    assert_eq!(errno_of(setxattr(&p, "user.a", b"x", libc::XATTR_CREATE)), libc::EEXIST);
+    assert_eq!(
+        errno_of(setxattr(&p, "user.nope", b"x", libc::XATTR_REPLACE)),
+        libc::ENODATA
+    );
+    setxattr(&p, "user.a", b"replaced", libc::XATTR_REPLACE).unwrap();
+    assert_eq!(getxattr(&p, "user.a").unwrap(), b"replaced");
+    // A buffer too small: ERANGE; size 0 asks for the size.
+    assert_eq!(getxattr_sized(&p, "user.a", 0).unwrap().0, 8);
+    assert_eq!(errno_of(getxattr_sized(&p, "user.a", 3)), libc::ERANGE);
+    removexattr(&p, "user.a").unwrap();
+    assert_eq!(errno_of(getxattr(&p, "user.a")), libc::ENODATA);
+    assert_eq!(errno_of(removexattr(&p, "user.a")), libc::ENODATA);
+    assert_eq!(listxattr(&p), ["user.bin", "user.empty"]);
+    // Other namespaces a backup tool restores are kept too.
+    setxattr(&p, "trusted.t", b"root only", 0).unwrap();
+    setxattr(&p, "security.selinux", b"system_u:object_r:etc_t:s0", 0).unwrap();
+    assert_eq!(getxattr(&p, "security.selinux").unwrap(), b"system_u:object_r:etc_t:s0");
+    assert_eq!(fs::read(&p).unwrap(), b"content");
+}
+
+fn xattrs_survive_remount_chmod_rename_and_writes(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let p = m.path("f");
+    write_file(&p, b"one").unwrap();
+    setxattr(&p, "user.a", b"1", 0).unwrap();
+    // Set through an open file with unsaved data, then more writes: both reach S3.
+    let mut f = fs::OpenOptions::new().append(true).open(&p).unwrap();
+    f.write_all(b" two").unwrap();
+    setxattr(&p, "user.b", b"2", 0).unwrap();
+    f.write_all(b" three").unwrap();
+    common::mount::close_checked(f).unwrap();
+    fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    fs::rename(&p, m.path("g")).unwrap();
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    let g = m.path("g");
+    assert_eq!(fs::read(&g).unwrap(), b"one two three");
+    assert_eq!(fs::metadata(&g).unwrap().mode() & 0o7777, 0o600);
+    assert_eq!(listxattr(&g), ["user.a", "user.b"]);
+    assert_eq!(
+        (getxattr(&g, "user.a").unwrap(), getxattr(&g, "user.b").unwrap()),
+        (b"1".to_vec(), b"2".to_vec())
+    );
+    // A rewrite of the content keeps the attributes (O_TRUNC is a change of data, not of attributes).
+    write_file(&g, b"new").unwrap();
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    assert_eq!(getxattr(&m.path("g"), "user.b").unwrap(), b"2");
+    assert_eq!(fs::read(m.path("g")).unwrap(), b"new");
+}
+
+fn xattrs_beyond_the_metadata_limit_are_refused_and_nothing_is_lost(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let p = m.path("f");
+    write_file(&p, b"kept").unwrap();
+    setxattr(&p, "user.small", b"s", 0).unwrap();
+    // One value larger than S3's 2 KiB of metadata can ever hold: E2BIG.
+    assert_eq!(errno_of(setxattr(&p, "user.huge", &[b'x'; 3000], 0)), libc::E2BIG);
+    // Values that fit one by one until the set no longer does: ENOSPC, and the earlier ones stay.
+    let mut stored = vec!["user.small".to_string()];
+    let mut refused = false;
+    for i in 0..10 {
+        let name = format!("user.v{i}");
+        match setxattr(&p, &name, &[b'y'; 300], 0) {
+            Ok(()) => stored.push(name),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(refused, "ten 300-byte values cannot fit 2 KiB of metadata");
+    stored.sort();
+    assert!(stored.len() >= 3, "{stored:?}");
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    assert_eq!(listxattr(&m.path("f")), stored);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"kept");
+    // Directories: not supported, said plainly.
+    fs::create_dir(m.path("d")).unwrap();
+    assert_eq!(errno_of(setxattr(&m.path("d"), "user.a", b"1", 0)), libc::ENOTSUP);
+    assert_eq!(listxattr(&m.path("d")), Vec::<String>::new());
+}
+
+fn xattrs_are_stored_as_the_mode_requires(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let p = m.path("f");
+    write_file(&p, b"x").unwrap();
+    setxattr(&p, "user.secret-label", b"TOPSECRETVALUE", 0).unwrap();
+    m.unmount();
+    let meta = head_metadata(&vol.bucket, "f");
+    let all: String = meta.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    if mode.is_client_side() {
+        // Neither the name nor the value, in clear or in base64, is anywhere in the object's metadata.
+        for secret in ["secret-label", "TOPSECRETVALUE", "VE9QU0VDUkVUVkFMVUU"] {
+            assert!(!all.contains(secret), "{secret} in the metadata:\n{all}");
+        }
+        assert!(
+            meta.contains_key("s3crypt-xattr") && !meta.contains_key("xattr"),
+            "{all}"
+        );
+    } else {
+        // s3fs's form: the URL-encoded JSON object of base64 values.
+        assert_eq!(
+            meta.get("xattr").map(String::as_str),
+            Some("%7B%22user.secret-label%22%3A%22VE9QU0VDUkVUVkFMVUU%3D%22%7D"),
+            "{all}"
+        );
+    }
+}
+
+fn a_capability_query_costs_no_request(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let p = m.path("f");
+    write_file(&p, b"x").unwrap();
+    // Truncated at open: the writes need no old block from S3 (a write into a partial block would).
+    let mut f = fs::OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
+    m.counter.reset();
+    for _ in 0..20 {
+        assert_eq!(errno_of(getxattr(&p, "security.capability")), libc::ENODATA);
+        f.write_all(b"more").unwrap();
+    }
+    let s = m.counter.stats();
+    let asked: Vec<(OpKind, u64)> = OpKind::ALL
+        .iter()
+        .map(|op| (*op, s.count(*op)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert!(
+        asked.is_empty(),
+        "capability queries and buffered writes ask S3 nothing: {asked:?}"
+    );
+    common::mount::close_checked(f).unwrap();
+}
