@@ -44,6 +44,7 @@ in_two_modes!(
     xattrs_beyond_the_metadata_limit_are_refused_and_nothing_is_lost,
     xattrs_are_stored_as_the_mode_requires,
     a_capability_query_costs_no_request,
+    a_long_listing_costs_about_one_head_per_file,
 );
 
 fn cpath(p: &Path) -> CString {
@@ -711,4 +712,61 @@ fn an_sse_bucket_reads_the_same_through_s3fs() {
     assert_eq!(md.mode() & 0o7777, 0o604);
     assert_eq!(fs::read(m.path("g")).unwrap(), b"from s3fs");
     assert_eq!(getxattr(&m.path("g"), "user.from").unwrap(), b"s3fs");
+}
+
+/// `ls -l` of a cold directory: one LIST per 1,000 names and about one HEAD per file (sent in parallel ahead of
+/// the lookups); `find -type f` only the LISTs. The attributes shown are the files' own.
+fn a_long_listing_costs_about_one_head_per_file(mode: KeyMode) {
+    const N: usize = 300;
+    let vol = Volume::new(mode);
+    let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
+    fs::create_dir(m.path("d")).unwrap();
+    for i in 0..N {
+        write_file(&m.path(&format!("d/f{i:04}")), &vec![b'x'; i]).unwrap();
+    }
+    fs::set_permissions(m.path("d/f0007"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    m.unmount();
+
+    let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
+    m.counter.reset();
+    let out = std::process::Command::new("find")
+        .arg(m.path("d"))
+        .args(["-type", "f"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), N);
+    let s = m.counter.stats();
+    // The directory's own lookup: a HEAD of the name (nothing), a LIST, a HEAD of its marker.
+    assert_eq!(s.count(OpKind::Head), 2, "find: no HEAD per file");
+    assert!(s.count(OpKind::List) <= 3, "find: {} LISTs", s.count(OpKind::List));
+    m.unmount();
+
+    let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
+    m.counter.reset();
+    let out = std::process::Command::new("ls")
+        .args(["-l", "--time-style=+%s"])
+        .arg(m.path("d"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(rows.len(), N);
+    for (i, row) in rows.iter().enumerate() {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols[4], i.to_string(), "size of {row}");
+        let want = if i == 7 { "-rw-------" } else { "-rw-r--r--" };
+        assert_eq!(cols[0], want, "mode of {row}");
+    }
+    let s = m.counter.stats();
+    let total: u64 = OpKind::ALL.iter().map(|op| s.count(*op)).sum();
+    // After the first lookup, the others were answered by HEADs sent ahead, in parallel.
+    let prefetched = m.fs.stats().lookups_prefetched;
+    assert!(prefetched as usize >= N - 10, "{prefetched} of {N} lookups prefetched");
+    assert!(
+        total as f64 <= 1.05 * N as f64,
+        "ls -l of {N} files sent {total} requests ({} HEAD, {} LIST)",
+        s.count(OpKind::Head),
+        s.count(OpKind::List)
+    );
 }

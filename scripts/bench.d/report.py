@@ -42,6 +42,9 @@ COLUMNS = [
     ("overwrite MiB up", "overwrite_4k", "bytes_uploaded", 1),
     ("small files/s", "small_files", "rate", 0),
     ("ls -l s", "listing", "time", 2),
+    ("ls -l req/file", "listing", "requests_per_file", 3),
+    ("find s", "find_files", "time", 2),
+    ("find req/file", "find_files", "requests_per_file", 3),
     ("peak RSS MiB", "sequential", "peak_rss", 0),
     ("KMS calls/file", "small_files", "kms_calls_per_file", 2),
 ]
@@ -174,6 +177,18 @@ def targets(res):
         (
             "one ranged GET per uncached 4 KiB random read",
             lambda s: check(res.get(s, "randread_4k", "gets_per_read"), lambda v: v <= 1.05, lambda v: f"{v:.2f}"),
+        ),
+        (
+            "ls -l of the listing, cold, ≤ 0.5× s3fs's time",
+            lambda s: check(
+                ratio(res.get(s, "listing", "time"), res.get("s3fs-sse", "listing", "time")),
+                lambda v: v <= 0.5,
+                lambda v: f"{v:.2f}×",
+            ),
+        ),
+        (
+            "ls -l, cold: ≤ 1.05 requests per file",
+            lambda s: check(res.get(s, "listing", "requests_per_file"), lambda v: v <= 1.05, lambda v: f"{v:.3f}"),
         ),
         (
             "daemon peak RSS ≤ 256 MiB",

@@ -57,6 +57,13 @@ impl Fs {
         }
         let path = join(&parent_path, name);
         self.check_key(&self.key_of(&path))?;
+        if let Some(info) = self.prefetched(parent, name).await {
+            return self.record(parent, name, Found::Object(info), true);
+        }
+        if lock(&self.inodes).known_missing(parent, name, self.cfg.metadata_ttl) {
+            return Err(FsError::NotFound);
+        }
+        self.start_prefetch(parent);
         match self.find(&path).await {
             Ok(found) => self.record(parent, name, found, true),
             Err(FsError::NotFound) => {
@@ -202,6 +209,12 @@ impl Fs {
         // A name that is both an object and a prefix shows as the directory.
         names.sort_by(|a, b| a.0.cmp(&b.0).then((a.1 != Kind::Dir).cmp(&(b.1 != Kind::Dir))));
         names.dedup_by(|a, b| a.0 == b.0);
+        let files = names
+            .iter()
+            .filter(|(_, k)| *k == Kind::File)
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.note_listing(ino, files);
         let t = lock(&self.inodes);
         Ok(names
             .into_iter()

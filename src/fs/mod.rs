@@ -31,6 +31,7 @@ mod dir;
 mod error;
 pub mod inode;
 pub mod journal;
+mod prefetch;
 mod read;
 mod stats;
 mod upload;
@@ -162,6 +163,8 @@ pub struct Fs {
     recovered: Mutex<Vec<Arc<OpenFile>>>,
     /// Event counters for metrics (see [`stats`]).
     counters: Arc<stats::FsCounters>,
+    /// Attributes fetched ahead for long listings.
+    prefetch: prefetch::Prefetcher,
     /// This file system, for the upload tasks it spawns.
     me: Weak<Fs>,
 }
@@ -203,6 +206,7 @@ impl Fs {
             journal,
             recovered: Mutex::new(Vec::new()),
             counters: Default::default(),
+            prefetch: Default::default(),
             me: me.clone(),
             cfg,
         }))

@@ -11,6 +11,7 @@ pub struct FsCounters {
     auth_failures: AtomicU64,
     conflicts: AtomicU64,
     recovery_files: AtomicU64,
+    lookups_prefetched: AtomicU64,
 }
 
 impl FsCounters {
@@ -24,6 +25,10 @@ impl FsCounters {
 
     pub(super) fn recovery_file(&self) {
         self.recovery_files.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn lookup_prefetched(&self) {
+        self.lookups_prefetched.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -42,6 +47,8 @@ pub struct FsStats {
     pub conflicts: u64,
     /// Files written to the recovery directory.
     pub recovery_files: u64,
+    /// Lookups answered by attributes fetched ahead for a long listing.
+    pub lookups_prefetched: u64,
     /// Files with data S3 does not have yet (being written, being saved, or waiting to retry).
     pub uploads_pending: u64,
     /// Open files (inodes with at least one open handle).
@@ -69,6 +76,7 @@ impl Fs {
             auth_failures: self.counters.auth_failures.load(Ordering::Relaxed),
             conflicts: self.counters.conflicts.load(Ordering::Relaxed),
             recovery_files: self.counters.recovery_files.load(Ordering::Relaxed),
+            lookups_prefetched: self.counters.lookups_prefetched.load(Ordering::Relaxed),
             uploads_pending,
             open_files,
             journal_bytes: dir_bytes(self.journal.dir()),

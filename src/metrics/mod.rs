@@ -321,7 +321,7 @@ fn encode_keys(enc: &mut DescriptorEncoder, keys: &KeyStats) -> std::fmt::Result
 
 fn encode_fs(enc: &mut DescriptorEncoder, s: &crate::fs::FsStats) -> std::fmt::Result {
     use MetricType::{Counter as C, Gauge as G};
-    let rows: [(&str, &str, Option<&Unit>, MetricType, u64); 9] = [
+    let rows: [(&str, &str, Option<&Unit>, MetricType, u64); 10] = [
         (
             "block_cache_hits",
             "Block reads served from the block cache",
@@ -363,6 +363,13 @@ fn encode_fs(enc: &mut DescriptorEncoder, s: &crate::fs::FsStats) -> std::fmt::R
             None,
             C,
             s.recovery_files,
+        ),
+        (
+            "lookups_prefetched",
+            "Lookups answered by attributes fetched ahead for a long listing (no request of their own)",
+            None,
+            C,
+            s.lookups_prefetched,
         ),
         (
             "uploads_pending",

@@ -1,0 +1,150 @@
+//! Attributes for long listings, fetched ahead.
+//!
+//! A listing gives names, sizes and S3's times, but a file's mode, owner and own times live in its object's
+//! metadata, which only a HEAD returns. `ls -l` reads a directory and then looks up every name in turn; one HEAD
+//! at a time, that is N round trips in a row. So when the kernel looks up a name in a directory this mount has
+//! just listed, that is taken as the sign of a long listing: the directory's other files are HEADed in the
+//! background, [`PARALLELISM`] at a time, in listing order, and the lookups that follow find their answer ready
+//! (or wait for the HEAD already in flight) instead of asking again. `ls` and `find -type f` never look names up,
+//! so they cost only the listing (the entry types come from it).
+//!
+//! Memory stays bounded whatever the directory holds: the names of at most [`RECENT_LISTINGS`] listings, at most
+//! [`MAX_NAMES`] of each, and at most [`READY_CAP`] answers waiting for their lookup (an LRU: an answer nobody
+//! takes is dropped, and its lookup asks S3 itself). Answers are used only within the metadata TTL.
+use super::{lock, Fs};
+use crate::store::{ObjectInfo, StoreError};
+use futures::stream::{self, StreamExt};
+use lru::LruCache;
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// HEADs in flight for one directory's prefetch.
+pub const PARALLELISM: usize = 32;
+/// Directories whose listing is remembered for a prefetch.
+const RECENT_LISTINGS: usize = 4;
+/// Names remembered per listing.
+const MAX_NAMES: usize = 65_536;
+/// Answers waiting for their lookup.
+const READY_CAP: usize = 65_536;
+
+type Name = (u64, String);
+
+struct Listing {
+    dir: u64,
+    at: Instant,
+    files: Vec<String>,
+}
+
+pub struct Prefetcher {
+    listings: Mutex<VecDeque<Listing>>,
+    ready: Mutex<LruCache<Name, (ObjectInfo, Instant)>>,
+    /// Names whose HEAD is in flight: a lookup waits for it rather than sending its own.
+    inflight: Mutex<HashMap<Name, watch::Receiver<bool>>>,
+}
+
+impl Default for Prefetcher {
+    fn default() -> Self {
+        Prefetcher {
+            listings: Mutex::new(VecDeque::new()),
+            ready: Mutex::new(LruCache::new(NonZeroUsize::new(READY_CAP).expect("non-zero"))),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Fs {
+    /// Remembers the files a listing of `dir` showed (the candidates of a later prefetch).
+    pub(super) fn note_listing(&self, dir: u64, mut files: Vec<String>) {
+        if self.cfg.metadata_ttl.is_zero() {
+            return;
+        }
+        files.truncate(MAX_NAMES);
+        let mut l = lock(&self.prefetch.listings);
+        l.retain(|x| x.dir != dir);
+        if l.len() >= RECENT_LISTINGS {
+            l.pop_front();
+        }
+        l.push_back(Listing {
+            dir,
+            at: Instant::now(),
+            files,
+        });
+    }
+
+    /// What a prefetch learned about `name` in `parent`, waiting for its HEAD if one is in flight. `None`: ask S3.
+    pub(super) async fn prefetched(&self, parent: u64, name: &str) -> Option<ObjectInfo> {
+        let key = (parent, name.to_string());
+        let waiting = lock(&self.prefetch.inflight).get(&key).cloned();
+        if let Some(mut rx) = waiting {
+            let _ = rx.wait_for(|done| *done).await;
+        }
+        let (info, at) = lock(&self.prefetch.ready).pop(&key)?;
+        let fresh = at.elapsed() < self.cfg.metadata_ttl;
+        if fresh {
+            self.counters.lookup_prefetched();
+        }
+        fresh.then_some(info)
+    }
+
+    /// A name in `parent` is being looked up: if `parent` was listed within the metadata TTL and not prefetched
+    /// since, HEAD its files in the background.
+    pub(super) fn start_prefetch(&self, parent: u64) {
+        let files = {
+            let mut l = lock(&self.prefetch.listings);
+            let Some(i) = l.iter().position(|x| x.dir == parent) else {
+                return;
+            };
+            let listing = l.remove(i).expect("index from position");
+            if listing.at.elapsed() >= self.cfg.metadata_ttl || listing.files.len() < 2 {
+                return;
+            }
+            listing.files
+        };
+        let (Some(me), Ok(dir)) = (self.me.upgrade(), self.dir_path(parent)) else {
+            return;
+        };
+        tokio::spawn(async move {
+            stream::iter(files)
+                .for_each_concurrent(PARALLELISM, |name| {
+                    let me = me.clone();
+                    let dir = dir.clone();
+                    async move { me.prefetch_one(parent, &dir, name).await }
+                })
+                .await;
+        });
+    }
+
+    async fn prefetch_one(self: &Arc<Self>, parent: u64, dir: &str, name: String) {
+        let key = (parent, name);
+        let known = {
+            let t = lock(&self.inodes);
+            t.child(parent, &key.1)
+                .is_some_and(|c| c.pending || c.open_count > 0 || t.is_fresh(c.ino, self.cfg.metadata_ttl))
+        };
+        if known || lock(&self.prefetch.ready).contains(&key) {
+            return;
+        }
+        let (tx, rx) = watch::channel(false);
+        {
+            let mut inflight = lock(&self.prefetch.inflight);
+            if inflight.contains_key(&key) {
+                return;
+            }
+            inflight.insert(key.clone(), rx);
+        }
+        let object = self.key_of(&super::inode::join(dir, &key.1));
+        match self.store.head(&object).await {
+            Ok(info) => {
+                lock(&self.prefetch.ready).put(key.clone(), (info, Instant::now()));
+            }
+            Err(StoreError::NotFound(_)) => lock(&self.inodes).note_missing(parent, &key.1),
+            // The lookup asks again and reports its own error.
+            Err(e) => log::debug!("prefetching the attributes of {object}: {e}"),
+        }
+        lock(&self.prefetch.inflight).remove(&key);
+        let _ = tx.send(true);
+    }
+}
