@@ -64,6 +64,20 @@ pub enum Command {
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
     },
+    /// Checks every object of a volume: in the client-side modes authenticates every block (nothing is
+    /// written, plaintext is never stored); in the SSE modes checks each object's server-side encryption.
+    /// Prints `BAD s3://BUCKET/KEY: reason` for each bad object; exits 0 if all are good, 1 if not, 2 if the
+    /// check could not run.
+    Verify {
+        /// The volume: s3://BUCKET or s3://BUCKET/PREFIX.
+        source: String,
+        /// Key and connection options, as for `mount`.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Print the summary as one JSON object on standard output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Writes a new random 32-byte master key to FILE (mode 0600) for key_mode=cse-local; never overwrites.
     Keygen {
         /// Where to create the key file; it must not exist yet.

@@ -22,3 +22,4 @@ pub mod metrics;
 pub mod notify;
 pub mod run;
 pub mod store;
+pub mod verify;

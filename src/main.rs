@@ -27,7 +27,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(&args);
     init_logging(&cli);
     match run(cli, &args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("s3crypt: {e:#}");
             ExitCode::from(1)
@@ -40,7 +40,10 @@ fn main() -> ExitCode {
 fn init_logging(cli: &Cli) {
     use std::io::IsTerminal;
     let words = match &cli.command {
-        Command::Mount { options, .. } | Command::Cat { options, .. } | Command::Put { options, .. } => options.clone(),
+        Command::Mount { options, .. }
+        | Command::Cat { options, .. }
+        | Command::Put { options, .. }
+        | Command::Verify { options, .. } => options.clone(),
         Command::Keygen { .. } => Vec::new(),
     };
     // A bad option is reported (after this) by the command; here it only means no level from the options.
@@ -61,13 +64,43 @@ fn init_logging(cli: &Cli) {
     b.init();
 }
 
+/// `s3crypt verify`: 0 all good, 1 a bad object, 2 the check could not run, 130 interrupted.
+fn verify(source: &str, words: &[String], json: bool) -> ExitCode {
+    let report = match options(words).and_then(|opts| s3crypt::verify::run(source, opts)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("s3crypt verify: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let bad = report.bad.len();
+    if json {
+        let (bucket, prefix) = cli::parse_volume_url(source).unwrap_or_default();
+        println!("{}", report.to_json(&bucket, &prefix));
+    }
+    eprintln!(
+        "s3crypt verify: {} objects, {} bytes checked: {} good, {bad} bad{}",
+        report.objects,
+        report.bytes,
+        report.objects - bad as u64,
+        if report.interrupted {
+            " (interrupted: not every object was checked)"
+        } else {
+            ""
+        }
+    );
+    ExitCode::from(s3crypt::verify::exit_code(&report))
+}
+
 fn options(words: &[String]) -> anyhow::Result<MountOptions> {
     let opts = MountOptions::parse(words)?;
     opts.validate()?;
     Ok(opts)
 }
 
-fn run(cli: Cli, args: &[String]) -> anyhow::Result<()> {
+/// Runs a command: its exit status (verify has several), or the error to print (status 1).
+fn run(cli: Cli, args: &[String]) -> anyhow::Result<ExitCode> {
+    let ok = |()| ExitCode::SUCCESS;
     match cli.command {
         Command::Mount {
             source,
@@ -77,23 +110,30 @@ fn run(cli: Cli, args: &[String]) -> anyhow::Result<()> {
         } => {
             let opts = options(&words)?;
             if !foreground {
-                return s3crypt::daemon::spawn_background(&args[1..]).map_err(anyhow::Error::msg);
+                return s3crypt::daemon::spawn_background(&args[1..])
+                    .map(ok)
+                    .map_err(anyhow::Error::msg);
             }
-            s3crypt::run::mount(&source, &mountpoint, opts)
+            s3crypt::run::mount(&source, &mountpoint, opts).map(ok)
         }
-        Command::Cat { source, options: words } => s3crypt::run::cat(&source, options(&words)?),
+        Command::Cat { source, options: words } => s3crypt::run::cat(&source, options(&words)?).map(ok),
         Command::Put {
             file,
             dest,
             options: words,
-        } => s3crypt::run::put(&file, &dest, options(&words)?),
+        } => s3crypt::run::put(&file, &dest, options(&words)?).map(ok),
+        Command::Verify {
+            source,
+            options: words,
+            json,
+        } => Ok(verify(&source, &words, json)),
         Command::Keygen { file } => {
             s3crypt::keys::keygen(&file)?;
             eprintln!(
                 "wrote a new 32-byte master key to {} (mode 0600); keep a copy: without it the data cannot be read",
                 file.display()
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

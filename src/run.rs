@@ -219,7 +219,7 @@ async fn refuse_client_side_volume(
     }
 }
 
-async fn check_bucket(store: &dyn ObjectStore, bucket: &str, prefix: &str) -> Result<()> {
+pub async fn check_bucket(store: &dyn ObjectStore, bucket: &str, prefix: &str) -> Result<()> {
     match store.list(prefix, Some("/"), None, Some(1)).await {
         Ok(_) => Ok(()),
         Err(StoreError::NoSuchBucket(_)) => {

@@ -46,7 +46,7 @@ pub use error::{FsError, FsResult};
 pub use inode::{Attr, Kind, ROOT_INO};
 pub use stats::FsStats;
 pub use uploader::Recovery;
-pub use xattr::XattrChange;
+pub use xattr::{XattrChange, META_XATTR_SEALED};
 
 use crate::format::{BlockCipher, BlockSize, DataKey, ObjectHeader, FORMAT_VERSION};
 use crate::keys::{DataKeyCache, DataKeyProvider, KeyError, KeyMode};

@@ -37,7 +37,7 @@ pub use keyfile::{keygen, read_key_file};
 pub use kms::KmsProvider;
 pub use local::LocalProvider;
 pub use sse::sse_for_mode;
-pub use volume::{open_or_create_volume, VolumeInfo, VOLUME_OBJECT};
+pub use volume::{open_existing_volume, open_or_create_volume, volume_key, VolumeInfo, VOLUME_OBJECT};
 
 /// The five key modes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -245,6 +245,22 @@ pub async fn open_or_create_volume(
     }
 }
 
+/// Opens the volume descriptor under `prefix` and checks the key against it; never creates one (for commands
+/// that only read, such as `verify`).
+pub async fn open_existing_volume(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    provider: &dyn DataKeyProvider,
+) -> Result<VolumeInfo, KeyError> {
+    let key = volume_key(prefix);
+    match read_descriptor(store, &key).await? {
+        Some(existing) => check_existing(&existing, provider, None).await,
+        None => Err(KeyError::Volume(format!(
+            "no s3crypt volume here: {key} does not exist (a client-side volume is made by its first mount)"
+        ))),
+    }
+}
+
 async fn read_descriptor(store: &dyn ObjectStore, key: &str) -> Result<Option<VolumeDescriptor>, KeyError> {
     match store.get(key, None, None).await {
         Ok(out) => VolumeDescriptor::parse(&out.data, key).map(Some),
