@@ -78,6 +78,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Moves every file of a client-side volume to a new key without rewriting data: each data key is re-wrapped
+    /// (cse-kms: KMS ReEncrypt) and stored by a metadata-only copy in place; the volume descriptor last.
+    /// Resumable: a rerun skips what is done. Prints `FAILED s3://BUCKET/KEY: reason` for each failure; exits 0
+    /// when all is done, 1 if an object failed, 2 if it could not start, 130 after Ctrl-C.
+    Rekey {
+        /// The volume: s3://BUCKET or s3://BUCKET/PREFIX.
+        source: String,
+        /// The current (old) key and connection options, as for `mount`.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// The new key options, applied over the old ones (e.g. master_key_file=NEW or kms_key_id=NEW).
+        #[arg(long = "to", value_name = "OPTIONS", required = true)]
+        to: Vec<String>,
+        /// Count what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the summary as one JSON object on standard output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Writes a new random 32-byte master key to FILE (mode 0600) for key_mode=cse-local; never overwrites.
     Keygen {
         /// Where to create the key file; it must not exist yet.
@@ -124,6 +144,12 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("kms_key_id", "ID", "none", "KMS key id, ARN or alias; cse-kms needs it, sse-kms defaults to the bucket key"),
     opt("sse_c_key_file", "FILE", "none", "32-byte customer key for sse-c (FILE or cred:NAME)"),
     opt("master_key_file", "FILE", "none", "32-byte master key for cse-local (FILE or cred:NAME); see `keygen`"),
+    opt(
+        "old_master_key_file",
+        "FILE",
+        "none",
+        "cse-local: the master key before a rotation, still accepted for reading while `s3crypt rekey` runs",
+    ),
     opt("block_size", "SIZE", "64K", "cse-* new volumes only: power of two from 4K to 1M (65536, 64K, 64KiB, 1M)"),
     opt("endpoint", "URL", "AWS, or $AWS_ENDPOINT_URL", "S3 endpoint URL, for S3-compatible servers"),
     opt("region", "REGION", "from the AWS configuration", "S3 region"),
@@ -220,6 +246,7 @@ pub struct MountOptions {
     pub sse_c_key_file: Option<String>,
     /// A file path, or `cred:NAME` for `$CREDENTIALS_DIRECTORY/NAME`.
     pub master_key_file: Option<String>,
+    pub old_master_key_file: Option<String>,
     /// Only used when a new volume is created; an existing volume keeps its own.
     pub block_size: Option<BlockSize>,
     pub endpoint: Option<String>,
@@ -270,6 +297,7 @@ impl Default for MountOptions {
             kms_key_id: None,
             sse_c_key_file: None,
             master_key_file: None,
+            old_master_key_file: None,
             block_size: None,
             endpoint: None,
             region: None,
@@ -329,6 +357,7 @@ impl MountOptions {
             "kms_key_id" => self.kms_key_id = Some(w.text()?.to_string()),
             "sse_c_key_file" => self.sse_c_key_file = Some(w.file_spec()?),
             "master_key_file" => self.master_key_file = Some(w.file_spec()?),
+            "old_master_key_file" => self.old_master_key_file = Some(w.file_spec()?),
             "block_size" => self.block_size = Some(w.block_size()?),
             "endpoint" => self.endpoint = Some(w.text()?.to_string()),
             "region" => self.region = Some(w.text()?.to_string()),
@@ -406,6 +435,11 @@ impl MountOptions {
             self.sse_c_key_file.is_some() && mode != KeyMode::SseC,
             "sse_c_key_file",
             "sse-c",
+        )?;
+        forbid(
+            self.old_master_key_file.is_some() && mode != KeyMode::CseLocal,
+            "old_master_key_file",
+            "cse-local",
         )?;
         forbid(
             self.master_key_file.is_some() && mode != KeyMode::CseLocal,

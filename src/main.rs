@@ -43,7 +43,8 @@ fn init_logging(cli: &Cli) {
         Command::Mount { options, .. }
         | Command::Cat { options, .. }
         | Command::Put { options, .. }
-        | Command::Verify { options, .. } => options.clone(),
+        | Command::Verify { options, .. }
+        | Command::Rekey { options, .. } => options.clone(),
         Command::Keygen { .. } => Vec::new(),
     };
     // A bad option is reported (after this) by the command; here it only means no level from the options.
@@ -92,6 +93,46 @@ fn verify(source: &str, words: &[String], json: bool) -> ExitCode {
     ExitCode::from(s3crypt::verify::exit_code(&report))
 }
 
+/// `s3crypt rekey`: 0 done, 1 an object failed, 2 could not start, 130 interrupted.
+fn rekey(source: &str, words: &[String], to: &[String], dry_run: bool, json: bool) -> ExitCode {
+    let new_words: Vec<String> = words.iter().chain(to).cloned().collect();
+    let run = options(words)
+        .and_then(|old| Ok((old, options(&new_words)?)))
+        .and_then(|(old, new)| s3crypt::rekey::run(source, old, new, dry_run));
+    let report = match run {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("s3crypt rekey: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!("{}", report.to_json());
+    }
+    eprintln!(
+        "s3crypt rekey: {} objects: {} {}, {} already under the new key, {} failed; {} bytes copied inside S3, {} \
+         KMS calls; volume descriptor {}{}",
+        report.objects,
+        report.rekeyed,
+        if report.dry_run { "would be rekeyed" } else { "rekeyed" },
+        report.already,
+        report.failed.len(),
+        report.bytes_copied,
+        report.kms_calls,
+        if report.descriptor_resealed {
+            "re-sealed"
+        } else {
+            "unchanged"
+        },
+        if report.interrupted {
+            " (interrupted: run rekey again to finish)"
+        } else {
+            ""
+        }
+    );
+    ExitCode::from(report.exit_code())
+}
+
 fn options(words: &[String]) -> anyhow::Result<MountOptions> {
     let opts = MountOptions::parse(words)?;
     opts.validate()?;
@@ -127,6 +168,13 @@ fn run(cli: Cli, args: &[String]) -> anyhow::Result<ExitCode> {
             options: words,
             json,
         } => Ok(verify(&source, &words, json)),
+        Command::Rekey {
+            source,
+            options: words,
+            to,
+            dry_run,
+            json,
+        } => Ok(rekey(&source, &words, &to, dry_run, json)),
         Command::Keygen { file } => {
             s3crypt::keys::keygen(&file)?;
             eprintln!(

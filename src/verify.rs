@@ -58,7 +58,8 @@ impl Report {
     }
 }
 
-fn json_str(s: &str) -> String {
+/// `s` as a JSON string literal.
+pub(crate) fn json_str(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
         match c {
@@ -158,7 +159,11 @@ async fn verify(bucket: &str, prefix: &str, opts: &MountOptions) -> Result<Repor
         listing_done: AtomicBool::new(false),
         started: Instant::now(),
     });
-    let objects = list_all(store.as_ref(), prefix, &progress).await?;
+    let objects = list_volume(store.as_ref(), prefix).await?;
+    progress.total_objects.store(objects.len() as u64, Ordering::Relaxed);
+    progress
+        .total_bytes
+        .store(objects.iter().map(|(_, s)| s).sum(), Ordering::Relaxed);
     progress.listing_done.store(true, Ordering::Relaxed);
     let reporter = tokio::spawn(report_progress(progress.clone()));
     let stop = tokio::signal::ctrl_c();
@@ -203,7 +208,7 @@ async fn verify(bucket: &str, prefix: &str, opts: &MountOptions) -> Result<Repor
 }
 
 /// Every object under `prefix` but the volume descriptor, with its size.
-async fn list_all(store: &dyn ObjectStore, prefix: &str, progress: &Progress) -> Result<Vec<(String, u64)>> {
+pub(crate) async fn list_volume(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<(String, u64)>> {
     let descriptor = keys::volume_key(prefix);
     let mut out = Vec::new();
     let mut token: Option<String> = None;
@@ -212,14 +217,12 @@ async fn list_all(store: &dyn ObjectStore, prefix: &str, progress: &Progress) ->
             .list(prefix, None, token.as_deref(), None)
             .await
             .with_context(|| format!("listing {prefix}"))?;
-        for o in page.objects {
-            if o.key == descriptor {
-                continue;
-            }
-            progress.total_objects.fetch_add(1, Ordering::Relaxed);
-            progress.total_bytes.fetch_add(o.size, Ordering::Relaxed);
-            out.push((o.key, o.size));
-        }
+        out.extend(
+            page.objects
+                .into_iter()
+                .filter(|o| o.key != descriptor)
+                .map(|o| (o.key, o.size)),
+        );
         token = page.next_token;
         if token.is_none() {
             return Ok(out);

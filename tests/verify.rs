@@ -9,16 +9,13 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use s3crypt::keys::KeyMode;
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 fn verify(vol: &Volume, extra: &[&str]) -> Output {
-    common::endpoint();
-    Command::new(env!("CARGO_BIN_EXE_s3crypt"))
-        .args(["verify", &format!("s3://{}", vol.bucket), "-o", &vol.options.join(",")])
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run s3crypt verify")
+    let (source, options) = (format!("s3://{}", vol.bucket), vol.options.join(","));
+    let mut args = vec!["verify", &source, "-o", &options];
+    args.extend_from_slice(extra);
+    common::s3crypt_cli(&args)
 }
 
 /// The keys named on `BAD` lines.
@@ -29,15 +26,6 @@ fn bad_keys(out: &Output, bucket: &str) -> BTreeSet<String> {
         .filter_map(|l| l.strip_prefix(&prefix))
         .map(|rest| rest.split_once(':').map_or(rest, |(k, _)| k).to_string())
         .collect()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 type Meta = HashMap<String, String>;
@@ -98,7 +86,7 @@ fn a_tamper_set_in_a_client_side_volume_is_found_exactly() {
     m.unmount();
 
     let clean = verify(&vol, &[]);
-    assert_eq!(clean.status.code(), Some(0), "{}", text(&clean));
+    assert_eq!(clean.status.code(), Some(0), "{}", common::describe(&clean));
     assert!(bad_keys(&clean, &vol.bucket).is_empty());
 
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -170,8 +158,8 @@ fn a_tamper_set_in_a_client_side_volume_is_found_exactly() {
     planted.insert(k);
 
     let out = verify(&vol, &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert_eq!(bad_keys(&out, &vol.bucket), planted, "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", common::describe(&out));
+    assert_eq!(bad_keys(&out, &vol.bucket), planted, "{}", common::describe(&out));
 
     let json = verify(&vol, &["--json"]);
     let line = String::from_utf8_lossy(&json.stdout)
@@ -196,20 +184,20 @@ fn a_wrong_key_or_a_missing_volume_stops_the_check() {
     m.unmount();
     let other = write_key_file(vol.dir.path(), "other.key");
     let out = verify(&vol, &["-o", &format!("master_key_file={}", other.display())]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", common::describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("volume"),
         "{}",
-        text(&out)
+        common::describe(&out)
     );
 
     let empty = Volume::new(KeyMode::CseLocal);
     let out = verify(&empty, &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", common::describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no s3crypt volume here"),
         "{}",
-        text(&out)
+        common::describe(&out)
     );
     // Nothing was written: still no descriptor.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -234,16 +222,16 @@ fn an_object_under_other_server_side_encryption_is_found() {
     }
     m.unmount();
     let out = verify(&vol, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", common::describe(&out));
     // The bucket's default is SSE-KMS: an object put without s3crypt's header lands under KMS.
     let rt = tokio::runtime::Runtime::new().unwrap();
     put(&rt, &vol.bucket, "f3", b"put by something else".to_vec(), Meta::new());
     let out = verify(&vol, &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", common::describe(&out));
     assert_eq!(
         bad_keys(&out, &vol.bucket),
         BTreeSet::from(["f3".to_string()]),
         "{}",
-        text(&out)
+        common::describe(&out)
     );
 }

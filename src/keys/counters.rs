@@ -12,6 +12,7 @@ pub struct KeyStats {
     kms_generate_failed: AtomicU64,
     kms_decrypt_failed: AtomicU64,
     local_unwrap: AtomicU64,
+    kms_reencrypt: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
 }
@@ -29,6 +30,8 @@ pub struct KeyStatsSnapshot {
     pub kms_decrypt_failed: u64,
     /// Unwraps done with the local master key (successful or not).
     pub local_unwrap: u64,
+    /// ReEncrypt requests sent to KMS by a key rotation.
+    pub kms_reencrypt: u64,
     /// Data keys served from the cache.
     pub cache_hits: u64,
     /// Data keys the cache did not have (each led to an unwrap, or waited for one in flight).
@@ -47,9 +50,14 @@ impl KeyStats {
             kms_generate_failed: self.kms_generate_failed.load(Ordering::Relaxed),
             kms_decrypt_failed: self.kms_decrypt_failed.load(Ordering::Relaxed),
             local_unwrap: self.local_unwrap.load(Ordering::Relaxed),
+            kms_reencrypt: self.kms_reencrypt.load(Ordering::Relaxed),
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             cache_misses: self.cache_misses.load(Ordering::Relaxed),
         }
+    }
+
+    pub(crate) fn count_kms_reencrypt(&self) {
+        self.kms_reencrypt.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_kms_generate(&self) {

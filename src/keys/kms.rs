@@ -133,6 +133,37 @@ impl DataKeyProvider for KmsProvider {
         Ok((key, wrapped))
     }
 
+    fn kms_key_id(&self) -> Option<&str> {
+        Some(&self.key_id)
+    }
+
+    /// ReEncrypt: KMS moves the wrapped key to this provider's KMS key; the plaintext key never leaves KMS. The
+    /// file id stays bound as the encryption context on both sides.
+    async fn rewrap(&self, file_id: &FileId, wrapped: &[u8], from: &dyn DataKeyProvider) -> Result<Vec<u8>, KeyError> {
+        if from.mode() != KeyMode::CseKms {
+            return Err(KeyError::Config(format!(
+                "rotating keys from key_mode={} to key_mode=cse-kms is not supported",
+                from.mode()
+            )));
+        }
+        self.stats.count_kms_reencrypt();
+        let fid = hex::encode(file_id);
+        let out = self
+            .client
+            .re_encrypt()
+            .ciphertext_blob(Blob::new(wrapped))
+            .set_source_key_id(from.kms_key_id().map(str::to_string))
+            .source_encryption_context(FILE_ID_CONTEXT_KEY, fid.clone())
+            .destination_key_id(&self.key_id)
+            .destination_encryption_context(FILE_ID_CONTEXT_KEY, fid)
+            .send()
+            .await
+            .map_err(|e| kms_error(e, "ReEncrypt", &self.key_id))?;
+        out.ciphertext_blob
+            .map(Blob::into_inner)
+            .ok_or_else(|| KeyError::Kms("ReEncrypt: KMS returned no CiphertextBlob".into()))
+    }
+
     async fn unwrap(&self, file_id: &FileId, wrapped: &[u8]) -> Result<DataKey, KeyError> {
         self.stats.count_kms_decrypt();
         let mut out = self

@@ -84,15 +84,9 @@ impl fmt::Debug for LocalProvider {
     }
 }
 
-#[async_trait]
-impl DataKeyProvider for LocalProvider {
-    fn mode(&self) -> KeyMode {
-        KeyMode::CseLocal
-    }
-
-    async fn generate(&self, file_id: &FileId) -> Result<(DataKey, Vec<u8>), KeyError> {
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        rand::rngs::OsRng.fill_bytes(&mut key[..]);
+impl LocalProvider {
+    /// `nonce || AES-256-GCM-SIV(wrapping key, key, AD = "s3crypt.wrap" || version || file id)`.
+    fn wrap(&self, file_id: &FileId, key: &[u8; KEY_LEN]) -> Result<Vec<u8>, KeyError> {
         let mut nonce = [0u8; WRAP_NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let sealed = self
@@ -108,7 +102,32 @@ impl DataKeyProvider for LocalProvider {
         let mut wrapped = Vec::with_capacity(WRAPPED_LEN);
         wrapped.extend_from_slice(&nonce);
         wrapped.extend_from_slice(&sealed);
+        Ok(wrapped)
+    }
+}
+
+#[async_trait]
+impl DataKeyProvider for LocalProvider {
+    fn mode(&self) -> KeyMode {
+        KeyMode::CseLocal
+    }
+
+    async fn generate(&self, file_id: &FileId) -> Result<(DataKey, Vec<u8>), KeyError> {
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        rand::rngs::OsRng.fill_bytes(&mut key[..]);
+        let wrapped = self.wrap(file_id, &key)?;
         Ok((DataKey::from_bytes(*key), wrapped))
+    }
+
+    async fn rewrap(&self, file_id: &FileId, wrapped: &[u8], from: &dyn DataKeyProvider) -> Result<Vec<u8>, KeyError> {
+        if from.mode() != KeyMode::CseLocal {
+            return Err(KeyError::Config(format!(
+                "rotating keys from key_mode={} to key_mode=cse-local is not supported",
+                from.mode()
+            )));
+        }
+        let key = from.unwrap(file_id, wrapped).await?;
+        self.wrap(file_id, key.as_bytes())
     }
 
     async fn unwrap(&self, file_id: &FileId, wrapped: &[u8]) -> Result<DataKey, KeyError> {

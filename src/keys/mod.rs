@@ -105,6 +105,48 @@ pub trait DataKeyProvider: Send + Sync + 'static {
 
     /// Unwraps a key made by [`generate`](Self::generate) for the same `file_id`.
     async fn unwrap(&self, file_id: &FileId, wrapped: &[u8]) -> Result<DataKey, KeyError>;
+
+    /// The KMS key this provider wraps with, if it is a KMS one.
+    fn kms_key_id(&self) -> Option<&str> {
+        None
+    }
+
+    /// Key rotation: the data key that `from` wrapped as `wrapped` for `file_id`, wrapped under this provider's
+    /// key, still bound to `file_id`.
+    async fn rewrap(&self, file_id: &FileId, wrapped: &[u8], from: &dyn DataKeyProvider) -> Result<Vec<u8>, KeyError> {
+        let _ = (file_id, wrapped);
+        Err(KeyError::Config(format!(
+            "rotating keys from key_mode={} to key_mode={} is not supported",
+            from.mode(),
+            self.mode()
+        )))
+    }
+}
+
+/// The current key and the previous one, during a key rotation: new files are wrapped with the current key;
+/// a file is unwrapped with the current key, or else with the previous one (`old_master_key_file=`), so a volume
+/// stays readable while `s3crypt rekey` runs.
+pub struct WithPrevious {
+    pub current: Arc<dyn DataKeyProvider>,
+    pub previous: Arc<dyn DataKeyProvider>,
+}
+
+#[async_trait::async_trait]
+impl DataKeyProvider for WithPrevious {
+    fn mode(&self) -> KeyMode {
+        self.current.mode()
+    }
+
+    async fn generate(&self, file_id: &FileId) -> Result<(DataKey, Vec<u8>), KeyError> {
+        self.current.generate(file_id).await
+    }
+
+    async fn unwrap(&self, file_id: &FileId, wrapped: &[u8]) -> Result<DataKey, KeyError> {
+        match self.current.unwrap(file_id, wrapped).await {
+            Ok(k) => Ok(k),
+            Err(current) => self.previous.unwrap(file_id, wrapped).await.map_err(|_| current),
+        }
+    }
 }
 
 /// Errors of the key layer. Messages name the problem and what to do; they never contain key material.
@@ -145,6 +187,8 @@ pub struct KeyConfig {
     pub sse_c_key_file: Option<String>,
     /// Key file (path or `cred:NAME`) of the master key: required for `cse-local`.
     pub master_key_file: Option<String>,
+    /// The master key before a rotation (cse-local): still accepted for reading.
+    pub old_master_key_file: Option<String>,
     /// Most data keys kept unwrapped.
     pub key_cache_size: usize,
     /// Longest time a data key stays cached.
@@ -159,6 +203,7 @@ impl KeyConfig {
             kms_key_id: None,
             sse_c_key_file: None,
             master_key_file: None,
+            old_master_key_file: None,
             key_cache_size: cache::DEFAULT_CAPACITY,
             key_cache_ttl: cache::DEFAULT_TTL,
         }
@@ -227,7 +272,16 @@ pub async fn build_keys(cfg: &KeyConfig, sdk: &aws_config::SdkConfig) -> Result<
     let sse = sse_for_mode(cfg.mode, cfg.kms_key_id.as_deref(), cfg.sse_c_key_file.as_deref())?;
     let provider: Option<Arc<dyn DataKeyProvider>> = match (cfg.mode, &cfg.kms_key_id, &cfg.master_key_file) {
         (KeyMode::CseKms, Some(key_id), _) => Some(Arc::new(KmsProvider::new(sdk, key_id.clone(), stats.clone()))),
-        (KeyMode::CseLocal, _, Some(file)) => Some(Arc::new(LocalProvider::from_key_file(file, stats.clone())?)),
+        (KeyMode::CseLocal, _, Some(file)) => {
+            let current: Arc<dyn DataKeyProvider> = Arc::new(LocalProvider::from_key_file(file, stats.clone())?);
+            match &cfg.old_master_key_file {
+                Some(old) => Some(Arc::new(WithPrevious {
+                    current,
+                    previous: Arc::new(LocalProvider::from_key_file(old, stats.clone())?),
+                })),
+                None => Some(current),
+            }
+        }
         _ => None,
     };
     Ok(Keys {

@@ -60,6 +60,26 @@ fn set_local_credentials() {
     }
 }
 
+/// Runs the `s3crypt` binary against the local server and returns its output.
+pub fn s3crypt_cli(args: &[&str]) -> std::process::Output {
+    endpoint();
+    std::process::Command::new(env!("CARGO_BIN_EXE_s3crypt"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run s3crypt")
+}
+
+/// A command's status and output, for assertion messages.
+pub fn describe(out: &std::process::Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// An SDK configuration for the local server.
 pub async fn sdk_config() -> aws_config::SdkConfig {
     let endpoint = endpoint().to_string();

@@ -1,0 +1,209 @@
+//! `s3crypt rekey` against LocalStack, in cse-local and cse-kms: after a rekey the new key reads every file byte
+//! for byte and the old key reads nothing; the rekey uploads no data (every request body through a proxy is
+//! counted); a rerun is idempotent; an interrupted rekey finishes when run again; and a mount holding the new
+//! key with the old one as `old_master_key_file=` reads every file throughout a rotation.
+mod common;
+
+use common::mount::{pattern, write_file, write_key_file, TestMount, Volume};
+use common::proxy::FaultProxy;
+use s3crypt::keys::KeyMode;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use s3crypt::keys::KeyMode;
+                #[test]
+                fn cse_local() { super::$name(KeyMode::CseLocal) }
+                #[test]
+                fn cse_kms() { super::$name(KeyMode::CseKms) }
+            }
+        )*
+    };
+}
+
+/// The new key's option, replacing the old one's.
+fn new_key_option(vol: &Volume) -> String {
+    match vol.mode {
+        KeyMode::CseLocal => {
+            let f = write_key_file(vol.dir.path(), "new-master.key");
+            format!("master_key_file={}", f.display())
+        }
+        KeyMode::CseKms => {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            format!("kms_key_id={}", rt.block_on(common::create_kms_key()))
+        }
+        _ => unreachable!("client-side modes only"),
+    }
+}
+
+/// Files of mixed sizes (empty to several blocks), returned with their contents.
+fn fill(vol: &Volume, n: usize) -> Vec<(String, Vec<u8>)> {
+    let m = TestMount::mount(vol);
+    let bs = m.block_size as usize;
+    std::fs::create_dir(m.path("d")).unwrap();
+    let mut files = Vec::new();
+    for i in 0..n {
+        let size = match i % 5 {
+            0 => 0,
+            1 => 100 + i,
+            2 => bs,
+            3 => 3 * bs + i,
+            _ => 7 * bs + 11,
+        };
+        let name = if i % 3 == 0 {
+            format!("d/f{i:03}")
+        } else {
+            format!("f{i:03}")
+        };
+        let data = pattern(size, i as u64);
+        write_file(&m.path(&name), &data).unwrap();
+        files.push((name, data));
+    }
+    m.unmount();
+    files
+}
+
+fn rekey(vol: &Volume, extra_old: &[&str], to: &str, args: &[&str]) -> Output {
+    let mut old = vol.options.clone();
+    old.extend(extra_old.iter().map(|s| s.to_string()));
+    let source = format!("s3://{}", vol.bucket);
+    let old = old.join(",");
+    let mut all = vec!["rekey", &source, "-o", &old, "--to", to];
+    all.extend_from_slice(args);
+    common::s3crypt_cli(&all)
+}
+
+fn read_all_with(vol: &Volume, extra: &[&str], files: &[(String, Vec<u8>)]) {
+    let m = TestMount::mount_with(vol, extra);
+    for (name, data) in files {
+        common::same(&std::fs::read(m.path(name)).unwrap(), data, name);
+    }
+}
+
+fn rotation_moves_every_key_and_no_data(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let files = fill(&vol, 40);
+    let to = new_key_option(&vol);
+    // Every request of the rekey goes through a proxy that records it.
+    let proxy = FaultProxy::start(common::endpoint());
+    let via = format!("endpoint={}", proxy.endpoint());
+    let dry = rekey(&vol, &[&via], &to, &["--dry-run", "--json"]);
+    assert_eq!(dry.status.code(), Some(0), "{}", common::describe(&dry));
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("\"rekeyed\":40"),
+        "{}",
+        common::describe(&dry)
+    );
+    let out = rekey(&vol, &[&via], &to, &["--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::describe(&out));
+    let json = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        json.contains("\"rekeyed\":40") && json.contains("\"descriptor_resealed\":true"),
+        "{json}"
+    );
+    // No data travelled: the only S3 request with a body is the new volume descriptor's PUT (KMS calls, which
+    // carry a JSON body, are told apart by their X-Amz-Target header).
+    let bodies: Vec<String> = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.header("x-amz-target").is_none())
+        .filter(|r| r.header("content-length").is_some_and(|l| l != "0"))
+        .map(|r| format!("{} {}", r.method, r.target))
+        .collect();
+    assert!(
+        bodies
+            .iter()
+            .all(|b| b.starts_with("PUT") && b.contains(s3crypt::keys::VOLUME_OBJECT)),
+        "{bodies:?}"
+    );
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    // The old key reads nothing (the volume refuses it), the new one everything.
+    let refused = TestMount::try_mount(&vol, &[]);
+    assert!(refused.is_err(), "the old key still opens the volume");
+    read_all_with(&vol, &[&to], &files);
+    // A rerun changes nothing.
+    let again = rekey(&vol, &[&to], &to, &["--json"]);
+    assert_eq!(again.status.code(), Some(0), "{}", common::describe(&again));
+    let json = String::from_utf8_lossy(&again.stdout).to_string();
+    assert!(
+        json.contains("\"rekeyed\":0") && json.contains("\"already\":40"),
+        "{json}"
+    );
+}
+
+fn an_interrupted_rotation_finishes_when_run_again(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let files = fill(&vol, 60);
+    let to = new_key_option(&vol);
+    let source = format!("s3://{}", vol.bucket);
+    let old = vol.options.join(",");
+    for signal in [libc::SIGINT, libc::SIGKILL] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_s3crypt"))
+            .args(["rekey", &source, "-o", &old, "--to", &to])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(if signal == libc::SIGINT { 400 } else { 700 }));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = child.wait().unwrap();
+        assert!(matches!(status.code(), Some(0) | Some(130) | None), "{status:?}");
+    }
+    let out = rekey(&vol, &[], &to, &["--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::describe(&out));
+    read_all_with(&vol, &[&to], &files);
+}
+
+in_both_modes!(
+    rotation_moves_every_key_and_no_data,
+    an_interrupted_rotation_finishes_when_run_again
+);
+
+/// A mount with the new key and the old one as `old_master_key_file=` reads every file before, during and after
+/// a rotation, and what it writes meanwhile survives.
+#[test]
+fn a_mount_reads_and_writes_throughout_a_rotation() {
+    let vol = Volume::new(KeyMode::CseLocal);
+    let files = fill(&vol, 60);
+    let old_file = vol.dir.path().join("master.key");
+    let to = new_key_option(&vol);
+    let old_opt = format!("old_master_key_file={}", old_file.display());
+    let m = TestMount::mount_with(&vol, &[&to, &old_opt]);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let root = m.mnt.path().to_path_buf();
+        let files = files.clone();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) || rounds == 0 {
+                for (name, data) in &files {
+                    let got = std::fs::read(root.join(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"));
+                    assert!(got == *data, "{name} read wrong bytes");
+                }
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    write_file(&m.path("during-1"), b"written before the rotation ends").unwrap();
+    let out = rekey(&vol, &[], &to, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::describe(&out));
+    write_file(&m.path("during-2"), b"written after").unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = reader.join().expect("no read failed");
+    assert!(rounds >= 1);
+    m.unmount();
+    // The new key alone now reads everything, including what the mount wrote.
+    let m = TestMount::mount_with(&vol, &[&to]);
+    assert_eq!(
+        std::fs::read(m.path("during-1")).unwrap(),
+        b"written before the rotation ends"
+    );
+    assert_eq!(std::fs::read(m.path("during-2")).unwrap(), b"written after");
+}
