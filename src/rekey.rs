@@ -13,12 +13,15 @@
 //! at every moment it is readable under the old or the new key, never neither; a mount with the new key as
 //! `master_key_file=` and the old one as `old_master_key_file=` reads both meanwhile.
 //!
-//! The SSE modes are not handled here yet (S3 rotates them by an in-place CopyObject with new server-side
-//! settings); `rekey` says so and exits 2.
+//! In the SSE modes S3 holds the key, and a rotation is S3's own: each object is copied onto itself with the new
+//! server-side settings (another SSE-C key, another KMS key, or between SSE-S3 and SSE-KMS), the source read
+//! with the old SSE-C key where there is one. S3 re-encrypts the data inside the service; nothing crosses the
+//! network. An object whose HEAD already shows the new settings (for SSE-C: that the new key opens it) is skipped.
 use crate::cli::MountOptions;
 use crate::format::ObjectHeader;
 use crate::keys::{self, DataKeyProvider};
-use crate::store::{ObjectStore, PutCondition, StoreError};
+use crate::store::s3::S3Store;
+use crate::store::{ObjectInfo, ObjectStore, PutCondition, Sse, StoreError};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use futures::stream::{self, StreamExt};
@@ -71,6 +74,26 @@ impl RekeyReport {
         )
     }
 
+    fn count(&mut self, bucket: &str, key: String, outcome: Outcome) {
+        match outcome {
+            Outcome::Rekeyed(bytes) => {
+                self.objects += 1;
+                self.rekeyed += 1;
+                self.bytes_copied += bytes;
+            }
+            Outcome::Already => {
+                self.objects += 1;
+                self.already += 1;
+            }
+            Outcome::NotAFile => {}
+            Outcome::Failed(why) => {
+                self.objects += 1;
+                println!("FAILED s3://{bucket}/{key}: {why}");
+                self.failed.push((key, why));
+            }
+        }
+    }
+
     /// 0 done, 1 an object failed, 130 interrupted.
     pub fn exit_code(&self) -> u8 {
         match (self.interrupted, self.failed.is_empty()) {
@@ -91,16 +114,20 @@ enum Outcome {
 /// Runs the rotation; `Err` only when it could not start.
 pub fn run(source: &str, old: MountOptions, new: MountOptions, dry_run: bool) -> Result<RekeyReport> {
     let (bucket, prefix) = crate::cli::parse_volume_url(source)?;
-    if old.key_mode != new.key_mode || !old.key_mode.is_client_side() {
+    let (a, b) = (old.key_mode, new.key_mode);
+    if a.is_client_side() != b.is_client_side() || (a.is_client_side() && a != b) {
         bail!(
-            "rekey moves a client-side volume to a new key of the same mode (cse-local or cse-kms); asked: \
-             key_mode={} to key_mode={}",
-            old.key_mode,
-            new.key_mode
+            "rekey moves a client-side volume to a new key of the same mode (cse-local or cse-kms), or an SSE \
+             volume to other server-side settings; it cannot change key_mode={a} into key_mode={b} (copy the \
+             files through two mounts instead)"
         );
     }
     let rt = crate::run::runtime()?;
-    rt.block_on(rekey(&bucket, &prefix, &old, &new, dry_run))
+    if a.is_client_side() {
+        rt.block_on(rekey(&bucket, &prefix, &old, &new, dry_run))
+    } else {
+        rt.block_on(rekey_sse(&bucket, &prefix, &old, &new, dry_run))
+    }
 }
 
 async fn rekey(
@@ -133,48 +160,12 @@ async fn rekey(
         .map(|(k, _)| k)
         .filter(|k| !k.ends_with('/'))
         .collect();
-    let mut report = RekeyReport {
-        dry_run,
-        ..Default::default()
-    };
     let (store_ref, from_ref, to_ref) = (&store, &from, &to);
-    let work = stream::iter(objects)
-        .map(|key| async move {
-            let outcome = rekey_one(store_ref.as_ref(), from_ref.as_ref(), to_ref.as_ref(), &key, dry_run).await;
-            (key, outcome)
-        })
-        .buffer_unordered(PARALLEL_OBJECTS);
-    tokio::pin!(work);
-    let stop = tokio::signal::ctrl_c();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            next = work.next() => {
-                let Some((key, outcome)) = next else { break };
-                match outcome {
-                    Outcome::Rekeyed(bytes) => {
-                        report.objects += 1;
-                        report.rekeyed += 1;
-                        report.bytes_copied += bytes;
-                    }
-                    Outcome::Already => {
-                        report.objects += 1;
-                        report.already += 1;
-                    }
-                    Outcome::NotAFile => {}
-                    Outcome::Failed(why) => {
-                        report.objects += 1;
-                        println!("FAILED s3://{bucket}/{key}: {why}");
-                        report.failed.push((key, why));
-                    }
-                }
-            }
-            _ = &mut stop => {
-                report.interrupted = true;
-                break;
-            }
-        }
-    }
+    let mut report = drive(bucket, objects, dry_run, |key| async move {
+        let outcome = rekey_one(store_ref.as_ref(), from_ref.as_ref(), to_ref.as_ref(), &key, dry_run).await;
+        (key, outcome)
+    })
+    .await;
     if !dry_run && !report.interrupted && report.failed.is_empty() {
         report.descriptor_resealed = reseal_descriptor(store.as_ref(), prefix, to.as_ref(), vol.block_size).await?;
     }
@@ -185,6 +176,35 @@ async fn rekey(
         .sum();
     report.failed.sort();
     Ok(report)
+}
+
+/// Runs `one` over `keys`, [`PARALLEL_OBJECTS`] at a time, until all are done or Ctrl-C stops new work.
+async fn drive<F, Fut>(bucket: &str, keys: Vec<String>, dry_run: bool, one: F) -> RekeyReport
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = (String, Outcome)>,
+{
+    let mut report = RekeyReport {
+        dry_run,
+        ..Default::default()
+    };
+    let work = stream::iter(keys).map(one).buffer_unordered(PARALLEL_OBJECTS);
+    tokio::pin!(work);
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            next = work.next() => {
+                let Some((key, outcome)) = next else { break };
+                report.count(bucket, key, outcome);
+            }
+            _ = &mut stop => {
+                report.interrupted = true;
+                break;
+            }
+        }
+    }
+    report
 }
 
 /// Moves one object's data key to `to`; tries again once if the object changed under it.
@@ -260,4 +280,76 @@ async fn reseal_descriptor(
         .await
         .with_context(|| format!("writing the new volume descriptor {key}"))?;
     Ok(true)
+}
+
+/// The SSE modes: every object copied onto itself under the new server-side settings.
+async fn rekey_sse(
+    bucket: &str,
+    prefix: &str,
+    old: &MountOptions,
+    new: &MountOptions,
+    dry_run: bool,
+) -> Result<RekeyReport> {
+    let (sdk, old_keys) = crate::run::load_keys(old).await?;
+    let (_, new_keys) = crate::run::load_keys(new).await?;
+    let client = crate::store::s3::s3_client_from(&sdk, old.path_style);
+    let from = S3Store::new(client.clone(), bucket, old_keys.sse.clone());
+    let to = S3Store::new(client, bucket, new_keys.sse.clone()).with_copy_source_sse(old_keys.sse.clone());
+    crate::run::check_bucket(&from, bucket, prefix).await?;
+    let objects = crate::verify::list_volume(&from, prefix).await?;
+    let keys = objects.into_iter().map(|(k, _)| k).collect();
+    let (from_ref, to_ref, target) = (&from, &to, &new_keys.sse);
+    let mut report = drive(bucket, keys, dry_run, |key| async move {
+        let outcome = rekey_sse_one(from_ref, to_ref, target, &key, dry_run).await;
+        (key, outcome)
+    })
+    .await;
+    report.failed.sort();
+    Ok(report)
+}
+
+/// Whether S3 reports `info` as encrypted the way `sse` asks (for SSE-C, the HEAD that found it carried the key).
+fn under(info: &ObjectInfo, sse: &Sse) -> bool {
+    let alg = info.sse_algorithm.as_deref();
+    match sse {
+        Sse::S3 => alg == Some("AES256") && info.sse_customer_algorithm.is_none(),
+        Sse::Kms { key_id } => {
+            alg == Some("aws:kms")
+                && match (key_id, info.sse_kms_key_id.as_deref()) {
+                    (Some(want), Some(got)) => crate::verify::same_kms_key(want, got),
+                    (Some(_), None) => false,
+                    (None, _) => true,
+                }
+        }
+        Sse::Customer(_) => info.sse_customer_algorithm.as_deref() == Some("AES256"),
+        Sse::None => false,
+    }
+}
+
+async fn rekey_sse_one(from: &S3Store, to: &S3Store, target: &Sse, key: &str, dry_run: bool) -> Outcome {
+    for _ in 0..3 {
+        if let Ok(info) = to.head(key).await {
+            if under(&info, target) {
+                return Outcome::Already;
+            }
+        }
+        let info = match from.head(key).await {
+            Ok(info) => info,
+            Err(StoreError::NotFound(_)) => return Outcome::NotAFile,
+            Err(e) => return Outcome::Failed(format!("cannot be read with the old settings: {e}")),
+        };
+        if dry_run {
+            return Outcome::Rekeyed(info.size);
+        }
+        // The same metadata, replaced (a copy onto itself must change something; here the encryption changes).
+        match to
+            .copy(key, key, Some(&info.metadata), PutCondition::IfMatch(info.etag.clone()))
+            .await
+        {
+            Ok(_) => return Outcome::Rekeyed(info.size),
+            Err(StoreError::PreconditionFailed(_)) => continue,
+            Err(e) => return Outcome::Failed(format!("copying it onto itself under the new settings: {e}")),
+        }
+    }
+    Outcome::Failed("it kept changing while being rekeyed; run rekey again".into())
 }

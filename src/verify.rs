@@ -288,7 +288,7 @@ fn check_server_side(info: &ObjectInfo, mode: KeyMode, kms_key_id: Option<&str>)
 }
 
 /// A key id, alias or ARN as configured against the ARN S3 reports.
-fn same_kms_key(want: &str, got: &str) -> bool {
+pub(crate) fn same_kms_key(want: &str, got: &str) -> bool {
     got == want || got.ends_with(&format!("/{want}")) || got.ends_with(&format!(":{want}"))
 }
 

@@ -140,6 +140,9 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     sse: Sse,
+    /// How the source of a CopyObject is encrypted, when not as `sse` says (a key rotation copies from the old
+    /// SSE-C key to the new one).
+    copy_source_sse: Option<Sse>,
 }
 
 /// Applies the destination encryption headers of a write (PUT, CreateMultipartUpload, CopyObject).
@@ -217,7 +220,15 @@ impl S3Store {
             client,
             bucket: bucket.into(),
             sse,
+            copy_source_sse: None,
         }
+    }
+
+    /// A store whose copies read their source under `source` (its SSE-C key) and write under this store's own
+    /// settings: what a key rotation in the SSE modes needs.
+    pub fn with_copy_source_sse(mut self, source: Sse) -> Self {
+        self.copy_source_sse = Some(source);
+        self
     }
 
     pub fn bucket(&self) -> &str {
@@ -550,7 +561,8 @@ impl ObjectStore for S3Store {
                 .set_metadata(to_sdk_metadata(m)),
             None => req.metadata_directive(MetadataDirective::Copy),
         };
-        let req = condition!(copy_source_sse_c!(write_sse!(req, &self.sse), &self.sse), &cond);
+        let source_sse = self.copy_source_sse.as_ref().unwrap_or(&self.sse);
+        let req = condition!(copy_source_sse_c!(write_sse!(req, &self.sse), source_sse), &cond);
         let out = req.send().await.map_err(|e| self.err("CopyObject", dest_key, e))?;
         let etag = out.copy_object_result().and_then(|r| r.e_tag());
         response_etag("CopyObject", dest_key, etag)
