@@ -20,6 +20,7 @@ pub mod fuse;
 pub mod keys;
 pub mod metrics;
 pub mod notify;
+pub mod progress;
 pub mod rekey;
 pub mod run;
 pub mod store;

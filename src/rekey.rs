@@ -154,11 +154,10 @@ async fn rekey(
             .with_context(|| format!("opening the volume s3://{bucket}/{prefix} with the old key"))?,
     };
     // Directory markers carry no data key.
-    let objects: Vec<String> = crate::verify::list_volume(store.as_ref(), prefix)
+    let objects: Vec<(String, u64)> = crate::verify::list_volume(store.as_ref(), prefix)
         .await?
         .into_iter()
-        .map(|(k, _)| k)
-        .filter(|k| !k.ends_with('/'))
+        .filter(|(k, _)| !k.ends_with('/'))
         .collect();
     let (store_ref, from_ref, to_ref) = (&store, &from, &to);
     let mut report = drive(bucket, objects, dry_run, |key| async move {
@@ -179,7 +178,7 @@ async fn rekey(
 }
 
 /// Runs `one` over `keys`, [`PARALLEL_OBJECTS`] at a time, until all are done or Ctrl-C stops new work.
-async fn drive<F, Fut>(bucket: &str, keys: Vec<String>, dry_run: bool, one: F) -> RekeyReport
+async fn drive<F, Fut>(bucket: &str, objects: Vec<(String, u64)>, dry_run: bool, one: F) -> RekeyReport
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = (String, Outcome)>,
@@ -188,7 +187,16 @@ where
         dry_run,
         ..Default::default()
     };
-    let work = stream::iter(keys).map(one).buffer_unordered(PARALLEL_OBJECTS);
+    let progress = crate::progress::Progress::new("rekey", &objects);
+    let _reporter = progress.start();
+    let (one, progress_ref) = (&one, &progress);
+    let work = stream::iter(objects)
+        .map(|(key, size)| async move {
+            let done = one(key).await;
+            progress_ref.done(size);
+            done
+        })
+        .buffer_unordered(PARALLEL_OBJECTS);
     tokio::pin!(work);
     let stop = tokio::signal::ctrl_c();
     tokio::pin!(stop);
@@ -297,9 +305,8 @@ async fn rekey_sse(
     let to = S3Store::new(client, bucket, new_keys.sse.clone()).with_copy_source_sse(old_keys.sse.clone());
     crate::run::check_bucket(&from, bucket, prefix).await?;
     let objects = crate::verify::list_volume(&from, prefix).await?;
-    let keys = objects.into_iter().map(|(k, _)| k).collect();
     let (from_ref, to_ref, target) = (&from, &to, &new_keys.sse);
-    let mut report = drive(bucket, keys, dry_run, |key| async move {
+    let mut report = drive(bucket, objects, dry_run, |key| async move {
         let outcome = rekey_sse_one(from_ref, to_ref, target, &key, dry_run).await;
         (key, outcome)
     })

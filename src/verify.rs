@@ -19,10 +19,6 @@ use crate::keys::{self, KeyMode};
 use crate::store::{ByteRange, ObjectInfo, ObjectStore, StoreError};
 use anyhow::{Context, Result};
 use futures::stream::{self, StreamExt};
-use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// Objects checked at once.
 const PARALLEL_OBJECTS: usize = 8;
@@ -88,38 +84,6 @@ enum Check {
     Server { mode: KeyMode, kms_key_id: Option<String> },
 }
 
-struct Progress {
-    objects: AtomicU64,
-    bytes: AtomicU64,
-    total_objects: AtomicU64,
-    total_bytes: AtomicU64,
-    listing_done: AtomicBool,
-    started: Instant,
-}
-
-impl Progress {
-    fn line(&self) -> String {
-        let (o, b) = (self.objects.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed));
-        let (to, tb) = (
-            self.total_objects.load(Ordering::Relaxed),
-            self.total_bytes.load(Ordering::Relaxed),
-        );
-        let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        let rate = b as f64 / secs;
-        let eta = if self.listing_done.load(Ordering::Relaxed) && rate > 0.0 && tb >= b {
-            format!("{:.0} s", (tb - b) as f64 / rate)
-        } else {
-            "?".into()
-        };
-        format!(
-            "verify: {o}/{to} objects, {:.1}/{:.1} MB, {:.1} MB/s, ETA {eta}",
-            b as f64 / 1e6,
-            tb as f64 / 1e6,
-            rate / 1e6
-        )
-    }
-}
-
 /// Runs the check; `Err` only when it could not run at all.
 pub fn run(source: &str, opts: MountOptions) -> Result<Report> {
     let (bucket, prefix) = crate::cli::parse_volume_url(source)?;
@@ -151,21 +115,9 @@ async fn verify(bucket: &str, prefix: &str, opts: &MountOptions) -> Result<Repor
             kms_key_id: opts.kms_key_id.clone(),
         },
     };
-    let progress = Arc::new(Progress {
-        objects: AtomicU64::new(0),
-        bytes: AtomicU64::new(0),
-        total_objects: AtomicU64::new(0),
-        total_bytes: AtomicU64::new(0),
-        listing_done: AtomicBool::new(false),
-        started: Instant::now(),
-    });
     let objects = list_volume(store.as_ref(), prefix).await?;
-    progress.total_objects.store(objects.len() as u64, Ordering::Relaxed);
-    progress
-        .total_bytes
-        .store(objects.iter().map(|(_, s)| s).sum(), Ordering::Relaxed);
-    progress.listing_done.store(true, Ordering::Relaxed);
-    let reporter = tokio::spawn(report_progress(progress.clone()));
+    let progress = crate::progress::Progress::new("verify", &objects);
+    let reporter = progress.start();
     let stop = tokio::signal::ctrl_c();
     let check = &check;
     let store = &store;
@@ -173,8 +125,7 @@ async fn verify(bucket: &str, prefix: &str, opts: &MountOptions) -> Result<Repor
     let work = stream::iter(objects)
         .map(|(key, size)| async move {
             let verdict = check_object(store.as_ref(), check, &key, size).await;
-            progress_ref.objects.fetch_add(1, Ordering::Relaxed);
-            progress_ref.bytes.fetch_add(size, Ordering::Relaxed);
+            progress_ref.done(size);
             (key, size, verdict)
         })
         .buffer_unordered(PARALLEL_OBJECTS);
@@ -199,10 +150,7 @@ async fn verify(bucket: &str, prefix: &str, opts: &MountOptions) -> Result<Repor
             }
         }
     }
-    reporter.abort();
-    if std::io::stderr().is_terminal() {
-        eprintln!();
-    }
+    drop(reporter);
     report.bad.sort();
     Ok(report)
 }
@@ -226,23 +174,6 @@ pub(crate) async fn list_volume(store: &dyn ObjectStore, prefix: &str) -> Result
         token = page.next_token;
         if token.is_none() {
             return Ok(out);
-        }
-    }
-}
-
-async fn report_progress(p: Arc<Progress>) {
-    let tty = std::io::stderr().is_terminal();
-    let every = if tty {
-        Duration::from_millis(250)
-    } else {
-        Duration::from_secs(5)
-    };
-    loop {
-        tokio::time::sleep(every).await;
-        if tty {
-            eprint!("\r\x1b[2K{}", p.line());
-        } else {
-            eprintln!("{}", p.line());
         }
     }
 }
