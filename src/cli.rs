@@ -145,6 +145,12 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("sse_c_key_file", "FILE", "none", "32-byte customer key for sse-c (FILE or cred:NAME)"),
     opt("master_key_file", "FILE", "none", "32-byte master key for cse-local (FILE or cred:NAME); see `keygen`"),
     opt(
+        "old_kms_key_id",
+        "ID",
+        "none",
+        "cse-kms: the KMS key before a rotation, still accepted for reading while `s3crypt rekey` runs",
+    ),
+    opt(
         "old_master_key_file",
         "FILE",
         "none",
@@ -247,6 +253,7 @@ pub struct MountOptions {
     /// A file path, or `cred:NAME` for `$CREDENTIALS_DIRECTORY/NAME`.
     pub master_key_file: Option<String>,
     pub old_master_key_file: Option<String>,
+    pub old_kms_key_id: Option<String>,
     /// Only used when a new volume is created; an existing volume keeps its own.
     pub block_size: Option<BlockSize>,
     pub endpoint: Option<String>,
@@ -298,6 +305,7 @@ impl Default for MountOptions {
             sse_c_key_file: None,
             master_key_file: None,
             old_master_key_file: None,
+            old_kms_key_id: None,
             block_size: None,
             endpoint: None,
             region: None,
@@ -358,6 +366,7 @@ impl MountOptions {
             "sse_c_key_file" => self.sse_c_key_file = Some(w.file_spec()?),
             "master_key_file" => self.master_key_file = Some(w.file_spec()?),
             "old_master_key_file" => self.old_master_key_file = Some(w.file_spec()?),
+            "old_kms_key_id" => self.old_kms_key_id = Some(w.text()?.to_string()),
             "block_size" => self.block_size = Some(w.block_size()?),
             "endpoint" => self.endpoint = Some(w.text()?.to_string()),
             "region" => self.region = Some(w.text()?.to_string()),
@@ -435,6 +444,11 @@ impl MountOptions {
             self.sse_c_key_file.is_some() && mode != KeyMode::SseC,
             "sse_c_key_file",
             "sse-c",
+        )?;
+        forbid(
+            self.old_kms_key_id.is_some() && mode != KeyMode::CseKms,
+            "old_kms_key_id",
+            "cse-kms",
         )?;
         forbid(
             self.old_master_key_file.is_some() && mode != KeyMode::CseLocal,

@@ -43,6 +43,7 @@ fn key_config(opts: &MountOptions) -> KeyConfig {
         sse_c_key_file: opts.sse_c_key_file.clone(),
         master_key_file: opts.master_key_file.clone(),
         old_master_key_file: opts.old_master_key_file.clone(),
+        old_kms_key_id: opts.old_kms_key_id.clone(),
         key_cache_size: opts.key_cache_size,
         key_cache_ttl: opts.key_cache_ttl,
     }

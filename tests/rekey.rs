@@ -161,18 +161,20 @@ fn an_interrupted_rotation_finishes_when_run_again(mode: KeyMode) {
 
 in_both_modes!(
     rotation_moves_every_key_and_no_data,
-    an_interrupted_rotation_finishes_when_run_again
+    an_interrupted_rotation_finishes_when_run_again,
+    a_mount_reads_and_writes_throughout_a_rotation
 );
 
-/// A mount with the new key and the old one as `old_master_key_file=` reads every file before, during and after
-/// a rotation, and what it writes meanwhile survives.
-#[test]
-fn a_mount_reads_and_writes_throughout_a_rotation() {
-    let vol = Volume::new(KeyMode::CseLocal);
+/// A mount with the new key and the old one as `old_master_key_file=` / `old_kms_key_id=` reads every file
+/// before, during and after a rotation, and what it writes meanwhile survives.
+fn a_mount_reads_and_writes_throughout_a_rotation(mode: KeyMode) {
+    let vol = Volume::new(mode);
     let files = fill(&vol, 60);
-    let old_file = vol.dir.path().join("master.key");
+    let old_opt = match mode {
+        KeyMode::CseLocal => format!("old_master_key_file={}", vol.dir.path().join("master.key").display()),
+        _ => format!("old_kms_key_id={}", vol.kms_arn),
+    };
     let to = new_key_option(&vol);
-    let old_opt = format!("old_master_key_file={}", old_file.display());
     let m = TestMount::mount_with(&vol, &[&to, &old_opt]);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {

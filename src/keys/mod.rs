@@ -124,7 +124,8 @@ pub trait DataKeyProvider: Send + Sync + 'static {
 }
 
 /// The current key and the previous one, during a key rotation: new files are wrapped with the current key;
-/// a file is unwrapped with the current key, or else with the previous one (`old_master_key_file=`), so a volume
+/// a file is unwrapped with the current key, or else with the previous one (`old_master_key_file=`,
+/// `old_kms_key_id=`), so a volume
 /// stays readable while `s3crypt rekey` runs.
 pub struct WithPrevious {
     pub current: Arc<dyn DataKeyProvider>,
@@ -139,6 +140,14 @@ impl DataKeyProvider for WithPrevious {
 
     async fn generate(&self, file_id: &FileId) -> Result<(DataKey, Vec<u8>), KeyError> {
         self.current.generate(file_id).await
+    }
+
+    fn kms_key_id(&self) -> Option<&str> {
+        self.current.kms_key_id()
+    }
+
+    async fn rewrap(&self, file_id: &FileId, wrapped: &[u8], from: &dyn DataKeyProvider) -> Result<Vec<u8>, KeyError> {
+        self.current.rewrap(file_id, wrapped, from).await
     }
 
     async fn unwrap(&self, file_id: &FileId, wrapped: &[u8]) -> Result<DataKey, KeyError> {
@@ -189,6 +198,8 @@ pub struct KeyConfig {
     pub master_key_file: Option<String>,
     /// The master key before a rotation (cse-local): still accepted for reading.
     pub old_master_key_file: Option<String>,
+    /// The KMS key before a rotation (cse-kms): still accepted for reading.
+    pub old_kms_key_id: Option<String>,
     /// Most data keys kept unwrapped.
     pub key_cache_size: usize,
     /// Longest time a data key stays cached.
@@ -204,6 +215,7 @@ impl KeyConfig {
             sse_c_key_file: None,
             master_key_file: None,
             old_master_key_file: None,
+            old_kms_key_id: None,
             key_cache_size: cache::DEFAULT_CAPACITY,
             key_cache_ttl: cache::DEFAULT_TTL,
         }
@@ -271,7 +283,16 @@ pub async fn build_keys(cfg: &KeyConfig, sdk: &aws_config::SdkConfig) -> Result<
     let cache = Arc::new(DataKeyCache::new(cfg.key_cache_size, cfg.key_cache_ttl, stats.clone()));
     let sse = sse_for_mode(cfg.mode, cfg.kms_key_id.as_deref(), cfg.sse_c_key_file.as_deref())?;
     let provider: Option<Arc<dyn DataKeyProvider>> = match (cfg.mode, &cfg.kms_key_id, &cfg.master_key_file) {
-        (KeyMode::CseKms, Some(key_id), _) => Some(Arc::new(KmsProvider::new(sdk, key_id.clone(), stats.clone()))),
+        (KeyMode::CseKms, Some(key_id), _) => {
+            let current: Arc<dyn DataKeyProvider> = Arc::new(KmsProvider::new(sdk, key_id.clone(), stats.clone()));
+            match &cfg.old_kms_key_id {
+                Some(old) => Some(Arc::new(WithPrevious {
+                    current,
+                    previous: Arc::new(KmsProvider::new(sdk, old.clone(), stats.clone())),
+                })),
+                None => Some(current),
+            }
+        }
         (KeyMode::CseLocal, _, Some(file)) => {
             let current: Arc<dyn DataKeyProvider> = Arc::new(LocalProvider::from_key_file(file, stats.clone())?);
             match &cfg.old_master_key_file {
