@@ -59,7 +59,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use write::OpenFile;
 
 /// The hidden volume descriptor at the mount root (client-side modes).
@@ -180,14 +180,7 @@ impl Fs {
         let defaults = AttrDefaults::new(cfg.uid, cfg.gid, cfg.umask);
         let root = Attr {
             ino: ROOT_INO,
-            kind: Kind::Dir,
-            size: 0,
-            perm: defaults.dir_perm,
-            uid: cfg.uid,
-            gid: cfg.gid,
-            mtime: SystemTime::now(),
-            atime: SystemTime::now(),
-            ctime: SystemTime::now(),
+            ..Attr::made_now(Kind::Dir, 0, defaults.dir_perm, cfg.uid, cfg.gid)
         };
         let cache = Arc::new(BlockCache::new(cfg.block_cache_bytes, cfg.block_size.get()));
         let reader = read::ReadAhead::new(cfg.read_ahead_bytes, cfg.block_size);

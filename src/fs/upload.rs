@@ -30,7 +30,7 @@
 //! failed condition is a conflict: the file's content is written to the recovery directory and the file's state
 //! is poisoned.
 use super::codec::{Codec, Version};
-use super::inode::{attr_to_metadata, Remote};
+use super::inode::Remote;
 use super::journal::{new_token, Journal, META_UPLOAD_TOKEN};
 use super::write::{FileState, OpenFile};
 use super::{lock, Fs, FsError, FsResult};
@@ -143,15 +143,7 @@ impl Fs {
         st.upload_token = Some(token.clone());
         st.min_cut = u64::MAX;
         st.save_manifest()?;
-        let mut meta = Metadata::new();
-        attr_to_metadata(&st.attr, &mut meta);
-        if let Some(h) = &st.header {
-            h.to_metadata(&mut meta);
-        }
-        if let Some(x) = &st.xattr {
-            meta.insert(super::xattr::meta_key(&st.codec).into(), x.clone());
-        }
-        meta.insert(META_UPLOAD_TOKEN.into(), token.clone());
+        let meta = st.object_metadata(st.xattr.as_deref(), &token);
         Ok(Some(Snapshot {
             gen: st.generation,
             key: st.key.clone(),

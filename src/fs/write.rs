@@ -193,6 +193,21 @@ impl FileState {
         }
     }
 
+    /// The object metadata an upload of this state sends: POSIX attributes, the s3crypt header, the extended
+    /// attributes in their stored form `xattr`, and the upload's `token`.
+    pub fn object_metadata(&self, xattr: Option<&str>, token: &str) -> crate::store::Metadata {
+        let mut meta = crate::store::Metadata::new();
+        super::inode::attr_to_metadata(&self.attr, &mut meta);
+        if let Some(h) = &self.header {
+            h.to_metadata(&mut meta);
+        }
+        if let Some(x) = xattr {
+            meta.insert(super::xattr::meta_key(&self.codec).into(), x.to_string());
+        }
+        meta.insert(super::journal::META_UPLOAD_TOKEN.into(), token.to_string());
+        meta
+    }
+
     /// The journal manifest describing this state.
     pub fn manifest(&self) -> Manifest {
         let mut header = crate::store::Metadata::new();

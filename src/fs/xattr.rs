@@ -290,16 +290,8 @@ impl Fs {
         let mut set = decode(st.xattr.as_deref(), &st.codec, &st.key)?;
         change.apply(&mut set)?;
         let stored = encode(&set, &st.codec);
-        let mut meta = Metadata::new();
-        super::inode::attr_to_metadata(&st.attr, &mut meta);
-        if let Some(h) = &st.header {
-            h.to_metadata(&mut meta);
-        }
-        // The upload token every upload adds (32 hex digits).
-        meta.insert(super::journal::META_UPLOAD_TOKEN.into(), "0".repeat(32));
-        if let Some(s) = &stored {
-            meta.insert(meta_key(&st.codec).into(), s.clone());
-        }
+        // What the next upload will send, with a token of the real length.
+        let meta = st.object_metadata(stored.as_deref(), &super::journal::new_token());
         let len = metadata_len(&meta);
         if len > METADATA_LIMIT {
             return Err(FsError::NoSpace(format!(

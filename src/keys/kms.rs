@@ -141,10 +141,7 @@ impl DataKeyProvider for KmsProvider {
     /// file id stays bound as the encryption context on both sides.
     async fn rewrap(&self, file_id: &FileId, wrapped: &[u8], from: &dyn DataKeyProvider) -> Result<Vec<u8>, KeyError> {
         if from.mode() != KeyMode::CseKms {
-            return Err(KeyError::Config(format!(
-                "rotating keys from key_mode={} to key_mode=cse-kms is not supported",
-                from.mode()
-            )));
+            return Err(super::unsupported_rotation(from.mode(), KeyMode::CseKms));
         }
         self.stats.count_kms_reencrypt();
         let fid = hex::encode(file_id);

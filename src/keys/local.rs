@@ -121,10 +121,7 @@ impl DataKeyProvider for LocalProvider {
 
     async fn rewrap(&self, file_id: &FileId, wrapped: &[u8], from: &dyn DataKeyProvider) -> Result<Vec<u8>, KeyError> {
         if from.mode() != KeyMode::CseLocal {
-            return Err(KeyError::Config(format!(
-                "rotating keys from key_mode={} to key_mode=cse-local is not supported",
-                from.mode()
-            )));
+            return Err(super::unsupported_rotation(from.mode(), KeyMode::CseLocal));
         }
         let key = from.unwrap(file_id, wrapped).await?;
         self.wrap(file_id, key.as_bytes())

@@ -115,12 +115,15 @@ pub trait DataKeyProvider: Send + Sync + 'static {
     /// key, still bound to `file_id`.
     async fn rewrap(&self, file_id: &FileId, wrapped: &[u8], from: &dyn DataKeyProvider) -> Result<Vec<u8>, KeyError> {
         let _ = (file_id, wrapped);
-        Err(KeyError::Config(format!(
-            "rotating keys from key_mode={} to key_mode={} is not supported",
-            from.mode(),
-            self.mode()
-        )))
+        Err(unsupported_rotation(from.mode(), self.mode()))
     }
+}
+
+/// A rotation between these modes cannot be done by re-wrapping data keys.
+pub(crate) fn unsupported_rotation(from: KeyMode, to: KeyMode) -> KeyError {
+    KeyError::Config(format!(
+        "rotating keys from key_mode={from} to key_mode={to} is not supported"
+    ))
 }
 
 /// The current key and the previous one, during a key rotation: new files are wrapped with the current key;
