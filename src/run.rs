@@ -282,6 +282,7 @@ pub fn fs_config(
         metadata_ttl: opts.metadata_ttl,
         block_cache_bytes: opts.block_cache_mib * 1024 * 1024,
         read_ahead_bytes: opts.read_ahead_kib * 1024,
+        read_ahead_chunk_bytes: crate::fs::CHUNK_BYTES,
         max_dirty_bytes: opts.max_write_mib * 1024 * 1024,
         staging_dir: opts.staging_dir.clone().unwrap_or_else(|| state_dir("staging")),
         recovery_dir: opts.recovery_dir.clone().unwrap_or_else(|| state_dir("recovery")),

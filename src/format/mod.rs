@@ -29,7 +29,7 @@ pub use layout::{
     block_cipher_range, block_count, block_plain_range, blocks_touching, cipher_range_for_blocks, ciphertext_size,
     is_final_block, plaintext_size, sealed_block_len,
 };
-pub use object::{decrypt_blocks, decrypt_object, encrypt_object};
+pub use object::{decrypt_blocks, decrypt_object, encrypt_object, open_blocks_in_place};
 pub use seal::{block_ad, BlockCipher, BLOCK_AD_LABEL, BLOCK_AD_LEN};
 pub use types::{BlockSize, DataKey, FileId, FILE_ID_LEN, KEY_LEN};
 

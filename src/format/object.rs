@@ -60,11 +60,94 @@ pub fn decrypt_blocks(
     Ok(out)
 }
 
+/// Opens, in place, the contiguous whole sealed blocks in `buf` starting at block `first_block` (as fetched by one
+/// ranged GET), and packs their plaintext to the front of `buf`, block after block, with no allocation. Returns,
+/// per block, the range of `buf` that now holds its plaintext, or why it did not open. A block that fails leaves
+/// zeros in its range (never unauthenticated bytes), so its neighbours keep their places and still serve reads.
+/// Block indexes and final flags follow [`decrypt_blocks`].
+pub fn open_blocks_in_place(
+    cipher: &BlockCipher,
+    bs: BlockSize,
+    plain_size: u64,
+    first_block: u64,
+    buf: &mut [u8],
+) -> Vec<Result<std::ops::Range<usize>, FormatError>> {
+    let n = block_count(plain_size, bs);
+    let sealed_len = sealed_block_len(bs) as usize;
+    let mut out = Vec::with_capacity(buf.len().div_ceil(sealed_len));
+    let (mut read, mut write, mut index) = (0usize, 0usize, first_block);
+    while read < buf.len() {
+        let expected = if index < n {
+            let plain = block_plain_range(index, plain_size, bs);
+            (plain.end - plain.start + BLOCK_OVERHEAD) as usize
+        } else {
+            sealed_len
+        };
+        let end = (read + expected).min(buf.len());
+        let body_len = (end - read).saturating_sub(BLOCK_OVERHEAD as usize);
+        let opened = if index >= n {
+            Err(FormatError::Auth { block: index })
+        } else {
+            cipher.open_in_place(index, is_final_block(index, plain_size, bs), &mut buf[read..end])
+        };
+        let nonce = super::NONCE_LEN;
+        // The plaintext moves left by at least one nonce per block, so `write` never passes `read`.
+        match opened {
+            Ok(()) => buf.copy_within(read + nonce..read + nonce + body_len, write),
+            Err(_) => buf[write..write + body_len].fill(0),
+        }
+        out.push(opened.map(|()| write..write + body_len));
+        write += body_len;
+        read = end;
+        index += 1;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::format::{block_cipher_range, blocks_touching, cipher_range_for_blocks, DataKey};
     use rand::SeedableRng;
+
+    #[test]
+    fn open_in_place_matches_decrypt_blocks_and_isolates_bad_blocks() {
+        let (c, bs, mut rng) = setup();
+        for size in [0u64, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 5] {
+            let plain: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let object = encrypt_object(&c, &plain, bs, &mut rng);
+            let n = block_count(size, bs);
+            for first in 0..n {
+                for last in first + 1..=n {
+                    let r = cipher_range_for_blocks(first..last, size, bs);
+                    let mut buf = object[r.start as usize..r.end as usize].to_vec();
+                    let got = open_blocks_in_place(&c, bs, size, first, &mut buf);
+                    let want = decrypt_blocks(&c, bs, size, first, &object[r.start as usize..r.end as usize]).unwrap();
+                    let mut joined = Vec::new();
+                    for g in &got {
+                        joined.extend_from_slice(&buf[g.as_ref().unwrap().clone()]);
+                    }
+                    assert_eq!(joined, want, "size {size} blocks {first}..{last}");
+                    assert_eq!(got.len() as u64, last - first);
+                }
+            }
+        }
+        // A flipped bit fails only its block, which reads back as zeros; its neighbours still open.
+        let plain = vec![7u8; 3 * 4096];
+        let object = encrypt_object(&c, &plain, bs, &mut rng);
+        let mut buf = object.clone();
+        let second = sealed_block_len(bs) as usize + 100;
+        buf[second] ^= 1;
+        let got = open_blocks_in_place(&c, bs, plain.len() as u64, 0, &mut buf);
+        assert!(matches!(got[1], Err(FormatError::Auth { block: 1 })));
+        assert_eq!(&buf[got[0].as_ref().unwrap().clone()], &plain[..4096]);
+        assert_eq!(&buf[got[2].as_ref().unwrap().clone()], &plain[..4096]);
+        assert!(buf[4096..8192].iter().all(|&b| b == 0), "no unauthenticated bytes left");
+        // A cut run fails the block it cuts, naming it.
+        let mut cut = object[..object.len() - 1].to_vec();
+        let got = open_blocks_in_place(&c, bs, plain.len() as u64, 0, &mut cut);
+        assert!(matches!(got[2], Err(FormatError::Auth { block: 2 })));
+    }
 
     fn setup() -> (BlockCipher, BlockSize, rand_chacha::ChaCha20Rng) {
         let c = BlockCipher::new(&DataKey::from_bytes([7; 32]), [9; 16]);

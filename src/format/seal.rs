@@ -134,6 +134,28 @@ impl BlockCipher {
             .map_err(|()| FormatError::Auth { block: index })
     }
 
+    /// Opens sealed block `index` where it lies: `buf` holds `nonce || ciphertext || tag`, and on success the
+    /// plaintext is `buf[NONCE_LEN..buf.len() - TAG_LEN]` (no allocation, no copy). On failure the body is
+    /// zeroized, so unauthenticated plaintext is never left behind.
+    pub fn open_in_place(&self, index: u64, is_final: bool, buf: &mut [u8]) -> Result<(), FormatError> {
+        let fail = || FormatError::Auth { block: index };
+        if buf.len() < NONCE_LEN + TAG_LEN {
+            return Err(fail());
+        }
+        let ad = block_ad(&self.file_id, index, is_final);
+        let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
+        let (body, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+        let nonce = Nonce::try_from(&nonce[..]).map_err(|_| fail())?;
+        let tag = Tag::try_from(&tag[..]).map_err(|_| fail())?;
+        match self.aead.decrypt_inout_detached(&nonce, &ad, body.into(), &tag) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                zeroize::Zeroize::zeroize(body);
+                Err(fail())
+            }
+        }
+    }
+
     fn open_with(&self, ad: &[u8], sealed: &[u8], out: &mut Vec<u8>) -> Result<(), ()> {
         if sealed.len() < NONCE_LEN + TAG_LEN {
             return Err(());

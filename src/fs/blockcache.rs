@@ -3,15 +3,89 @@
 //! Keys name a [`super::codec::Version`], not a path: a new upload is a new version, so stale blocks can never be
 //! served for new data; they simply age out. The bound is in blocks (bytes / block size), so memory stays
 //! bounded however large the files being read are.
+//!
+//! A block is usually a slice of the plaintext buffer of the GET that fetched it (one buffer per GET, decrypted in
+//! place, no per-block allocation). Such a slice keeps its whole buffer alive, so a block that is read a second
+//! time from the cache is copied out of it: blocks that readers come back to stop pinning their neighbours, and
+//! the cache's memory stays within its bound plus the buffers of blocks not yet evicted in LRU order.
+use bytes::Bytes;
 use lru::LruCache;
 use std::num::NonZeroUsize;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-pub type Block = Arc<Vec<u8>>;
+/// The plaintext of one block: `range` of a shared, immutable buffer.
+#[derive(Clone)]
+pub struct Block {
+    buf: Bytes,
+    range: Range<usize>,
+}
+
+impl Block {
+    /// A block with a buffer of its own.
+    pub fn owned(data: Vec<u8>) -> Self {
+        let range = 0..data.len();
+        Block {
+            buf: Bytes::from(data),
+            range,
+        }
+    }
+
+    /// Bytes `range` of `buf` (which may hold other blocks too).
+    pub fn slice(buf: &Bytes, range: Range<usize>) -> Self {
+        Block {
+            buf: buf.clone(),
+            range,
+        }
+    }
+
+    /// Whether the buffer holds more than this block.
+    fn pins_more(&self) -> bool {
+        self.range.len() < self.buf.len()
+    }
+
+    /// Whether `next` follows this block directly in the same buffer.
+    pub fn followed_by(&self, next: &Block) -> bool {
+        self.buf.as_ptr() == next.buf.as_ptr() && self.buf.len() == next.buf.len() && self.range.end == next.range.start
+    }
+
+    /// Bytes from `from` in this block to `to` in `last`, without a copy; `None` unless `last` is this block or
+    /// in the same buffer after it.
+    pub fn span_to(&self, from: usize, last: &Block, to: usize) -> Option<Bytes> {
+        let same = self.buf.as_ptr() == last.buf.as_ptr() && self.buf.len() == last.buf.len();
+        let (start, end) = (self.range.start + from, last.range.start + to);
+        (same && start <= end && to <= last.range.len()).then(|| self.buf.slice(start..end))
+    }
+
+    /// Bytes `from..to` of this block, without a copy.
+    pub fn bytes(&self, from: usize, to: usize) -> Bytes {
+        self.buf.slice(self.range.start + from..self.range.start + to)
+    }
+}
+
+impl std::ops::Deref for Block {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the content.
+        write!(f, "Block({} bytes)", self.range.len())
+    }
+}
+
+struct Entry {
+    block: Block,
+    /// Lookups that found it.
+    hits: u32,
+}
 
 pub struct BlockCache {
-    inner: Mutex<LruCache<(u64, u64), Block>>,
+    inner: Mutex<LruCache<(u64, u64), Entry>>,
     /// Lookups by [`BlockCache::get`] that found, and did not find, the block.
     hits: AtomicU64,
     misses: AtomicU64,
@@ -31,9 +105,16 @@ impl BlockCache {
         }
     }
 
-    /// The block if cached; counted as a hit or a miss.
+    /// The block if cached; counted as a hit or a miss. A block found a second time is copied out of a shared
+    /// buffer (see the module comment).
     pub fn get(&self, version: u64, index: u64) -> Option<Block> {
-        let found = self.lock().get(&(version, index)).cloned();
+        let found = self.lock().get_mut(&(version, index)).map(|e| {
+            e.hits += 1;
+            if e.hits >= 2 && e.block.pins_more() {
+                e.block = Block::owned(e.block.to_vec());
+            }
+            e.block.clone()
+        });
         let counter = if found.is_some() { &self.hits } else { &self.misses };
         counter.fetch_add(1, Ordering::Relaxed);
         found
@@ -54,13 +135,13 @@ impl BlockCache {
         let mut inner = self.lock();
         // `push` returns the entry it replaced or evicted, whose bytes leave the cache.
         let removed = inner
-            .push((version, index), block)
-            .map_or(0, |(_, old)| old.len() as u64);
+            .push((version, index), Entry { block, hits: 0 })
+            .map_or(0, |(_, old)| old.block.len() as u64);
         self.bytes.fetch_add(added, Ordering::Relaxed);
         self.bytes.fetch_sub(removed, Ordering::Relaxed);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<(u64, u64), Block>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<(u64, u64), Entry>> {
         // A poisoned lock only means another thread panicked while holding it; the cache is still consistent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -74,7 +155,7 @@ mod tests {
     fn bounded_by_bytes() {
         let c = BlockCache::new(16 * 4096, 4096);
         for i in 0..32 {
-            c.insert(1, i, Arc::new(vec![i as u8; 4096]));
+            c.insert(1, i, Block::owned(vec![i as u8; 4096]));
         }
         assert!(!c.contains(1, 0));
         assert!(c.contains(1, 31));
@@ -87,11 +168,35 @@ mod tests {
         let c = BlockCache::new(16 * 100, 100);
         assert!(c.get(1, 0).is_none());
         for i in 0..20 {
-            c.insert(1, i, Arc::new(vec![0; 100]));
+            c.insert(1, i, Block::owned(vec![0; 100]));
         }
-        c.insert(1, 19, Arc::new(vec![0; 40])); // replaces a block
+        c.insert(1, 19, Block::owned(vec![0; 40])); // replaces a block
         assert!(c.get(1, 19).is_some());
         assert!(c.get(1, 0).is_none(), "evicted");
         assert_eq!(c.stats(), (1, 2, 15 * 100 + 40));
+    }
+
+    #[test]
+    fn a_block_read_twice_stops_pinning_its_buffer() {
+        let buf = Bytes::from(vec![1u8, 2, 3, 4, 5, 6]);
+        let c = BlockCache::new(16 * 3, 3);
+        c.insert(1, 0, Block::slice(&buf, 0..3));
+        let first = c.get(1, 0).unwrap();
+        assert!(first.pins_more());
+        let second = c.get(1, 0).unwrap();
+        assert!(!second.pins_more());
+        assert_eq!(&second[..], &[1, 2, 3]);
+    }
+
+    #[test]
+    fn adjacent_slices_join_without_a_copy() {
+        let buf = Bytes::from(vec![1u8, 2, 3, 4, 5, 6]);
+        let (a, b) = (Block::slice(&buf, 0..3), Block::slice(&buf, 3..6));
+        assert!(a.followed_by(&b) && !b.followed_by(&a));
+        assert_eq!(&a.span_to(1, &b, 2).unwrap()[..], &[2, 3, 4, 5]);
+        assert!(b.span_to(2, &a, 1).is_none(), "not in order");
+        let other = Block::owned(vec![4, 5, 6]);
+        assert!(!a.followed_by(&other));
+        assert!(a.span_to(0, &other, 3).is_none(), "another buffer");
     }
 }

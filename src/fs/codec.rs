@@ -4,7 +4,9 @@
 //! body is the plaintext, and the file system still thinks of it in blocks of the volume's block size: reads
 //! fetch whole blocks, writes re-upload only the multipart parts they touched. [`Codec`] hides the difference so
 //! the read and write paths have one implementation: `Plain` is the sealed layout with zero overhead.
+use super::blockcache::Block;
 use crate::format::{self, BlockCipher, BlockSize, FormatError, ObjectHeader};
+use bytes::{Bytes, BytesMut};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -86,6 +88,25 @@ impl Codec {
         match self {
             Codec::Plain { .. } => Ok(bytes.to_vec()),
             Codec::Sealed { bs, cipher } => format::decrypt_blocks(cipher, *bs, plain_size, first, bytes),
+        }
+    }
+
+    /// The blocks stored in `data` (whole blocks from block `first`, as one ranged GET returned them), opened in
+    /// place: each is a slice of one buffer, `data`'s own unless another owner shares it (then one copy).
+    pub fn open_run(&self, plain_size: u64, first: u64, data: Bytes) -> Vec<Result<Block, FormatError>> {
+        match self {
+            Codec::Plain { bs } => {
+                let b = bs.get() as usize;
+                (0..data.len().div_ceil(b))
+                    .map(|k| Ok(Block::slice(&data, k * b..((k + 1) * b).min(data.len()))))
+                    .collect()
+            }
+            Codec::Sealed { bs, cipher } => {
+                let mut buf = BytesMut::from(data);
+                let ranges = format::open_blocks_in_place(cipher, *bs, plain_size, first, &mut buf);
+                let buf = buf.freeze();
+                ranges.into_iter().map(|r| r.map(|r| Block::slice(&buf, r))).collect()
+            }
         }
     }
 }

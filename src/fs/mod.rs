@@ -39,6 +39,7 @@ mod uploader;
 mod write;
 mod xattr;
 
+pub use read::CHUNK_BYTES;
 pub use upload::MAX_PARTS;
 
 pub use dir::{AttrChange, DirEntry};
@@ -57,7 +58,7 @@ use inode::{AttrDefaults, InodeTable};
 use rand::RngCore;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use write::OpenFile;
@@ -83,6 +84,8 @@ pub struct FsConfig {
     pub metadata_ttl: Duration,
     pub block_cache_bytes: u64,
     pub read_ahead_bytes: u64,
+    /// Bytes per read-ahead GET, at most ([`read::CHUNK_BYTES`] in a mount; smaller in tests).
+    pub read_ahead_chunk_bytes: u64,
     /// Plaintext of freshly written blocks kept in memory per open file (the journal has them all).
     pub max_dirty_bytes: u64,
     /// Where the write-back journal lives (`<staging_dir>/journal/<volume_id>`).
@@ -143,6 +146,24 @@ struct Handle {
     writable: bool,
     /// Where the last read on this handle ended, to detect sequential reading.
     last_read_end: AtomicU64,
+    /// Reads in a row that started near where the one before ended.
+    streak: AtomicU32,
+}
+
+impl Handle {
+    /// Records a read of `offset..end` and returns the handle's sequential streak: the number of reads in a row
+    /// that started within twice their own length of where the one before ended (0 on the first read and after a
+    /// seek). The slack lets the kernel's concurrent read-ahead requests, served out of order, count as one
+    /// stream.
+    fn streak(&self, offset: u64, end: u64) -> u32 {
+        let prev = self.last_read_end.swap(end, Ordering::Relaxed);
+        if prev != u64::MAX && offset.abs_diff(prev) <= 2 * (end - offset) {
+            self.streak.fetch_add(1, Ordering::Relaxed).saturating_add(1)
+        } else {
+            self.streak.store(0, Ordering::Relaxed);
+            0
+        }
+    }
 }
 
 pub struct Fs {
@@ -183,7 +204,7 @@ impl Fs {
             ..Attr::made_now(Kind::Dir, 0, defaults.dir_perm, cfg.uid, cfg.gid)
         };
         let cache = Arc::new(BlockCache::new(cfg.block_cache_bytes, cfg.block_size.get()));
-        let reader = read::ReadAhead::new(cfg.read_ahead_bytes, cfg.block_size);
+        let reader = read::ReadAhead::with_chunk(cfg.read_ahead_bytes, cfg.block_size, cfg.read_ahead_chunk_bytes);
         let journal = journal::JournalRoot::open(&cfg.staging_dir, &cfg.volume_id, cfg.journal_key.clone())
             .map_err(|e| std::io::Error::new(e.kind(), format!("journal in {}: {e}", cfg.staging_dir.display())))?;
         Ok(Arc::new_cyclic(|me| Fs {
@@ -360,5 +381,7 @@ impl Fs {
     }
 }
 
+#[cfg(test)]
+mod read_tests;
 #[cfg(test)]
 mod tests;

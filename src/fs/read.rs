@@ -1,17 +1,28 @@
-//! The read path: whole blocks by ranged GET, a block cache, and read-ahead for sequential readers.
+//! The read path: whole blocks by ranged GET, a block cache, and read-ahead that grows with a sequential streak.
 //!
-//! A random read asks for exactly the blocks it touches, in one ranged GET. A sequential read (one that starts
-//! where the handle's last read ended, or at 0) works in chunks of blocks instead: it makes sure the chunks it
-//! needs and the chunks of the read-ahead window after them are cached or being fetched, each chunk one GET
-//! running in its own task, so several GETs are in flight ahead of the reader. Concurrent readers of one chunk
-//! share its fetch. Every GET is conditional on the version's ETag, so a changed object is never mixed in.
-//! An authentication failure is EIO for that read and a log line naming the object and block.
-use super::blockcache::{Block, BlockCache};
+//! A random read asks for exactly the blocks it touches, in one ranged GET. A read that starts near where the
+//! handle's last read ended (within twice its own length: the kernel's read-ahead arrives as several requests
+//! served concurrently, not always in order) extends the handle's streak, and a streak works in chunks of blocks instead: the chunks the
+//! read needs and a window of chunks after them are fetched, each chunk one GET of up to [`CHUNK_BYTES`] in its
+//! own task. The window starts at one chunk and doubles with every sequential read up to `read_ahead_kib`; a seek
+//! resets it, so a program that reads a header and jumps costs no more than the blocks it touched. Chunks are
+//! kept, fetched or in flight, in a mount-wide map until the reader passes them or the file's last handle closes,
+//! bounded by a budget of twice the largest window: a new chunk pushes out the oldest ones (readers that went
+//! away) to fit. Concurrent readers
+//! of one chunk share its fetch. Every GET is conditional on the version's ETag, so a changed object is never
+//! mixed in.
+//!
+//! A GET's body is opened in place, on the blocking pool (so opening spreads over the cores and never stalls an
+//! async worker): each block's plaintext is packed to the front of the body's own buffer, and the blocks are
+//! slices of it. A read that lies in consecutive blocks of one buffer is answered with a slice of it, no copy.
+//! An authentication failure is EIO for the reads of that block and a log line naming the object and block.
+use super::blockcache::Block;
 use super::codec::Version;
 use super::stats::FsCounters;
 use super::{lock, Fs, FsError, FsResult};
 use crate::format::{self, BlockSize, FormatError};
 use crate::store::{ByteRange, ObjectStore};
+use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -19,39 +30,111 @@ use std::sync::{Arc, Mutex};
 
 /// One fetched block, or why it could not be had (shared by every reader waiting on the fetch).
 type BlockResult = Result<Block, Arc<FsError>>;
-type ChunkFuture = Shared<BoxFuture<'static, Result<Arc<Vec<BlockResult>>, Arc<FsError>>>>;
+type ChunkFuture = Shared<BoxFuture<'static, Result<Arc<FetchedRun>, Arc<FsError>>>>;
 
-/// Target bytes per read-ahead chunk (one GET).
-const CHUNK_BYTES: u64 = 2 * 1024 * 1024;
+/// Bytes per read-ahead chunk (one GET), at most: large enough that a GET's fixed cost is small against its
+/// transfer, small enough that the first chunks of a streak arrive quickly.
+pub const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
 
-pub struct ReadAhead {
-    chunk_blocks: u64,
-    window_chunks: u64,
-    inflight: Arc<Mutex<HashMap<(u64, u64), ChunkFuture>>>,
+/// Blocks `first..first + blocks.len()` of one version, as one GET returned them.
+pub struct FetchedRun {
+    first: u64,
+    blocks: Vec<BlockResult>,
 }
 
-impl ReadAhead {
-    pub fn new(window_bytes: u64, bs: BlockSize) -> Self {
-        let chunk_blocks = (CHUNK_BYTES / bs.get()).max(1);
-        let window_chunks = window_bytes.div_ceil(chunk_blocks * bs.get());
-        ReadAhead {
-            chunk_blocks,
-            window_chunks,
-            inflight: Arc::new(Mutex::new(HashMap::new())),
+struct ChunkEntry {
+    fut: ChunkFuture,
+    bytes: u64,
+    /// When it was started, in insertions: the oldest go first when the budget is exceeded.
+    tick: u64,
+}
+
+#[derive(Default)]
+struct Chunks {
+    map: HashMap<(u64, u64), ChunkEntry>,
+    bytes: u64,
+    tick: u64,
+}
+
+impl Chunks {
+    fn remove(&mut self, k: &(u64, u64)) {
+        if let Some(e) = self.map.remove(k) {
+            self.bytes -= e.bytes;
+        }
+    }
+
+    /// Drops the oldest chunks until `more` bytes fit in `budget` (or nothing is left to drop).
+    fn make_room(&mut self, more: u64, budget: u64) {
+        while self.bytes + more > budget {
+            let Some(oldest) = self.map.iter().min_by_key(|(_, e)| e.tick).map(|(k, _)| *k) else {
+                return;
+            };
+            self.remove(&oldest);
         }
     }
 }
 
-/// Fetches `blocks` of `v` with one ranged GET, then opens and caches each block on its own, so that a block
-/// that fails authentication fails only the reads that need it.
+pub struct ReadAhead {
+    chunk_blocks: u64,
+    /// The largest window, in chunks (0: no read-ahead).
+    max_window: u64,
+    /// Bytes of chunks the map may hold, mount-wide.
+    budget: u64,
+    chunks: Arc<Mutex<Chunks>>,
+}
+
+impl ReadAhead {
+    /// Read-ahead in chunks of `chunk_bytes` (rounded to whole blocks) and windows of up to `window_bytes`.
+    pub fn with_chunk(window_bytes: u64, bs: BlockSize, chunk_bytes: u64) -> Self {
+        let chunk_bytes = chunk_bytes.min(window_bytes).max(bs.get());
+        let chunk_blocks = (chunk_bytes / bs.get()).max(1);
+        let max_window = window_bytes / (chunk_blocks * bs.get());
+        ReadAhead {
+            chunk_blocks,
+            max_window,
+            budget: 2 * max_window * chunk_blocks * bs.get(),
+            chunks: Arc::new(Mutex::new(Chunks::default())),
+        }
+    }
+
+    /// The window, in chunks, for a handle whose streak is `streak` sequential reads long.
+    pub fn window(&self, streak: u32) -> u64 {
+        match streak {
+            0 => 0,
+            s => (1u64 << (s - 1).min(32)).min(self.max_window),
+        }
+    }
+
+    /// Drops the chunks of version `id` before chunk `c` (its reader has passed them).
+    fn passed(&self, id: u64, c: u64) {
+        let mut chunks = lock(&self.chunks);
+        let old: Vec<(u64, u64)> = chunks.map.keys().filter(|k| k.0 == id && k.1 < c).copied().collect();
+        for k in old {
+            chunks.remove(&k);
+        }
+    }
+
+    /// Drops every chunk of version `id` (its file is no longer open).
+    pub fn forget(&self, id: u64) {
+        self.passed(id, u64::MAX);
+    }
+
+    /// Bytes held by fetched or fetching chunks.
+    #[cfg(test)]
+    pub fn held(&self) -> u64 {
+        lock(&self.chunks).bytes
+    }
+}
+
+/// Fetches `blocks` of `v` with one ranged GET, then opens them on the blocking pool, each on its own, so that a
+/// block that fails authentication fails only the reads that need it.
 async fn fetch_run(
     store: Arc<dyn ObjectStore>,
-    cache: Arc<BlockCache>,
     counters: Arc<FsCounters>,
     key: String,
     v: Version,
     blocks: Range<u64>,
-) -> FsResult<Vec<BlockResult>> {
+) -> FsResult<FetchedRun> {
     let r = v.codec.object_range(blocks.clone(), v.plain_size);
     let out = store
         .get(
@@ -75,36 +158,34 @@ async fn fetch_run(
             source: FormatError::BadSize { size: out.info.size },
         });
     }
-    let mut result = Vec::with_capacity((blocks.end - blocks.start) as usize);
-    for i in blocks {
-        let br = v.codec.object_range(i..i + 1, v.plain_size);
-        let stored = &out.data[(br.start - r.start) as usize..(br.end - r.start) as usize];
-        match v.codec.decode(v.plain_size, i, stored) {
-            Ok(plain) => {
-                let block: Block = Arc::new(plain);
-                cache.insert(v.id, i, block.clone());
-                result.push(Ok(block));
-            }
-            Err(source) => {
+    let (codec, plain_size, first) = (v.codec.clone(), v.plain_size, blocks.start);
+    let data = out.data;
+    let opened = tokio::task::spawn_blocking(move || codec.open_run(plain_size, first, data))
+        .await
+        .map_err(|e| FsError::Local(std::io::Error::other(e)))?;
+    let blocks = opened
+        .into_iter()
+        .map(|b| {
+            b.map_err(|source| {
                 if let FormatError::Auth { block } = source {
                     counters.auth_failure();
                     log::error!(
                         "{key}: authentication failed for block {block}: the object was modified, truncated or sealed under another key"
                     );
                 }
-                result.push(Err(Arc::new(FsError::Format {
+                Arc::new(FsError::Format {
                     key: key.clone(),
                     source,
-                })));
-            }
-        }
-    }
-    Ok(result)
+                })
+            })
+        })
+        .collect();
+    Ok(FetchedRun { first, blocks })
 }
 
 impl Fs {
     /// Reads `size` bytes at `offset` through handle `fh`.
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let h = self.handle(fh)?;
         let st = h.file.state.lock().await;
         let clean = st.dirty.is_empty()
@@ -118,18 +199,17 @@ impl Fs {
             return self.read_modified(&h.file, file_size, bs, offset, size).await;
         }
         let Some(base) = st.base.clone() else {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         };
         let key = st.key.clone();
         drop(st);
         if offset >= base.plain_size || size == 0 {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let end = (offset + u64::from(size)).min(base.plain_size);
-        let prev = h.last_read_end.swap(end, std::sync::atomic::Ordering::Relaxed);
-        let sequential = offset == 0 || prev == offset;
+        let window = self.reader.window(h.streak(offset, end));
         let blocks = format::blocks_touching(offset, end - offset, base.codec.block_size());
-        let got = self.blocks_of(&key, &base, blocks.clone(), sequential).await?;
+        let got = self.blocks_of(&key, &base, blocks.clone(), window).await?;
         Ok(assemble(&got, blocks.start, base.codec.block_len(), offset, end))
     }
 
@@ -141,9 +221,9 @@ impl Fs {
         bs: BlockSize,
         offset: u64,
         size: u32,
-    ) -> FsResult<Vec<u8>> {
+    ) -> FsResult<Bytes> {
         if offset >= file_size || size == 0 {
-            return Ok(Vec::new());
+            return Ok(Bytes::new());
         }
         let end = (offset + u64::from(size)).min(file_size);
         let blocks = format::blocks_touching(offset, end - offset, bs);
@@ -151,26 +231,28 @@ impl Fs {
             .blocks_now(file, blocks.clone())
             .await?
             .into_iter()
-            .map(Arc::new)
+            .map(Block::owned)
             .collect();
         Ok(assemble(&got, blocks.start, bs.get(), offset, end))
     }
 
     /// Blocks of the base version, from the cache or by GET (used by the write path).
     pub(super) async fn base_blocks(&self, key: &str, base: &Version, blocks: Range<u64>) -> FsResult<Vec<Block>> {
-        self.blocks_of(key, base, blocks, false).await
+        self.blocks_of(key, base, blocks, 0).await
     }
 
-    async fn blocks_of(&self, key: &str, v: &Version, blocks: Range<u64>, sequential: bool) -> FsResult<Vec<Block>> {
+    /// `blocks` of `v`: from the cache, from read-ahead chunks (with a `window` of chunks ahead started first), or
+    /// by one GET per run of missing blocks. What was fetched enters the cache as it is handed out.
+    async fn blocks_of(&self, key: &str, v: &Version, blocks: Range<u64>, window: u64) -> FsResult<Vec<Block>> {
         let mut got: Vec<Option<Block>> = blocks.clone().map(|i| self.cache.get(v.id, i)).collect();
+        let cb = self.reader.chunk_blocks;
         let mut chunks: HashMap<u64, ChunkFuture> = HashMap::new();
-        if sequential {
-            let ra = &self.reader;
+        if window > 0 {
             let n = v.codec.block_count(v.plain_size);
-            let first = blocks.start / ra.chunk_blocks;
-            let last = (blocks.end - 1) / ra.chunk_blocks + ra.window_chunks;
-            for c in first..=last {
-                if c * ra.chunk_blocks >= n {
+            let (first, needed) = (blocks.start / cb, (blocks.end - 1) / cb);
+            self.reader.passed(v.id, first);
+            for c in first..=needed + window {
+                if c * cb >= n {
                     break;
                 }
                 if let Some(f) = self.ensure_chunk(key, v, c, n) {
@@ -180,90 +262,94 @@ impl Fs {
         }
         let mut i = 0usize;
         while i < got.len() {
+            let index = blocks.start + i as u64;
             if got[i].is_some() {
                 i += 1;
                 continue;
             }
-            let index = blocks.start + i as u64;
-            if let Some(f) = chunks.get(&(index / self.reader.chunk_blocks)) {
-                let chunk = f.clone().await.map_err(FsError::Shared)?;
-                let chunk_start = (index / self.reader.chunk_blocks) * self.reader.chunk_blocks;
-                match chunk.get((index - chunk_start) as usize) {
-                    Some(Ok(b)) => got[i] = Some(b.clone()),
-                    Some(Err(e)) => return Err(FsError::Shared(e.clone())),
-                    None => {
-                        let source = FormatError::BadSize { size: v.object_size };
-                        return Err(FsError::Format {
-                            key: key.to_string(),
-                            source,
-                        });
-                    }
+            if let Some(f) = chunks.get(&(index / cb)) {
+                let run = f.clone().await.map_err(FsError::Shared)?;
+                if let Some(b) = index.checked_sub(run.first).and_then(|k| run.blocks.get(k as usize)) {
+                    let block = b.clone().map_err(FsError::Shared)?;
+                    self.cache.insert(v.id, index, block.clone());
+                    got[i] = Some(block);
+                    i += 1;
+                    continue;
                 }
-                i += 1;
-                continue;
+                if index >= run.first {
+                    let source = FormatError::BadSize { size: v.object_size };
+                    return Err(FsError::Format {
+                        key: key.to_string(),
+                        source,
+                    });
+                }
+                // Cached when the chunk started, evicted since: fetched on its own below.
             }
-            let mut j = i;
-            while j < got.len() && got[j].is_none() {
+            let mut j = i + 1;
+            while j < got.len() && got[j].is_none() && !chunks.contains_key(&((blocks.start + j as u64) / cb)) {
                 j += 1;
             }
             let run = index..blocks.start + j as u64;
             let fetched = fetch_run(
                 self.store.clone(),
-                self.cache.clone(),
                 self.counters.clone(),
                 key.to_string(),
                 v.clone(),
                 run,
             )
             .await?;
-            for (k, b) in fetched.into_iter().enumerate() {
-                got[i + k] = Some(b.map_err(FsError::Shared)?);
+            for (k, b) in fetched.blocks.into_iter().enumerate() {
+                let block = b.map_err(FsError::Shared)?;
+                self.cache.insert(v.id, index + k as u64, block.clone());
+                got[i + k] = Some(block);
             }
             i = j;
         }
         Ok(got.into_iter().flatten().collect())
     }
 
-    /// Starts fetching chunk `c` unless it is cached or already in flight; returns the fetch to wait on.
+    /// Starts fetching chunk `c` (from its first block not cached) unless it is cached or already held; returns
+    /// the fetch to wait on. A new chunk makes room for itself in the budget first.
     fn ensure_chunk(&self, key: &str, v: &Version, c: u64, n: u64) -> Option<ChunkFuture> {
         let cb = self.reader.chunk_blocks;
-        let range = c * cb..((c + 1) * cb).min(n);
-        let mut inflight = lock(&self.reader.inflight);
-        if let Some(f) = inflight.get(&(v.id, c)) {
-            return Some(f.clone());
+        let mut chunks = lock(&self.reader.chunks);
+        if let Some(e) = chunks.map.get(&(v.id, c)) {
+            return Some(e.fut.clone());
         }
-        if range.clone().all(|i| self.cache.contains(v.id, i)) {
-            return None;
-        }
-        let (store, cache, counters, key2, v2, map) = (
-            self.store.clone(),
-            self.cache.clone(),
-            self.counters.clone(),
-            key.to_string(),
-            v.clone(),
-            self.reader.inflight.clone(),
-        );
-        let id = v.id;
+        let end = ((c + 1) * cb).min(n);
+        let start = (c * cb..end).find(|&i| !self.cache.contains(v.id, i))?;
+        let bytes = (end - start) * v.codec.block_len();
+        chunks.make_room(bytes, self.reader.budget);
+        let (store, counters, key, v2) = (self.store.clone(), self.counters.clone(), key.to_string(), v.clone());
         let fut: ChunkFuture = async move {
-            let r = fetch_run(store, cache, counters, key2, v2, range)
+            fetch_run(store, counters, key, v2, start..end)
                 .await
                 .map(Arc::new)
-                .map_err(Arc::new);
-            lock(&map).remove(&(id, c));
-            r
+                .map_err(Arc::new)
         }
         .boxed()
         .shared();
-        inflight.insert((v.id, c), fut.clone());
-        drop(inflight);
+        chunks.tick += 1;
+        let tick = chunks.tick;
+        chunks.bytes += bytes;
+        chunks.map.insert(
+            (v.id, c),
+            ChunkEntry {
+                fut: fut.clone(),
+                bytes,
+                tick,
+            },
+        );
+        drop(chunks);
         tokio::spawn(fut.clone());
         Some(fut)
     }
 }
 
-/// Copies bytes `offset..end` out of consecutive blocks starting at block `first`.
-fn assemble(blocks: &[Block], first: u64, block_len: u64, offset: u64, end: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity((end - offset) as usize);
+/// Bytes `offset..end` out of consecutive blocks starting at block `first`: a slice of their buffer when they
+/// lie next to each other in one, else a copy.
+fn assemble(blocks: &[Block], first: u64, block_len: u64, offset: u64, end: u64) -> Bytes {
+    let mut pieces: Vec<(usize, usize, usize)> = Vec::with_capacity(blocks.len());
     for (k, b) in blocks.iter().enumerate() {
         let start = (first + k as u64) * block_len;
         if start >= end {
@@ -272,10 +358,23 @@ fn assemble(blocks: &[Block], first: u64, block_len: u64, offset: u64, end: u64)
         let from = offset.max(start) - start;
         let to = (end.min(start + block_len) - start).min(b.len() as u64);
         if from < to {
-            out.extend_from_slice(&b[from as usize..to as usize]);
+            pieces.push((k, from as usize, to as usize));
         }
     }
-    out
+    let (Some(&(k0, from, _)), Some(&(kn, _, to))) = (pieces.first(), pieces.last()) else {
+        return Bytes::new();
+    };
+    let chained = blocks[k0..=kn].windows(2).all(|w| w[0].followed_by(&w[1]));
+    if chained {
+        if let Some(b) = blocks[k0].span_to(from, &blocks[kn], to) {
+            return b;
+        }
+    }
+    let mut out = Vec::with_capacity((end - offset) as usize);
+    for (k, from, to) in pieces {
+        out.extend_from_slice(&blocks[k][from..to]);
+    }
+    Bytes::from(out)
 }
 
 #[cfg(test)]
@@ -284,8 +383,22 @@ mod tests {
 
     #[test]
     fn assemble_cuts_the_requested_bytes() {
-        let blocks: Vec<Block> = vec![Arc::new(vec![1; 4]), Arc::new(vec![2; 4]), Arc::new(vec![3; 2])];
+        let blocks: Vec<Block> = vec![
+            Block::owned(vec![1; 4]),
+            Block::owned(vec![2; 4]),
+            Block::owned(vec![3; 2]),
+        ];
         assert_eq!(assemble(&blocks, 5, 4, 22, 29), vec![1, 1, 2, 2, 2, 2, 3]);
         assert_eq!(assemble(&blocks, 5, 4, 20, 21), vec![1]);
+        // Blocks packed in one buffer: the same bytes, as a slice of it.
+        let buf = Bytes::from(vec![1, 1, 1, 1, 2, 2, 2, 2, 3, 3]);
+        let packed: Vec<Block> = vec![
+            Block::slice(&buf, 0..4),
+            Block::slice(&buf, 4..8),
+            Block::slice(&buf, 8..10),
+        ];
+        let got = assemble(&packed, 5, 4, 22, 29);
+        assert_eq!(got, vec![1, 1, 2, 2, 2, 2, 3]);
+        assert_eq!(got.as_ptr(), buf[2..].as_ptr(), "no copy");
     }
 }

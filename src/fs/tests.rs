@@ -6,7 +6,7 @@ use crate::store::failing::{Action, FailingStore, FaultKind, OpKind, Rule, When}
 use crate::store::memory::MemoryStore;
 use std::time::Duration;
 
-fn config(dir: &std::path::Path, mode: KeyMode) -> FsConfig {
+pub(super) fn config(dir: &std::path::Path, mode: KeyMode) -> FsConfig {
     FsConfig {
         bucket: "b".into(),
         prefix: "vol/".into(),
@@ -20,6 +20,7 @@ fn config(dir: &std::path::Path, mode: KeyMode) -> FsConfig {
         metadata_ttl: Duration::from_secs(1),
         block_cache_bytes: 1 << 20,
         read_ahead_bytes: 64 << 10,
+        read_ahead_chunk_bytes: read::CHUNK_BYTES,
         max_dirty_bytes: 64 << 10,
         staging_dir: dir.to_path_buf(),
         recovery_dir: dir.join("recovery"),
@@ -30,7 +31,7 @@ fn config(dir: &std::path::Path, mode: KeyMode) -> FsConfig {
     }
 }
 
-fn cse_keys() -> CseKeys {
+pub(super) fn cse_keys() -> CseKeys {
     let stats = Arc::new(KeyStats::new());
     let provider = Arc::new(LocalProvider::new(&[7u8; 32], "test key", stats.clone()));
     CseKeys {
@@ -41,7 +42,7 @@ fn cse_keys() -> CseKeys {
 
 /// Compares contents without printing them: lengths and the first difference.
 #[track_caller]
-fn same(got: &[u8], want: &[u8], what: &str) {
+pub(super) fn same(got: &[u8], want: &[u8], what: &str) {
     if got != want {
         let at = got.iter().zip(want).position(|(a, b)| a != b);
         panic!(
@@ -52,7 +53,7 @@ fn same(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
-fn data(n: usize, seed: u8) -> Vec<u8> {
+pub(super) fn data(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 

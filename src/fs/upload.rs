@@ -432,7 +432,7 @@ impl Fs {
             // append to the last block) without a GET.
             if let Some(id) = st.base.as_ref().map(|b| b.id) {
                 for (i, block) in std::mem::take(&mut st.cache) {
-                    self.cache.insert(id, i, Arc::new(block));
+                    self.cache.insert(id, i, super::blockcache::Block::owned(block));
                 }
             }
             if let Some(j) = st.journal.take() {

@@ -20,7 +20,7 @@ use super::journal::{Journal, Manifest, SealWith};
 use super::{lock, Fs, FsError, FsResult, Handle};
 use crate::format::{BlockSize, ObjectHeader};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -344,6 +344,7 @@ impl Fs {
             file,
             writable,
             last_read_end: AtomicU64::new(u64::MAX),
+            streak: AtomicU32::new(0),
         };
         lock(&self.handles).insert(fh, Arc::new(h));
         fh
@@ -586,11 +587,21 @@ impl Fs {
         let flushed = self.save_for(&h).await;
         // After a failed save the upload goes on in the background; waiting a second time helps nobody.
         let last = self.let_go(h.ino, &h.file, h.writable && flushed.is_ok()).await;
-        let mut t = lock(&self.inodes);
-        if let Some(n) = t.get_mut(h.ino) {
-            n.open_count = n.open_count.saturating_sub(1);
+        let closed = {
+            let mut t = lock(&self.inodes);
+            let open = t.get_mut(h.ino).map(|n| {
+                n.open_count = n.open_count.saturating_sub(1);
+                n.open_count
+            });
+            t.forget(h.ino, 0);
+            open.unwrap_or(0) == 0
+        };
+        if closed {
+            // Read-ahead nobody will read: give its memory back now rather than when the budget needs it.
+            if let Some(base) = h.file.state.lock().await.base.as_ref() {
+                self.reader.forget(base.id);
+            }
         }
-        t.forget(h.ino, 0);
         flushed.and(last)
     }
 }

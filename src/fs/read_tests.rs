@@ -1,0 +1,255 @@
+//! The read path without FUSE: read-ahead chunks, growing windows, seeks, concurrent readers, the memory budget,
+//! and a damaged block inside a read-ahead chunk, over the in-memory store (fault-injecting wrapper to count
+//! requests). The same patterns run through a real mount against the local S3 server in tests/readahead.rs.
+use super::tests::{config, cse_keys, data, same};
+use super::*;
+use crate::store::failing::{FailingStore, OpKind};
+use crate::store::memory::MemoryStore;
+use rand::{Rng, SeedableRng};
+
+const B: u64 = 4096;
+/// 37 blocks and a bit: the last block is short, and chunks of 4 blocks do not divide it.
+const SIZE: usize = 37 * B as usize + 123;
+
+/// A file system whose read-ahead works in chunks of 4 blocks, up to 4 chunks ahead.
+fn small_chunks(dir: &std::path::Path, mode: KeyMode) -> FsConfig {
+    FsConfig {
+        read_ahead_bytes: 16 * B,
+        read_ahead_chunk_bytes: 4 * B,
+        ..config(dir, mode)
+    }
+}
+
+async fn setup(mode: KeyMode) -> (tempfile::TempDir, Arc<FailingStore<MemoryStore>>, Arc<Fs>, u64, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let keys = matches!(mode, KeyMode::CseLocal).then(cse_keys);
+    let fs = Fs::new(store.clone(), keys.clone(), config(dir.path(), mode)).unwrap();
+    let (_attr, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+    let content = data(SIZE, 9);
+    fs.write(fh, 0, &content).await.unwrap();
+    fs.release(fh).await.unwrap();
+    // A fresh file system over the same store: nothing cached, every block comes through the read path.
+    let fs = Fs::new(store.clone(), keys, small_chunks(dir.path(), mode)).unwrap();
+    let ino = fs.lookup(ROOT_INO, "f").await.unwrap().ino;
+    (dir, store, fs, ino, content)
+}
+
+async fn read_at(fs: &Fs, fh: u64, offset: u64, size: u32) -> Vec<u8> {
+    fs.read(fh, offset, size).await.unwrap().to_vec()
+}
+
+#[track_caller]
+fn expect(content: &[u8], offset: u64, size: u32, got: &[u8]) {
+    let start = (offset as usize).min(content.len());
+    let end = (start + size as usize).min(content.len());
+    same(got, &content[start..end], &format!("read of {size} at {offset}"));
+}
+
+#[test]
+fn the_window_doubles_with_the_streak_up_to_its_maximum() {
+    let ra = read::ReadAhead::with_chunk(16 * B, BlockSize::new(4096).unwrap(), 4 * B);
+    let windows: Vec<u64> = (0..6).map(|s| ra.window(s)).collect();
+    assert_eq!(windows, vec![0, 1, 2, 4, 4, 4]);
+    let none = read::ReadAhead::with_chunk(0, BlockSize::new(4096).unwrap(), 4 * B);
+    assert_eq!(none.window(5), 0, "read_ahead_kib=0 turns read-ahead off");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_block_boundary_and_seek_pattern_reads_the_right_bytes() {
+    for mode in [KeyMode::CseLocal, KeyMode::SseS3] {
+        let (_dir, _store, fs, ino, content) = setup(mode).await;
+        let fh = fs.open(ino, false, false).await.unwrap();
+        // 0, 1, B-1, B, B+1 in the first, second, a chunk-boundary and the last blocks, and past the end.
+        let mut offsets = Vec::new();
+        for block in [0u64, 1, 3, 4, 5, 16, 36, 37] {
+            for d in [-1i64, 0, 1] {
+                if let Some(o) = (block * B).checked_add_signed(d) {
+                    offsets.push(o);
+                }
+            }
+        }
+        offsets.extend([SIZE as u64 - 1, SIZE as u64, SIZE as u64 + 1, 1 << 30]);
+        for &o in &offsets {
+            for size in [1u32, B as u32 - 1, B as u32, B as u32 + 1, 3 * B as u32, 100_000] {
+                expect(&content, o, size, &read_at(&fs, fh, o, size).await);
+            }
+        }
+        // Sequential streaks of several read sizes, each from a different start, cut by seeks.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..60 {
+            let mut offset = rng.gen_range(0..SIZE as u64 + 10);
+            let size = [1u32, 512, 4096, 5000, 16_384, 70_000][rng.gen_range(0..6)];
+            for _ in 0..rng.gen_range(1..12) {
+                let got = read_at(&fs, fh, offset, size).await;
+                expect(&content, offset, size, &got);
+                offset += got.len() as u64;
+            }
+        }
+        // Backwards, block by block.
+        let mut o = SIZE as u64;
+        while o > 0 {
+            o = o.saturating_sub(B / 2 + 1);
+            expect(&content, o, 3000, &read_at(&fs, fh, o, 3000).await);
+        }
+        fs.release(fh).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_readers_of_one_file_all_get_the_right_bytes() {
+    let (_dir, _store, fs, ino, content) = setup(KeyMode::CseLocal).await;
+    let content = Arc::new(content);
+    let shared = fs.open(ino, false, false).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let (fs, content) = (fs.clone(), content.clone());
+        tasks.push(tokio::spawn(async move {
+            // Even tasks share one handle (as the kernel does for one open file); odd ones have their own.
+            let fh = if t % 2 == 0 {
+                shared
+            } else {
+                fs.open(ino, false, false).await.unwrap()
+            };
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(t);
+            for round in 0..3 {
+                if (t + round) % 3 == 0 {
+                    let mut offset = 0u64;
+                    loop {
+                        let got = fs.read(fh, offset, 7000 + t as u32).await.unwrap();
+                        expect(&content, offset, 7000 + t as u32, &got);
+                        if got.is_empty() {
+                            break;
+                        }
+                        offset += got.len() as u64;
+                    }
+                } else {
+                    for _ in 0..40 {
+                        let (o, n) = (rng.gen_range(0..SIZE as u64), rng.gen_range(1..20_000u32));
+                        expect(&content, o, n, &fs.read(fh, o, n).await.unwrap());
+                    }
+                }
+            }
+            if t % 2 == 1 {
+                fs.release(fh).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    fs.release(shared).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_costs_only_the_blocks_it_touches_and_a_streak_reads_ahead() {
+    let (_dir, store, fs, ino, content) = setup(KeyMode::CseLocal).await;
+    let fh = fs.open(ino, false, false).await.unwrap();
+    let gets = || store.stats().count(OpKind::Get);
+    let before = gets();
+    // A program that reads a header and jumps: one GET per read, no read-ahead.
+    expect(&content, 0, 100, &read_at(&fs, fh, 0, 100).await);
+    expect(&content, 30 * B, 100, &read_at(&fs, fh, 30 * B, 100).await);
+    assert_eq!(gets() - before, 2);
+    let sealed = crate::format::sealed_block_len(BlockSize::new(4096).unwrap());
+    assert_eq!(
+        store.stats().bytes_down(OpKind::Get),
+        2 * sealed,
+        "exactly the two blocks"
+    );
+    fs.release(fh).await.unwrap();
+    // A sequential reader in 1 KiB reads: 37 blocks come in a handful of chunk GETs, not one GET per read.
+    let fh = fs.open(ino, false, false).await.unwrap();
+    let before = gets();
+    let mut offset = 0u64;
+    while offset < SIZE as u64 {
+        let got = read_at(&fs, fh, offset, 1024).await;
+        expect(&content, offset, 1024, &got);
+        offset += got.len() as u64;
+    }
+    let n = gets() - before;
+    assert!(n <= 12, "{n} GETs for a sequential read of 38 blocks in chunks of 4");
+    fs.release(fh).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_memory_stays_in_its_budget_and_is_given_back_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let fs = Fs::new(
+        store.clone(),
+        Some(cse_keys()),
+        small_chunks(dir.path(), KeyMode::CseLocal),
+    )
+    .unwrap();
+    let content = data(1 << 20, 4);
+    let mut inos = Vec::new();
+    for name in ["a", "b", "c"] {
+        let (attr, fh) = fs.create(ROOT_INO, name, 0o644, 1, 1).await.unwrap();
+        fs.write(fh, 0, &content).await.unwrap();
+        fs.release(fh).await.unwrap();
+        inos.push(attr.ino);
+    }
+    // Three sequential readers abandoned halfway, then read on: the map never holds more than its budget.
+    let budget = 2 * 16 * B;
+    let mut handles = Vec::new();
+    for &ino in &inos {
+        let fh = fs.open(ino, false, false).await.unwrap();
+        for k in 0..64u64 {
+            let got = read_at(&fs, fh, k * 8192, 8192).await;
+            expect(&content, k * 8192, 8192, &got);
+            assert!(fs.reader.held() <= budget, "{} bytes held", fs.reader.held());
+        }
+        handles.push(fh);
+    }
+    for fh in handles {
+        fs.release(fh).await.unwrap();
+    }
+    assert_eq!(
+        fs.reader.held(),
+        0,
+        "closing the last handle drops the file's read-ahead"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_block_in_a_read_ahead_chunk_fails_only_its_own_reads() {
+    let (dir, store, fs, _ino, content) = setup(KeyMode::CseLocal).await;
+    drop(fs);
+    // Flip one bit in block 6 (inside the second chunk) and store the object again, metadata unchanged.
+    let got = store.get("vol/f", None, None).await.unwrap();
+    let mut bytes = got.data.to_vec();
+    let sealed = crate::format::sealed_block_len(BlockSize::new(4096).unwrap()) as usize;
+    bytes[6 * sealed + 40] ^= 0x10;
+    store
+        .put(
+            "vol/f",
+            bytes.into(),
+            &got.info.metadata,
+            crate::store::PutCondition::None,
+        )
+        .await
+        .unwrap();
+    let fs = Fs::new(
+        store.clone(),
+        Some(cse_keys()),
+        small_chunks(dir.path(), KeyMode::CseLocal),
+    )
+    .unwrap();
+    let ino = fs.lookup(ROOT_INO, "f").await.unwrap().ino;
+    let fh = fs.open(ino, false, false).await.unwrap();
+    let mut offset = 0u64;
+    let mut failed = Vec::new();
+    while offset < SIZE as u64 {
+        match fs.read(fh, offset, 2048).await {
+            Ok(got) => expect(&content, offset, 2048, &got),
+            Err(e) => {
+                assert_eq!(e.errno(), libc::EIO, "{e}");
+                failed.push(offset / B);
+            }
+        }
+        offset += 2048;
+    }
+    assert_eq!(failed, vec![6, 6], "both reads of block 6, and nothing else, fail");
+    fs.release(fh).await.unwrap();
+}
