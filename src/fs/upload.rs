@@ -53,7 +53,9 @@ pub const PART_TARGET: u64 = 8 * 1024 * 1024;
 pub const MAX_PARTS: u64 = 10_000;
 /// Parts larger than this (objects over ~78 GiB: 10,000 parts of 8 MiB) are assembled into a file in the journal
 /// directory, [`PART_TARGET`] bytes at a time, and streamed from there, so memory stays bounded whatever the size.
-const STREAM_ABOVE: u64 = PART_TARGET;
+/// Twice the target: a part of [`PART_TARGET`] bytes of plaintext is a little more than that once sealed, and
+/// must still go up from memory.
+const STREAM_ABOVE: u64 = 2 * PART_TARGET;
 /// Part bodies one upload keeps in memory at once (at least one part).
 const PART_BUDGET: u64 = 32 * 1024 * 1024;
 const MAX_PARTS_IN_FLIGHT: u64 = 4;
@@ -98,8 +100,9 @@ impl Snapshot {
 
 /// One block of a part, as gathered before encoding.
 enum Piece {
-    /// Stored bytes as they go into the object (a journal slot in the object's format, or a run of the base).
-    Stored(Vec<u8>),
+    /// Stored bytes of this many blocks as they go into the object (journal slots in the object's format, read
+    /// with one pread, or a run of the base).
+    Stored(Vec<u8>, u64),
     /// A journal slot to open and encode anew.
     Journal(u64, Vec<u8>),
     /// Plaintext (whole block, zero-padded) to encode.
@@ -309,8 +312,11 @@ impl Fs {
         let (mut pieces, journal) = self.gather_dirty(file, snap, blocks.clone(), n).await?;
         let mut i = blocks.start;
         while i < blocks.end {
-            if pieces.contains_key(&i) {
-                i += 1;
+            if let Some(p) = pieces.get(&i) {
+                i += match p {
+                    Piece::Stored(_, k) => (*k).max(1),
+                    Piece::Journal(..) | Piece::Plain(..) => 1,
+                };
                 continue;
             }
             if let Some(base) = snap.base.as_ref().filter(|_| snap.reusable(i)) {
@@ -332,7 +338,7 @@ impl Fs {
                 } else {
                     Vec::new()
                 };
-                pieces.insert(i, Piece::Stored(bytes));
+                pieces.insert(i, Piece::Stored(bytes, j - i));
                 i = j;
                 continue;
             }
@@ -369,13 +375,27 @@ impl Fs {
         let raw_ok = journal.is_object_format();
         let pieces = tokio::task::spawn_blocking(move || -> std::io::Result<BTreeMap<u64, Piece>> {
             let mut out = BTreeMap::new();
-            for (i, dirty) in still {
+            let mut k = 0;
+            while k < still.len() {
+                let (i, dirty) = still[k];
                 let piece = match (dirty, raw_ok && i + 1 < n) {
                     (false, _) => Piece::Plain(i, vec![0u8; bl]),
-                    (true, true) => Piece::Stored(j.read_sealed(i)?),
+                    (true, true) => {
+                        // Consecutive slots lie next to each other in the journal and in the object: one read.
+                        let mut run = 1;
+                        while k + run < still.len()
+                            && still[k + run] == (i + run as u64, true)
+                            && i + run as u64 + 1 < n
+                        {
+                            run += 1;
+                        }
+                        k += run - 1;
+                        Piece::Stored(j.read_sealed_run(i, run as u64)?, run as u64)
+                    }
                     (true, false) => Piece::Journal(i, j.read_sealed(i)?),
                 };
                 out.insert(i, piece);
+                k += 1;
             }
             Ok(out)
         })
@@ -572,17 +592,24 @@ fn encode_pieces(
     journal: Option<&Journal>,
     key: &str,
 ) -> FsResult<Vec<u8>> {
+    let mut pieces = pieces;
+    if pieces.len() == 1 && matches!(pieces.values().next(), Some(Piece::Stored(..))) {
+        // The whole part is one run of stored bytes: it goes up as it is, no copy.
+        if let Some((_, Piece::Stored(bytes, _))) = pieces.pop_first() {
+            return Ok(bytes);
+        }
+    }
     let cap: usize = pieces
         .values()
         .map(|p| match p {
-            Piece::Stored(b) => b.len(),
+            Piece::Stored(b, _) => b.len(),
             Piece::Journal(_, b) | Piece::Plain(_, b) => b.len() + 28,
         })
         .sum();
     let mut out = Vec::with_capacity(cap);
     for (_, piece) in pieces {
         let (i, plain) = match piece {
-            Piece::Stored(bytes) => {
+            Piece::Stored(bytes, _) => {
                 out.extend_from_slice(&bytes);
                 continue;
             }
