@@ -88,6 +88,35 @@ impl BlockCipher {
         self.seal_with(&ad, plaintext, rng, out);
     }
 
+    /// Like [`seal_into`](Self::seal_into), but into `out`, which must be exactly `plaintext.len() + 28` bytes
+    /// (one slot of a buffer of sealed blocks).
+    pub fn seal_to_slice(
+        &self,
+        index: u64,
+        is_final: bool,
+        plaintext: &[u8],
+        rng: &mut dyn rand::RngCore,
+        out: &mut [u8],
+    ) {
+        assert_eq!(
+            out.len(),
+            plaintext.len() + NONCE_LEN + TAG_LEN,
+            "a sealed block's slot"
+        );
+        let ad = block_ad(&self.file_id, index, is_final);
+        let (nonce, rest) = out.split_at_mut(NONCE_LEN);
+        rng.fill_bytes(nonce);
+        let (body, tag_out) = rest.split_at_mut(plaintext.len());
+        body.copy_from_slice(plaintext);
+        let nonce = Nonce::try_from(&nonce[..]).expect("NONCE_LEN bytes");
+        let tag = self
+            .aead
+            .encrypt_inout_detached(&nonce, &ad, body.into())
+            // AES-GCM-SIV refuses only messages over 2^36 bytes; blocks are at most 1 MiB.
+            .expect("block plaintext within AES-GCM-SIV's length limit");
+        tag_out.copy_from_slice(&tag);
+    }
+
     /// Seals the file's extended-attribute set (`nonce || ciphertext || tag`, like a block, under its own
     /// associated data).
     pub fn seal_xattrs(&self, plaintext: &[u8], rng: &mut dyn rand::RngCore) -> Vec<u8> {
@@ -210,6 +239,35 @@ mod tests {
         assert_eq!(ad.to_vec(), expected);
         assert_eq!(BLOCK_AD_LEN, 39);
         assert_eq!(block_ad(&[0; 16], 0, false)[38], 0);
+    }
+
+    #[test]
+    fn sealing_into_a_slot_and_opening_in_place_match_the_allocating_forms() {
+        let c = cipher(3, 4);
+        for len in [0usize, 1, 4096] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut slot = vec![0u8; len + NONCE_LEN + TAG_LEN];
+            c.seal_to_slice(
+                9,
+                true,
+                &plain,
+                &mut rand_chacha::ChaCha20Rng::seed_from_u64(5),
+                &mut slot,
+            );
+            let sealed = c.seal(9, true, &plain, &mut rand_chacha::ChaCha20Rng::seed_from_u64(5));
+            assert_eq!(slot, sealed);
+            c.open_in_place(9, true, &mut slot).unwrap();
+            assert_eq!(&slot[NONCE_LEN..NONCE_LEN + len], &plain[..]);
+            let mut wrong = sealed.clone();
+            assert!(matches!(
+                c.open_in_place(9, false, &mut wrong),
+                Err(FormatError::Auth { block: 9 })
+            ));
+            assert!(
+                wrong[NONCE_LEN..NONCE_LEN + len].iter().all(|&b| b == 0),
+                "nothing unauthenticated left"
+            );
+        }
     }
 
     #[test]

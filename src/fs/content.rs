@@ -222,7 +222,7 @@ impl Fs {
     }
 }
 
-/// Builds each written block, seals it into the journal and records a new size; returns the plaintext blocks.
+/// Builds each written block, seals them into the journal and records a new size; returns the plaintext blocks.
 fn seal_ops(
     journal: &super::journal::Journal,
     ops: Vec<(u64, Start, usize, Vec<u8>)>,
@@ -246,8 +246,18 @@ fn seal_ops(
                 block
             }
         };
-        journal.write_block(i, &block)?;
         out.push((i, block));
+    }
+    // The blocks of one write are consecutive: sealed together, written with one pwrite per run.
+    let mut k = 0;
+    while k < out.len() {
+        let mut run = 1;
+        while k + run < out.len() && out[k + run].0 == out[k].0 + run as u64 {
+            run += 1;
+        }
+        let plains: Vec<&[u8]> = out[k..k + run].iter().map(|(_, b)| &b[..]).collect();
+        journal.write_run(out[k].0, &plains)?;
+        k += run;
     }
     if let Some(size) = grown {
         journal.record_size(size)?;

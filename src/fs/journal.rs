@@ -45,6 +45,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 const MANIFEST_VERSION: u32 = 1;
 /// Bytes per record of the sizes file.
 const SIZE_RECORD: usize = 16;
+/// Runs of at least this many blocks are sealed on two threads (a thread costs tens of microseconds; sealing
+/// eight 4 KiB blocks about as much).
+const PARALLEL_SEAL_BLOCKS: usize = 8;
 
 /// The journal directory of one volume and the key that seals journal blocks of files that have no key of their
 /// own (the SSE modes, and plaintext objects in a client-side mount with `allow_plaintext`).
@@ -437,10 +440,32 @@ impl Journal {
 
     /// Seals `plain` (a whole block, zero-padded) as block `index` and writes it.
     pub fn write_block(&self, index: u64, plain: &[u8]) -> io::Result<()> {
-        let mut out = Vec::with_capacity(plain.len() + format::BLOCK_OVERHEAD as usize);
-        self.cipher
-            .seal_into(index, false, plain, &mut rand::thread_rng(), &mut out);
-        self.blocks.write_all_at(&out, index * self.stored_len)
+        self.write_run(index, &[plain])
+    }
+
+    /// Seals `plains` (whole blocks, zero-padded) as blocks `first..` and writes them with one pwrite: their slots
+    /// are next to each other. A long run is sealed on two threads, so one writer uses both cores.
+    pub fn write_run(&self, first: u64, plains: &[&[u8]]) -> io::Result<()> {
+        let slot = self.stored_len as usize;
+        let mut out = vec![0u8; plains.len() * slot];
+        let seal = |first: u64, plains: &[&[u8]], out: &mut [u8]| {
+            let mut rng = rand::thread_rng();
+            for (k, (plain, slot_out)) in plains.iter().zip(out.chunks_mut(slot)).enumerate() {
+                self.cipher
+                    .seal_to_slice(first + k as u64, false, plain, &mut rng, slot_out);
+            }
+        };
+        if plains.len() >= PARALLEL_SEAL_BLOCKS {
+            let half = plains.len() / 2;
+            let (a, b) = out.split_at_mut(half * slot);
+            std::thread::scope(|s| {
+                s.spawn(|| seal(first + half as u64, &plains[half..], b));
+                seal(first, &plains[..half], a);
+            });
+        } else {
+            seal(first, plains, &mut out);
+        }
+        self.blocks.write_all_at(&out, first * self.stored_len)
     }
 
     /// The plaintext of block `index`, or `None` when the slot does not authenticate (never written, cut, or torn
@@ -457,12 +482,18 @@ impl Journal {
 
     /// The sealed bytes of slot `index` (zeros past the end of the file).
     pub fn read_sealed(&self, index: u64) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; self.stored_len as usize];
+        self.read_sealed_run(index, 1)
+    }
+
+    /// The sealed bytes of slots `first..first + count`, which lie next to each other in the blocks file (zeros
+    /// past its end).
+    pub fn read_sealed_run(&self, first: u64, count: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; (count * self.stored_len) as usize];
         let mut done = 0;
         while done < buf.len() {
             match self
                 .blocks
-                .read_at(&mut buf[done..], index * self.stored_len + done as u64)
+                .read_at(&mut buf[done..], first * self.stored_len + done as u64)
             {
                 Ok(0) => break,
                 Ok(n) => done += n,
@@ -697,6 +728,26 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
         drop(live);
         root.reopen(&id, &m2, None).expect("free once its owner is gone");
+    }
+
+    #[test]
+    fn a_run_sealed_on_two_threads_reads_back_block_by_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        let blocks: Vec<Vec<u8>> = (0..21u8).map(|k| vec![k; 4096]).collect();
+        let plains: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
+        j.write_run(5, &plains).unwrap();
+        j.write_run(30, &plains[..3]).unwrap();
+        for (k, b) in blocks.iter().enumerate() {
+            assert_eq!(j.read_block(5 + k as u64).unwrap().as_ref(), Some(b), "block {}", 5 + k);
+        }
+        assert_eq!(j.scan(40).unwrap(), (5..26).chain(30..33).collect::<Vec<u64>>());
+        // Each slot is sealed for its own index: a slot moved elsewhere does not open.
+        let slot = j.read_sealed(6).unwrap();
+        j.blocks.write_all_at(&slot, 7 * j.stored_len).unwrap();
+        assert!(j.read_block(7).unwrap().is_none());
+        assert_eq!(j.read_sealed_run(5, 2).unwrap()[j.stored_len as usize..], slot[..]);
     }
 
     #[test]
