@@ -179,6 +179,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("store", "s3|memory", "s3", "memory is for BENCHMARKS ONLY: nothing is stored, all data is lost at unmount"),
     opt("fuse_threads", "N", "4", "threads serving FUSE requests (>= 1)"),
     opt("max_write_mib", "N", "16", "plaintext of freshly written blocks kept in memory per file, MiB"),
+    opt("write_behind", "", "on", "upload the parts of a file written sequentially while it is written (=no: at close)"),
     opt("nonempty", "", "off", "allow mounting over a non-empty directory"),
     opt("fsname", "NAME", "SOURCE", "the name shown by mount(8) and df"),
     opt("stats_file", "FILE", "none", "on SIGUSR1, write request, byte and KMS counters as JSON to FILE"),
@@ -284,6 +285,8 @@ pub struct MountOptions {
     pub fuse_threads: usize,
     /// Plaintext of freshly written blocks kept in memory per file, MiB.
     pub max_write_mib: u64,
+    /// Upload parts of sequentially written files while they are written.
+    pub write_behind: bool,
     pub nonempty: bool,
     pub fsname: Option<String>,
     /// Where SIGUSR1 writes the counters.
@@ -328,6 +331,7 @@ impl Default for MountOptions {
             store: StoreKind::S3,
             fuse_threads: 4,
             max_write_mib: 16,
+            write_behind: true,
             nonempty: false,
             fsname: None,
             stats_file: None,
@@ -390,6 +394,7 @@ impl MountOptions {
             "store" => self.store = w.store()?,
             "fuse_threads" => self.fuse_threads = w.positive()?,
             "max_write_mib" => self.max_write_mib = w.number()?,
+            "write_behind" => self.write_behind = w.flag()?,
             "nonempty" => self.nonempty = w.flag()?,
             "fsname" => self.fsname = Some(w.text()?.to_string()),
             "stats_file" => self.stats_file = Some(PathBuf::from(w.text()?)),
@@ -834,6 +839,7 @@ mod tests {
         );
         assert_eq!((o.fuse_threads, o.max_write_mib, o.store), (4, 16, StoreKind::S3));
         assert!(!o.read_only && !o.allow_other && !o.allow_root && !o.path_style && !o.allow_plaintext && !o.nonempty);
+        assert!(o.write_behind);
         let none = (
             &o.kms_key_id,
             &o.sse_c_key_file,
@@ -855,8 +861,9 @@ mod tests {
             "key_mode=cse-kms,kms_key_id=alias/s3,endpoint=http://127.0.0.1:4566,region=eu-west-1,path_style,ro,\
              allow_root,uid=1000,gid=100,umask=0027,block_cache_mib=256,read_ahead_kib=1024,key_cache_size=10,\
              key_cache_ttl=10m,metadata_ttl=0,staging_dir=/var/tmp/s,recovery_dir=/var/lib/r,allow_plaintext,\
-             store=memory,fuse_threads=8,max_write_mib=32,nonempty,fsname=vol,block_size=1M",
+             store=memory,fuse_threads=8,max_write_mib=32,nonempty,fsname=vol,block_size=1M,write_behind=no",
         );
+        assert!(!o.write_behind);
         assert_eq!(o.key_mode, KeyMode::CseKms);
         assert_eq!(o.kms_key_id.as_deref(), Some("alias/s3"));
         assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:4566"));

@@ -284,6 +284,7 @@ pub fn fs_config(
         read_ahead_bytes: opts.read_ahead_kib * 1024,
         read_ahead_chunk_bytes: crate::fs::CHUNK_BYTES,
         max_dirty_bytes: opts.max_write_mib * 1024 * 1024,
+        write_behind: opts.write_behind,
         staging_dir: opts.staging_dir.clone().unwrap_or_else(|| state_dir("staging")),
         recovery_dir: opts.recovery_dir.clone().unwrap_or_else(|| state_dir("recovery")),
         upload_timeout: opts.upload_timeout,

@@ -134,7 +134,9 @@ impl Fs {
             if !unchanged {
                 continue;
             }
-            return self.apply_write(&mut st, offset, data, fetched).await;
+            self.apply_write(&mut st, offset, data, fetched).await?;
+            self.write_behind(file, &mut st);
+            return Ok(());
         }
     }
 
@@ -176,6 +178,7 @@ impl Fs {
     ) -> FsResult<()> {
         self.ensure_journal(st)?;
         let b = st.bs.get();
+        st.changing_from(offset / b);
         let bl = b as usize;
         let end = offset + data.len() as u64;
         let mut ops: Vec<(u64, Start, usize, Vec<u8>)> = Vec::new();

@@ -37,6 +37,7 @@ mod stats;
 mod upload;
 mod uploader;
 mod write;
+mod writebehind;
 mod xattr;
 
 pub use read::CHUNK_BYTES;
@@ -88,6 +89,8 @@ pub struct FsConfig {
     pub read_ahead_chunk_bytes: u64,
     /// Plaintext of freshly written blocks kept in memory per open file (the journal has them all).
     pub max_dirty_bytes: u64,
+    /// Upload parts of sequentially written files while they are written (see `writebehind.rs`).
+    pub write_behind: bool,
     /// Where the write-back journal lives (`<staging_dir>/journal/<volume_id>`).
     pub staging_dir: PathBuf,
     pub recovery_dir: PathBuf,

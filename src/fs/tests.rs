@@ -22,6 +22,7 @@ pub(super) fn config(dir: &std::path::Path, mode: KeyMode) -> FsConfig {
         read_ahead_bytes: 64 << 10,
         read_ahead_chunk_bytes: read::CHUNK_BYTES,
         max_dirty_bytes: 64 << 10,
+        write_behind: true,
         staging_dir: dir.to_path_buf(),
         recovery_dir: dir.join("recovery"),
         upload_timeout: Duration::from_secs(5),

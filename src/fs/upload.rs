@@ -31,7 +31,7 @@
 //! is poisoned.
 use super::codec::{Codec, Version};
 use super::inode::Remote;
-use super::journal::{new_token, Journal, META_UPLOAD_TOKEN};
+use super::journal::{Journal, META_UPLOAD_TOKEN};
 use super::write::{FileState, OpenFile};
 use super::{lock, Fs, FsError, FsResult};
 use crate::format::ObjectHeader;
@@ -48,7 +48,7 @@ use std::time::{Instant, UNIX_EPOCH};
 /// Objects up to this size are uploaded with one PUT.
 pub const SINGLE_PUT_MAX: u64 = 16 * 1024 * 1024;
 /// Minimum bytes per multipart part (S3's minimum is 5 MiB).
-pub const PART_TARGET: u64 = 8 * 1024 * 1024;
+pub(super) const PART_TARGET: u64 = 8 * 1024 * 1024;
 /// S3 allows at most 10,000 parts.
 pub const MAX_PARTS: u64 = 10_000;
 /// Parts larger than this (objects over ~78 GiB: 10,000 parts of 8 MiB) are assembled into a file in the journal
@@ -80,6 +80,23 @@ pub(super) struct Snapshot {
 }
 
 impl Snapshot {
+    /// The state as it is now, to be uploaded with `meta` (which carries `token`).
+    pub fn of(st: &FileState, meta: Metadata, token: String) -> Snapshot {
+        Snapshot {
+            gen: st.generation,
+            key: st.key.clone(),
+            size: st.size,
+            base: st.base.clone(),
+            base_valid: st.base_valid,
+            codec: st.codec.clone(),
+            header: st.header.clone(),
+            meta,
+            dirty: st.dirty.clone(),
+            modified: st.modified(),
+            token,
+        }
+    }
+
     /// Whether block `i` of the new version can be copied unchanged from the base object.
     fn reusable(&self, i: u64) -> bool {
         let Some(base) = &self.base else { return false };
@@ -142,24 +159,12 @@ impl Fs {
         if !st.unsaved() {
             return Ok(None);
         }
-        let token = new_token();
+        let token = Self::upload_token(&st);
         st.upload_token = Some(token.clone());
         st.min_cut = u64::MAX;
         st.save_manifest()?;
         let meta = st.object_metadata(st.xattr.as_deref(), &token);
-        Ok(Some(Snapshot {
-            gen: st.generation,
-            key: st.key.clone(),
-            size: st.size,
-            base: st.base.clone(),
-            base_valid: st.base_valid,
-            codec: st.codec.clone(),
-            header: st.header.clone(),
-            meta,
-            dirty: st.dirty.clone(),
-            modified: st.modified(),
-            token,
-        }))
+        Ok(Some(Snapshot::of(&st, meta, token)))
     }
 
     /// The ETag of the object if it is our own write (it carries the snapshot's token).
@@ -193,6 +198,8 @@ impl Fs {
         };
         let n = snap.codec.block_count(snap.size);
         if snap.codec.object_size(snap.size) <= SINGLE_PUT_MAX {
+            // A write-behind of a file cut back to one PUT's size: its upload is aborted.
+            file.state.lock().await.wb = None;
             let body = self.assemble(file, snap, 0..n).await?;
             let info = self.store.put(&snap.key, Bytes::from(body), &snap.meta, cond).await?;
             return Ok(info.etag);
@@ -202,9 +209,24 @@ impl Fs {
 
     async fn upload_multipart(&self, file: &OpenFile, snap: &Snapshot, cond: PutCondition) -> FsResult<String> {
         let key = &snap.key;
-        let upload_id = self.store.create_multipart(key, &snap.meta).await?;
-        self.record_multipart(file, Some(upload_id.clone())).await?;
-        let result = match self.send_parts(file, snap, &upload_id).await {
+        let (upload_id, sent, created_with) = match self.take_write_behind(file, snap).await {
+            Some(behind) => behind,
+            None => {
+                // An earlier attempt's upload that could not be aborted then (S3 was away) goes first: once a new
+                // id is recorded, nothing would remember the old one.
+                let stale = file.state.lock().await.multipart.clone();
+                if let Some(old) = stale {
+                    match self.store.abort_multipart(key, &old).await {
+                        Ok(()) | Err(StoreError::NotFound(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                let id = self.store.create_multipart(key, &snap.meta).await?;
+                self.record_multipart(file, Some(id.clone())).await?;
+                (id, Vec::new(), snap.meta.clone())
+            }
+        };
+        let result = match self.send_parts(file, snap, &upload_id, sent).await {
             Ok(parts) => self
                 .store
                 .complete_multipart(key, &upload_id, parts, cond)
@@ -222,7 +244,23 @@ impl Fs {
             }
         }
         self.record_multipart(file, None).await?;
-        result
+        let etag = result?;
+        if created_with == snap.meta {
+            return Ok(etag);
+        }
+        // Created by the write-behind with the attributes of that moment: settle the final ones.
+        let cond = PutCondition::IfMatch(etag.clone());
+        match self.store.copy(key, key, Some(&snap.meta), cond).await {
+            Ok(settled) => Ok(settled),
+            Err(e) => {
+                // The data is in S3 under our token; the attributes follow in the next round (a metadata copy).
+                log::warn!(
+                    "{key}: setting the final attributes after a write-behind upload failed (retried later): {e}"
+                );
+                file.state.lock().await.touch(false);
+                Ok(etag)
+            }
+        }
     }
 
     async fn record_multipart(&self, file: &OpenFile, id: Option<String>) -> FsResult<()> {
@@ -231,18 +269,24 @@ impl Fs {
         st.save_manifest()
     }
 
-    async fn send_parts(&self, file: &OpenFile, snap: &Snapshot, upload_id: &str) -> FsResult<Vec<CompletedPart>> {
+    /// Sends the parts of `snap` after the `sent` ones (a write-behind's), returning all of them.
+    async fn send_parts(
+        &self,
+        file: &OpenFile,
+        snap: &Snapshot,
+        upload_id: &str,
+        sent: Vec<CompletedPart>,
+    ) -> FsResult<Vec<CompletedPart>> {
         let c = &snap.codec;
         let n = c.block_count(snap.size);
-        let per_part = PART_TARGET
-            .div_ceil(c.stored_block_len())
-            .max(n.div_ceil(self.cfg.max_parts.clamp(1, MAX_PARTS)));
+        let per_part = super::writebehind::part_blocks(c, n, self.cfg.max_parts);
         let part_bytes = per_part * c.stored_block_len();
         let in_flight = (PART_BUDGET / part_bytes.min(STREAM_ABOVE)).clamp(1, MAX_PARTS_IN_FLIGHT) as usize;
         let key = snap.key.as_str();
         let mut inflight = FuturesUnordered::new();
-        let mut done = Vec::new();
-        for (k, first) in (0..n).step_by(per_part as usize).enumerate() {
+        let skip = sent.len();
+        let mut done = sent;
+        for (k, first) in (0..n).step_by(per_part as usize).enumerate().skip(skip) {
             let blocks = first..(first + per_part).min(n);
             let part_number = k as i32 + 1;
             if let Some(base) = snap.base.as_ref().filter(|_| blocks.clone().all(|i| snap.reusable(i))) {
@@ -307,7 +351,7 @@ impl Fs {
     }
 
     /// The stored bytes of `blocks` of the snapshot's version.
-    async fn assemble(&self, file: &OpenFile, snap: &Snapshot, blocks: Range<u64>) -> FsResult<Vec<u8>> {
+    pub(super) async fn assemble(&self, file: &OpenFile, snap: &Snapshot, blocks: Range<u64>) -> FsResult<Vec<u8>> {
         let n = snap.codec.block_count(snap.size);
         let (mut pieces, journal) = self.gather_dirty(file, snap, blocks.clone(), n).await?;
         let mut i = blocks.start;

@@ -392,6 +392,7 @@ impl Fs {
             xattr: m.xattr.clone(),
             upload_token: None,
             multipart: None,
+            wb: None,
             unlinked: false,
             poisoned: false,
         };

@@ -108,6 +108,8 @@ pub struct FileState {
     /// Token and upload id of the upload in flight, as the journal's manifest records them.
     pub upload_token: Option<String>,
     pub multipart: Option<String>,
+    /// The upload of parts while the file is written, if one runs.
+    pub wb: Option<super::writebehind::WriteBehind>,
     /// Unlinked while open: nothing more is uploaded.
     pub unlinked: bool,
     /// An upload failed for good (a conflict): writes and flushes fail until the file is reopened.
@@ -136,6 +138,7 @@ impl FileState {
             upload_token: None,
             xattr: None,
             multipart: None,
+            wb: None,
             unlinked: false,
             poisoned: false,
         }
@@ -159,6 +162,8 @@ impl FileState {
     /// bytes, so the base version is otherwise the same).
     pub fn moved_to(&mut self, info: &crate::store::ObjectInfo) {
         self.key = info.key.clone();
+        // Its upload is under the old key.
+        self.wb = None;
         if let Some(b) = &mut self.base {
             b.etag = info.etag.clone();
         }
@@ -170,6 +175,7 @@ impl FileState {
     /// The name is gone: nothing more is uploaded, and the journal entry goes.
     pub fn unlink(&mut self) {
         self.unlinked = true;
+        self.wb = None;
         self.dirty.clear();
         self.cache.clear();
         if let Some(j) = self.journal.take() {
@@ -315,6 +321,7 @@ impl Fs {
             upload_token: None,
             xattr: None,
             multipart: None,
+            wb: None,
             unlinked: false,
             poisoned: false,
         };
@@ -488,6 +495,8 @@ impl Fs {
         self.ensure_journal(st)?;
         let b = st.bs.get();
         let keep_blocks = size.div_ceil(b);
+        // The new final block must lie beyond what the write-behind sent (sent blocks are sealed as not final).
+        st.changing_from(keep_blocks.saturating_sub(1));
         st.dirty.retain(|i| *i < keep_blocks);
         st.cache.retain(|i, _| *i < keep_blocks);
         let journal = st.journal.clone().ok_or(FsError::BadHandle)?;

@@ -1,0 +1,485 @@
+//! Write-behind: the parts of a file being written sequentially go up while the program keeps writing.
+//!
+//! Without it, a file's data goes to S3 only when it is closed (or synced), so close() of a large file waits for
+//! the whole upload. With it, once a new file (or one truncated to zero) has a whole part of blocks behind its
+//! end, a multipart upload starts and that part is sealed from the journal and sent; part after part follows the
+//! writer, one in flight per file. close() then waits only for the parts that are left, and completes the upload
+//! under exactly the conditions of an ordinary one (`If-None-Match: *` or `If-Match` the base's ETag), with the
+//! same token in the metadata (see `upload.rs`).
+//!
+//! # What stays as it was
+//! Nothing leaves the journal until the object is committed: a part in flight, or sent, is still in the journal,
+//! so an outage, a crash or a kill loses nothing. The upload id is recorded in the journal's manifest as soon as
+//! the upload exists, so the next mount aborts what a killed daemon left (and uploads the journal's blocks the
+//! ordinary way).
+//!
+//! # When it gives up
+//! Only blocks wholly behind the file's end are sent, so a sent block is never the final block of a file that
+//! keeps growing. Any write into a sent part (or the one in flight), a truncation that reaches one, a rename, an
+//! unlink, a file that grows past what a metadata copy can rewrite ([`COPY_MAX`]), or three failed attempts at
+//! one part end the write-behind: its upload is aborted and close() uploads the file the ordinary way. A program
+//! that goes back to rewrite a header pays the ordinary price, never a wrong byte.
+//!
+//! # Attributes
+//! CreateMultipartUpload fixes the object's metadata when the first part is ready, but the file's mtime moves
+//! with every later write (and a chmod can come at any time). When the metadata that close() would send differs
+//! from the metadata the upload was created with, the completed object's metadata is rewritten by a copy onto
+//! itself, conditional on the ETag the completion returned.
+use super::codec::Codec;
+use super::journal::new_token;
+use super::upload::Snapshot;
+use super::write::{FileState, OpenFile};
+use super::{Fs, FsResult};
+use crate::store::{CompletedPart, Metadata, ObjectStore};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// The largest object whose metadata one CopyObject can rewrite (S3: 5 GiB).
+pub const COPY_MAX: u64 = 5 << 30;
+/// Failed attempts at one part before the write-behind gives up (each attempt already retried by the store).
+const MAX_FAILURES: u32 = 3;
+
+/// The write-behind of one file: its multipart upload and the parts it has sent.
+pub struct WriteBehind {
+    pub key: String,
+    /// Created when the first part is ready; `None` until then.
+    pub upload_id: Option<String>,
+    /// The token in the upload's metadata, reused by the upload that completes it.
+    pub token: String,
+    /// The metadata the upload was created with.
+    pub meta: Metadata,
+    pub codec: Arc<Codec>,
+    /// Blocks per part: what the completing upload's layout must also have.
+    pub per_part: u64,
+    /// Parts 1..=len, covering blocks `0..len * per_part`.
+    pub parts: Vec<CompletedPart>,
+    /// The part in flight, if any.
+    pending: Option<u64>,
+    /// Whether a part (or the create) is in flight, for the completing upload to wait on.
+    pub busy: watch::Sender<bool>,
+    failures: u32,
+    store: Arc<dyn ObjectStore>,
+}
+
+impl WriteBehind {
+    /// Blocks that were sent or are being sent: a write below this ends the write-behind.
+    pub fn frontier(&self) -> u64 {
+        let sent = self.parts.len() as u64;
+        sent.max(self.pending.map_or(0, |k| k + 1)) * self.per_part
+    }
+
+    /// Hands the upload over to the completing upload: dropping `self` no longer aborts it.
+    pub fn into_upload(mut self) -> Option<(String, Vec<CompletedPart>, Metadata)> {
+        let id = self.upload_id.take()?;
+        Some((id, std::mem::take(&mut self.parts), std::mem::take(&mut self.meta)))
+    }
+}
+
+impl Drop for WriteBehind {
+    /// A write-behind dropped without completing aborts its upload (best effort: the next mount aborts what
+    /// remains, as the journal records the id).
+    fn drop(&mut self) {
+        let Some(id) = self.upload_id.take() else { return };
+        let (store, key) = (self.store.clone(), self.key.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = store.abort_multipart(&key, &id).await {
+                    log::warn!("{key}: aborting the write-behind upload failed (the next mount aborts it): {e}");
+                }
+            });
+        }
+    }
+}
+
+/// Blocks per part of a multipart upload of `n` blocks: at least 8 MiB, at most `max_parts` parts.
+pub fn part_blocks(codec: &Codec, n: u64, max_parts: u64) -> u64 {
+    super::upload::PART_TARGET
+        .div_ceil(codec.stored_block_len())
+        .max(n.div_ceil(max_parts.clamp(1, super::upload::MAX_PARTS)))
+}
+
+impl FileState {
+    /// Ends the write-behind if a change of blocks `from..` reaches what it sent.
+    pub fn changing_from(&mut self, from_block: u64) {
+        if self.wb.as_ref().is_some_and(|w| from_block < w.frontier()) {
+            log::debug!("{}: write-behind ends: a change reaches what was sent", self.key);
+            self.wb = None;
+        }
+    }
+}
+
+impl Fs {
+    /// After a write: starts sending the next part if one is ready behind the file's end (see the module comment).
+    pub(super) fn write_behind(&self, file: &Arc<OpenFile>, st: &mut FileState) {
+        if !self.cfg.write_behind || st.base_valid != 0 || st.unlinked || st.poisoned {
+            return;
+        }
+        if st.codec.object_size(st.size) > COPY_MAX {
+            if st.wb.take().is_some() {
+                log::debug!("{}: write-behind ends: the file outgrew a metadata copy", st.key);
+            }
+            return;
+        }
+        let b = st.bs.get();
+        let ready_blocks = st.size / b;
+        if st.wb.is_none() {
+            if st.multipart.is_some() {
+                return; // an upload of this file is in flight
+            }
+            // Parts must keep their layout whatever size (up to COPY_MAX) the file ends at.
+            let per_part = part_blocks(&st.codec, 0, self.cfg.max_parts);
+            let most = COPY_MAX.div_ceil(st.codec.stored_block_len());
+            if per_part != part_blocks(&st.codec, most, self.cfg.max_parts)
+                || st.codec.object_size(st.size) <= super::upload::SINGLE_PUT_MAX
+                || per_part >= ready_blocks
+            {
+                return;
+            }
+            st.wb = Some(WriteBehind {
+                key: st.key.clone(),
+                upload_id: None,
+                token: new_token(),
+                meta: Metadata::new(),
+                codec: st.codec.clone(),
+                per_part,
+                parts: Vec::new(),
+                pending: None,
+                busy: watch::channel(false).0,
+                failures: 0,
+                store: self.store.clone(),
+            });
+        }
+        let Some(w) = st.wb.as_mut() else { return };
+        let k = w.parts.len() as u64;
+        if *w.busy.borrow() || (k + 1) * w.per_part >= ready_blocks {
+            return;
+        }
+        let Some(fs) = self.me.upgrade() else { return };
+        w.pending = Some(k);
+        w.busy.send_replace(true);
+        let file = file.clone();
+        tokio::spawn(async move {
+            let ok = fs.send_behind(&file, k).await;
+            let mut st = file.state.lock().await;
+            if let Some(w) = st.wb.as_mut() {
+                w.pending = None;
+                w.busy.send_replace(false);
+                if let Err(e) = ok {
+                    w.failures += 1;
+                    log::warn!(
+                        "{}: write-behind part {} failed ({} of {MAX_FAILURES}): {e}",
+                        w.key,
+                        k + 1,
+                        w.failures
+                    );
+                    if w.failures >= MAX_FAILURES {
+                        st.wb = None;
+                    }
+                    return;
+                }
+            }
+            fs.write_behind(&file, &mut st);
+        });
+    }
+
+    /// Sends part `k` of the file's write-behind (creating the upload first if needed).
+    async fn send_behind(&self, file: &Arc<OpenFile>, k: u64) -> FsResult<()> {
+        let (snap, upload_id, per_part) = {
+            let mut st = file.state.lock().await;
+            let meta = match &st.wb {
+                Some(w) if w.upload_id.is_none() => Some(st.object_metadata(st.xattr.as_deref(), &w.token)),
+                Some(_) => None,
+                None => return Ok(()),
+            };
+            let Some(w) = st.wb.as_ref() else { return Ok(()) };
+            let (key, per_part) = (w.key.clone(), w.per_part);
+            let upload_id = match meta {
+                None => w.upload_id.clone(),
+                Some(meta) => {
+                    drop(st);
+                    let id = self.store.create_multipart(&key, &meta).await?;
+                    st = file.state.lock().await;
+                    let Some(w) = st.wb.as_mut().filter(|w| w.key == key) else {
+                        // Ended while the create was in flight: nothing may be left behind.
+                        let _ = self.store.abort_multipart(&key, &id).await;
+                        return Ok(());
+                    };
+                    w.upload_id = Some(id.clone());
+                    w.meta = meta;
+                    st.multipart = Some(id.clone());
+                    st.save_manifest()?;
+                    Some(id)
+                }
+            };
+            let Some(upload_id) = upload_id else { return Ok(()) };
+            (Snapshot::of(&st, Metadata::new(), String::new()), upload_id, per_part)
+        };
+        let blocks = k * per_part..(k + 1) * per_part;
+        let body = self.assemble(file, &snap, blocks).await?;
+        let part = self
+            .store
+            .upload_part(&snap.key, &upload_id, k as i32 + 1, body.into())
+            .await?;
+        let mut st = file.state.lock().await;
+        if let Some(w) = st
+            .wb
+            .as_mut()
+            .filter(|w| w.upload_id.as_deref() == Some(upload_id.as_str()))
+        {
+            if w.parts.len() as u64 == k {
+                w.parts.push(part);
+            }
+        }
+        Ok(())
+    }
+
+    /// For the upload of `snap`: the file's write-behind upload and its parts, once no part is in flight, if its
+    /// parts fit the snapshot's layout; otherwise it is ended (and aborted).
+    pub(super) async fn take_write_behind(
+        &self,
+        file: &OpenFile,
+        snap: &Snapshot,
+    ) -> Option<(String, Vec<CompletedPart>, Metadata)> {
+        let mut idle = file.state.lock().await.wb.as_ref()?.busy.subscribe();
+        let _ = idle.wait_for(|busy| !*busy).await;
+        let mut st = file.state.lock().await;
+        let w = st.wb.take()?;
+        let n = snap.codec.block_count(snap.size);
+        let fits = w.key == snap.key
+            && Arc::ptr_eq(&w.codec, &snap.codec)
+            && w.per_part == part_blocks(&snap.codec, n, self.cfg.max_parts)
+            && (w.parts.len() as u64) * w.per_part < n
+            && w.token == snap.token
+            && snap.base_valid == 0;
+        if !fits {
+            log::debug!(
+                "{}: write-behind parts do not fit the upload; uploading it whole",
+                snap.key
+            );
+            return None;
+        }
+        w.into_upload()
+    }
+
+    /// The token the next upload uses: the write-behind's, if one runs (its upload carries it already).
+    pub(super) fn upload_token(st: &FileState) -> String {
+        st.wb.as_ref().map_or_else(new_token, |w| w.token.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{config, cse_keys, data, same};
+    use super::super::*;
+    use crate::store::failing::{FailingStore, FaultKind, OpKind, Rule, When};
+    use crate::store::memory::MemoryStore;
+    use std::time::Duration;
+
+    const MIB: usize = 1 << 20;
+
+    async fn setup(mode: KeyMode) -> (tempfile::TempDir, Arc<FailingStore<MemoryStore>>, Arc<Fs>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingStore::new(MemoryStore::new()));
+        let keys = mode.is_client_side().then(cse_keys);
+        let fs = Fs::new(store.clone(), keys, config(dir.path(), mode)).unwrap();
+        (dir, store, fs)
+    }
+
+    async fn write_mib(fs: &Fs, fh: u64, content: &[u8], mib: std::ops::Range<usize>) {
+        for k in mib {
+            fs.write(fh, (k * MIB) as u64, &content[k * MIB..(k + 1) * MIB])
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Waits until the store has seen at least `n` UploadParts.
+    async fn parts_sent(store: &FailingStore<MemoryStore>, n: u64) {
+        for _ in 0..3000 {
+            if store.stats().count(OpKind::UploadPart) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("only {} parts were sent", store.stats().count(OpKind::UploadPart));
+    }
+
+    async fn read_back(fs: &Fs, name: &str) -> Vec<u8> {
+        let ino = fs.lookup(ROOT_INO, name).await.unwrap().ino;
+        let fh = fs.open(ino, false, false).await.unwrap();
+        let mut out = Vec::new();
+        loop {
+            let got = fs.read(fh, out.len() as u64, 1 << 20).await.unwrap();
+            if got.is_empty() {
+                break;
+            }
+            out.extend_from_slice(&got);
+        }
+        fs.release(fh).await.unwrap();
+        out
+    }
+
+    async fn no_upload_left(store: &FailingStore<MemoryStore>) {
+        for _ in 0..200 {
+            if store.list_multipart_uploads("").await.unwrap().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "a multipart upload was left: {:?}",
+            store.list_multipart_uploads("").await
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parts_go_up_while_the_file_is_written_and_close_sends_the_rest() {
+        for mode in [KeyMode::CseLocal, KeyMode::SseS3] {
+            let (_dir, store, fs) = setup(mode).await;
+            let content = data(40 * MIB + 5000, 3);
+            let (attr, fh) = fs.create(ROOT_INO, "big", 0o644, 1, 1).await.unwrap();
+            write_mib(&fs, fh, &content, 0..40).await;
+            fs.write(fh, 40 * MIB as u64, &content[40 * MIB..]).await.unwrap();
+            // Before close: the parts wholly behind the end are in S3 already (5 of 6 parts of ~8 MiB).
+            parts_sent(&store, 5).await;
+            assert_eq!(store.stats().count(OpKind::CreateMultipart), 1);
+            // A chmod after the upload was created: the final attributes are settled at completion.
+            let change = AttrChange {
+                perm: Some(0o600),
+                ..AttrChange::default()
+            };
+            fs.setattr(attr.ino, None, change).await.unwrap();
+            fs.release(fh).await.unwrap();
+            assert_eq!(store.stats().count(OpKind::UploadPart), 6, "{mode}: no part sent twice");
+            assert_eq!(store.stats().count(OpKind::Complete), 1);
+            assert_eq!(
+                store.stats().count(OpKind::Copy),
+                1,
+                "{mode}: one metadata copy settles the attributes"
+            );
+            // A fresh mount sees the final attributes and reads the content back.
+            let mtime = fs.getattr(attr.ino).await.unwrap().mtime;
+            let dir2 = tempfile::tempdir().unwrap();
+            let keys = mode.is_client_side().then(cse_keys);
+            let fresh = Fs::new(store.clone(), keys, config(dir2.path(), mode)).unwrap();
+            let seen = fresh.lookup(ROOT_INO, "big").await.unwrap();
+            assert_eq!(seen.perm, 0o600, "{mode}");
+            assert_eq!(seen.mtime, mtime, "{mode}: the object carries the final mtime");
+            same(&read_back(&fresh, "big").await, &content, &format!("{mode}"));
+            no_upload_left(&store).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_part_is_sent_again() {
+        let (_dir, store, fs) = setup(KeyMode::CseLocal).await;
+        store.add_rule(Rule::fail(OpKind::UploadPart, When::Nth(2), FaultKind::Transient));
+        let content = data(40 * MIB, 4);
+        let (_, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+        write_mib(&fs, fh, &content, 0..40).await;
+        fs.release(fh).await.unwrap();
+        assert_eq!(store.stats().injected(OpKind::UploadPart), 1);
+        same(&read_back(&fs, "f").await, &content, "after a failed part");
+        no_upload_left(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_into_a_sent_part_ends_it_and_close_uploads_the_truth() {
+        let (_dir, store, fs) = setup(KeyMode::CseLocal).await;
+        let mut content = data(40 * MIB, 5);
+        let (_, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+        write_mib(&fs, fh, &content, 0..40).await;
+        parts_sent(&store, 3).await;
+        // Going back to rewrite a header, as archivers and media muxers do.
+        fs.write(fh, 100, b"header").await.unwrap();
+        content[100..106].copy_from_slice(b"header");
+        fs.release(fh).await.unwrap();
+        same(&read_back(&fs, "f").await, &content, "rewritten header");
+        no_upload_left(&store).await;
+        assert!(
+            store.stats().count(OpKind::Abort) >= 1,
+            "the write-behind upload was aborted"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn truncate_and_rename_during_write_behind_keep_every_byte() {
+        let (dir, store, fs) = setup(KeyMode::CseLocal).await;
+        // Truncated back into a sent part, then written on.
+        let mut content = data(40 * MIB, 6);
+        let (a, fh) = fs.create(ROOT_INO, "t", 0o644, 1, 1).await.unwrap();
+        write_mib(&fs, fh, &content, 0..40).await;
+        parts_sent(&store, 3).await;
+        fs.setattr(a.ino, Some(10 * MIB as u64), AttrChange::default())
+            .await
+            .unwrap();
+        content.truncate(10 * MIB);
+        let more = data(3 * MIB, 7);
+        fs.write(fh, 10 * MIB as u64, &more).await.unwrap();
+        content.extend_from_slice(&more);
+        fs.release(fh).await.unwrap();
+        same(&read_back(&fs, "t").await, &content, "truncated");
+        // Truncated to exactly the end of the sent parts: the new final block was sent as not final.
+        let content = data(40 * MIB, 8);
+        let (a, fh) = fs.create(ROOT_INO, "edge", 0o644, 1, 1).await.unwrap();
+        write_mib(&fs, fh, &content, 0..40).await;
+        parts_sent(&store, 6).await;
+        let bs = config(dir.path(), KeyMode::CseLocal).block_size;
+        let sealed = Codec::Sealed {
+            bs,
+            cipher: Box::new(crate::format::BlockCipher::new(
+                &crate::format::DataKey::from_bytes([0; 32]),
+                [0; 16],
+            )),
+        };
+        let edge = super::part_blocks(&sealed, 0, 10_000) * bs.get();
+        fs.setattr(a.ino, Some(edge), AttrChange::default()).await.unwrap();
+        fs.release(fh).await.unwrap();
+        same(
+            &read_back(&fs, "edge").await,
+            &content[..edge as usize],
+            "cut at a part's end",
+        );
+        // Renamed while parts are going up.
+        let content = data(40 * MIB, 9);
+        let (_, fh) = fs.create(ROOT_INO, "r", 0o644, 1, 1).await.unwrap();
+        write_mib(&fs, fh, &content, 0..30).await;
+        fs.rename(ROOT_INO, "r", ROOT_INO, "moved", false).await.unwrap();
+        write_mib(&fs, fh, &content, 30..40).await;
+        fs.release(fh).await.unwrap();
+        same(&read_back(&fs, "moved").await, &content, "renamed");
+        assert!(fs.lookup(ROOT_INO, "r").await.is_err());
+        no_upload_left(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_killed_daemon_leaves_no_upload_and_the_next_mount_saves_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingStore::new(MemoryStore::new()));
+        let first = Fs::new(store.clone(), Some(cse_keys()), config(dir.path(), KeyMode::CseLocal)).unwrap();
+        let content = data(30 * MIB, 10);
+        let (_, fh) = first.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+        write_mib(&first, fh, &content, 0..30).await;
+        parts_sent(&store, 2).await;
+        // No release: as after kill -9, which runs no destructor (so nothing aborts the upload). Wait until the
+        // first Fs is really gone (its tasks may hold it briefly).
+        let ino = first.lookup(ROOT_INO, "f").await.unwrap().ino;
+        let file = first.open_state(ino).unwrap();
+        std::mem::forget(file.state.lock().await.wb.take());
+        drop(file);
+        let gone = Arc::downgrade(&first);
+        drop(first);
+        for _ in 0..1000 {
+            if gone.strong_count() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(gone.strong_count(), 0, "the first Fs is still alive");
+        let second = Fs::new(store.clone(), Some(cse_keys()), config(dir.path(), KeyMode::CseLocal)).unwrap();
+        let r = second.recover().await;
+        assert_eq!((r.saved, r.conflicts, r.broken), (1, 0, 0), "{r:?}");
+        same(&read_back(&second, "f").await, &content, "recovered");
+        no_upload_left(&store).await;
+    }
+}
