@@ -436,7 +436,7 @@ impl Fs {
     async fn rename_object(&self, ino: u64, src_path: &str, dst_path: &str) -> FsResult<()> {
         let file = self.open_state(ino);
         if let Some(file) = &file {
-            self.save(file).await?;
+            self.save_all(file).await?;
         }
         let (src, dst) = (self.key_of(src_path), self.key_of(dst_path));
         // The copy keeps the source's size and metadata (MetadataDirective COPY); only the ETag is new.
@@ -477,7 +477,7 @@ impl Fs {
                 .collect()
         };
         for (_, f) in &open {
-            self.save(f).await?;
+            self.save_all(f).await?;
         }
         let mut objects = Vec::new();
         let mut token: Option<String> = None;

@@ -198,7 +198,7 @@ impl Fs {
             drop(st);
             return self.read_modified(&h.file, file_size, bs, offset, size).await;
         }
-        let Some(base) = st.base.clone() else {
+        let Some(mut base) = st.base.clone() else {
             return Ok(Bytes::new());
         };
         let key = st.key.clone();
@@ -209,8 +209,24 @@ impl Fs {
         let end = (offset + u64::from(size)).min(base.plain_size);
         let window = self.reader.window(h.streak(offset, end));
         let blocks = format::blocks_touching(offset, end - offset, base.codec.block_size());
-        let got = self.blocks_of(&key, &base, blocks.clone(), window).await?;
-        Ok(assemble(&got, blocks.start, base.codec.block_len(), offset, end))
+        let mut attempts = 0;
+        loop {
+            match self.blocks_of(&key, &base, blocks.clone(), window).await {
+                Ok(got) => return Ok(assemble(&got, blocks.start, base.codec.block_len(), offset, end)),
+                // This mount rewrote the object's metadata (a chmod, the attributes after a write-behind upload):
+                // same bytes, new ETag. The GET conditional on the old one fails until the state has the new one.
+                Err(e) if is_stale(&e) && attempts < STALE_RETRIES => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20 << attempts)).await;
+                    let now = h.file.state.lock().await.base.clone();
+                    match now {
+                        Some(v) if v.id == base.id => base = v,
+                        _ => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Reads an open file with unsaved changes: dirty blocks from memory or the journal, the rest from the base.
@@ -321,16 +337,23 @@ impl Fs {
         let bytes = (end - start) * v.codec.block_len();
         chunks.make_room(bytes, self.reader.budget);
         let (store, counters, key, v2) = (self.store.clone(), self.counters.clone(), key.to_string(), v.clone());
+        let map = self.reader.chunks.clone();
+        chunks.tick += 1;
+        let tick = chunks.tick;
+        let id = v.id;
         let fut: ChunkFuture = async move {
-            fetch_run(store, counters, key, v2, start..end)
-                .await
-                .map(Arc::new)
-                .map_err(Arc::new)
+            let fetched = fetch_run(store, counters, key, v2, start..end).await;
+            if fetched.is_err() {
+                // A failed fetch is not kept: the next read of the chunk asks again.
+                let mut chunks = lock(&map);
+                if chunks.map.get(&(id, c)).is_some_and(|e| e.tick == tick) {
+                    chunks.remove(&(id, c));
+                }
+            }
+            fetched.map(Arc::new).map_err(Arc::new)
         }
         .boxed()
         .shared();
-        chunks.tick += 1;
-        let tick = chunks.tick;
         chunks.bytes += bytes;
         chunks.map.insert(
             (v.id, c),
@@ -344,6 +367,17 @@ impl Fs {
         tokio::spawn(fut.clone());
         Some(fut)
     }
+}
+
+/// Tries of a read whose version's ETag went stale under it (see [`Fs::read`]).
+const STALE_RETRIES: u32 = 4;
+
+/// A GET that failed its `If-Match`: the object's ETag is no longer the version's.
+fn is_stale(e: &FsError) -> bool {
+    matches!(
+        e.root(),
+        FsError::Store(crate::store::StoreError::PreconditionFailed(_))
+    )
 }
 
 /// Bytes `offset..end` out of consecutive blocks starting at block `first`: a slice of their buffer when they

@@ -135,22 +135,26 @@ impl Fs {
         let sent = if snap.modified {
             self.upload_version(file, &snap).await
         } else {
-            self.upload_metadata(&snap).await
+            self.upload_metadata(&snap).await.map(|etag| (etag, false))
         };
-        let etag = match sent {
-            Ok(etag) => etag,
+        let (etag, stale_attrs) = match sent {
+            Ok(sent) => sent,
             // A failed condition, or a retried Complete whose upload is gone: our own lost response, or someone
             // else's write. A missing object with no base to compare is neither: an ordinary error.
             Err(FsError::Store(e @ (StoreError::PreconditionFailed(_) | StoreError::NotFound(_)))) => {
+                if file.state.lock().await.unlinked {
+                    // Removed while this round ran (its object with it): nothing is saved for it any more.
+                    return Ok(());
+                }
                 match self.own_write(&snap).await? {
-                    Some(etag) => etag,
+                    Some(sent) => sent,
                     None if snap.base.is_none() && matches!(e, StoreError::NotFound(_)) => return Err(e.into()),
                     None => return Err(self.conflict(file, &snap, &e.to_string()).await),
                 }
             }
             Err(e) => return Err(e),
         };
-        self.commit(file, &snap, etag).await
+        self.commit(file, &snap, etag, stale_attrs).await
     }
 
     /// The snapshot of a file with unsaved changes (and a fresh upload token, recorded in the journal first).
@@ -167,15 +171,16 @@ impl Fs {
         Ok(Some(Snapshot::of(&st, meta, token)))
     }
 
-    /// The ETag of the object if it is our own write (it carries the snapshot's token).
-    async fn own_write(&self, snap: &Snapshot) -> FsResult<Option<String>> {
+    /// The ETag of the object if it is our own write (it carries the snapshot's token), and whether its metadata
+    /// is not the snapshot's (a write-behind upload's, created earlier).
+    async fn own_write(&self, snap: &Snapshot) -> FsResult<Option<(String, bool)>> {
         match self.store.head(&snap.key).await {
             Ok(info) if info.metadata.get(META_UPLOAD_TOKEN) == Some(&snap.token) => {
                 log::info!(
                     "{}: a retried write had already succeeded (its response was lost)",
                     snap.key
                 );
-                Ok(Some(info.etag))
+                Ok(Some((info.etag, info.metadata != snap.meta)))
             }
             Ok(_) | Err(StoreError::NotFound(_)) => Ok(None),
             Err(e) => Err(e.into()),
@@ -191,7 +196,9 @@ impl Fs {
         Ok(self.store.copy(&snap.key, &snap.key, Some(&snap.meta), cond).await?)
     }
 
-    async fn upload_version(&self, file: &OpenFile, snap: &Snapshot) -> FsResult<String> {
+    /// Uploads the snapshot's content; returns the ETag and whether the object's metadata is older than the
+    /// snapshot's.
+    async fn upload_version(&self, file: &OpenFile, snap: &Snapshot) -> FsResult<(String, bool)> {
         let cond = match &snap.base {
             Some(b) => PutCondition::IfMatch(b.etag.clone()),
             None => PutCondition::IfNoneMatch,
@@ -202,12 +209,12 @@ impl Fs {
             file.state.lock().await.wb = None;
             let body = self.assemble(file, snap, 0..n).await?;
             let info = self.store.put(&snap.key, Bytes::from(body), &snap.meta, cond).await?;
-            return Ok(info.etag);
+            return Ok((info.etag, false));
         }
         self.upload_multipart(file, snap, cond).await
     }
 
-    async fn upload_multipart(&self, file: &OpenFile, snap: &Snapshot, cond: PutCondition) -> FsResult<String> {
+    async fn upload_multipart(&self, file: &OpenFile, snap: &Snapshot, cond: PutCondition) -> FsResult<(String, bool)> {
         let key = &snap.key;
         let (upload_id, sent, created_with) = match self.take_write_behind(file, snap).await {
             Some(behind) => behind,
@@ -223,7 +230,7 @@ impl Fs {
                 }
                 let id = self.store.create_multipart(key, &snap.meta).await?;
                 self.record_multipart(file, Some(id.clone())).await?;
-                (id, Vec::new(), snap.meta.clone())
+                (id, BTreeMap::new(), snap.meta.clone())
             }
         };
         let result = match self.send_parts(file, snap, &upload_id, sent).await {
@@ -239,28 +246,14 @@ impl Fs {
                 Ok(()) | Err(StoreError::NotFound(_)) => {}
                 Err(e) => {
                     log::warn!("{key}: aborting multipart upload failed (the next mount aborts it): {e}");
-                    return result;
+                    return result.map(|etag| (etag, created_with != snap.meta));
                 }
             }
         }
         self.record_multipart(file, None).await?;
-        let etag = result?;
-        if created_with == snap.meta {
-            return Ok(etag);
-        }
-        // Created by the write-behind with the attributes of that moment: settle the final ones.
-        let cond = PutCondition::IfMatch(etag.clone());
-        match self.store.copy(key, key, Some(&snap.meta), cond).await {
-            Ok(settled) => Ok(settled),
-            Err(e) => {
-                // The data is in S3 under our token; the attributes follow in the next round (a metadata copy).
-                log::warn!(
-                    "{key}: setting the final attributes after a write-behind upload failed (retried later): {e}"
-                );
-                file.state.lock().await.touch(false);
-                Ok(etag)
-            }
-        }
+        // Created by the write-behind with the attributes of that moment, the metadata may be older than the
+        // snapshot's: the caller settles it after the commit.
+        Ok((result?, created_with != snap.meta))
     }
 
     async fn record_multipart(&self, file: &OpenFile, id: Option<String>) -> FsResult<()> {
@@ -275,7 +268,7 @@ impl Fs {
         file: &OpenFile,
         snap: &Snapshot,
         upload_id: &str,
-        sent: Vec<CompletedPart>,
+        mut sent: BTreeMap<u64, CompletedPart>,
     ) -> FsResult<Vec<CompletedPart>> {
         let c = &snap.codec;
         let n = c.block_count(snap.size);
@@ -284,9 +277,12 @@ impl Fs {
         let in_flight = (PART_BUDGET / part_bytes.min(STREAM_ABOVE)).clamp(1, MAX_PARTS_IN_FLIGHT) as usize;
         let key = snap.key.as_str();
         let mut inflight = FuturesUnordered::new();
-        let skip = sent.len();
-        let mut done = sent;
-        for (k, first) in (0..n).step_by(per_part as usize).enumerate().skip(skip) {
+        let mut done = Vec::new();
+        for (k, first) in (0..n).step_by(per_part as usize).enumerate() {
+            if let Some(part) = sent.remove(&(k as u64)) {
+                done.push(part);
+                continue;
+            }
             let blocks = first..(first + per_part).min(n);
             let part_number = k as i32 + 1;
             if let Some(base) = snap.base.as_ref().filter(|_| blocks.clone().all(|i| snap.reusable(i))) {
@@ -464,7 +460,8 @@ impl Fs {
     }
 
     /// S3 holds the snapshot: make it the base, and forget what is saved.
-    async fn commit(&self, file: &OpenFile, snap: &Snapshot, etag: String) -> FsResult<()> {
+    /// `stale_attrs`: the object's metadata is older than the snapshot's (a write-behind upload is created early).
+    async fn commit(&self, file: &OpenFile, snap: &Snapshot, etag: String, stale_attrs: bool) -> FsResult<()> {
         let object_size = snap.codec.object_size(snap.size);
         let mut st = file.state.lock().await;
         st.upload_token = None;
@@ -504,6 +501,14 @@ impl Fs {
             }
         } else {
             st.save_manifest()?;
+        }
+        if stale_attrs {
+            // One more round of this upload loop copies the final attributes onto the object. Those waiting for
+            // this generation (close) are told now; the state stays open (unsaved) until that round lands, so a
+            // reopen shares it and learns the new ETag.
+            st.touch(false);
+            file.wanted
+                .fetch_max(st.generation, std::sync::atomic::Ordering::SeqCst);
         }
         self.record_saved(file, &st, &snap.meta);
         Ok(())

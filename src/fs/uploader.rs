@@ -67,6 +67,19 @@ impl Fs {
         self.wait_saved(file, gen, &key, self.cfg.upload_timeout).await
     }
 
+    /// Saves until nothing is unsaved: also the round that follows a write-behind upload (its final attributes),
+    /// for callers that act on the object itself next (a rename copies it).
+    /// A writer that keeps writing keeps it unsaved: after a few rounds, what was saved is what was asked for.
+    pub(super) async fn save_all(&self, file: &Arc<OpenFile>) -> FsResult<()> {
+        for _ in 0..3 {
+            self.save(file).await?;
+            if !file.state.lock().await.unsaved() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Asks for generation `gen` to be saved and waits for it, for at most `limit`.
     async fn wait_saved(&self, file: &Arc<OpenFile>, gen: u64, key: &str, limit: Duration) -> FsResult<()> {
         let mut rx = file.status.subscribe();

@@ -2,10 +2,11 @@
 //!
 //! Without it, a file's data goes to S3 only when it is closed (or synced), so close() of a large file waits for
 //! the whole upload. With it, once a new file (or one truncated to zero) has a whole part of blocks behind its
-//! end, a multipart upload starts and that part is sealed from the journal and sent; part after part follows the
-//! writer, one in flight per file. close() then waits only for the parts that are left, and completes the upload
-//! under exactly the conditions of an ordinary one (`If-None-Match: *` or `If-Match` the base's ETag), with the
-//! same token in the metadata (see `upload.rs`).
+//! end (and is over one PUT's size), a multipart upload starts and that part is sealed from the journal and sent;
+//! part after part follows the writer, up to [`IN_FLIGHT`] at a time per file. A part that fails is left to
+//! close(), which sends the parts that are missing, and completes the upload under exactly the conditions of an
+//! ordinary one (`If-None-Match: *` or `If-Match` the base's ETag), with the same token in the metadata (see
+//! `upload.rs`).
 //!
 //! # What stays as it was
 //! Nothing leaves the journal until the object is committed: a part in flight, or sent, is still in the journal,
@@ -15,29 +16,35 @@
 //!
 //! # When it gives up
 //! Only blocks wholly behind the file's end are sent, so a sent block is never the final block of a file that
-//! keeps growing. Any write into a sent part (or the one in flight), a truncation that reaches one, a rename, an
-//! unlink, a file that grows past what a metadata copy can rewrite ([`COPY_MAX`]), or three failed attempts at
-//! one part end the write-behind: its upload is aborted and close() uploads the file the ordinary way. A program
+//! keeps growing. Any write into a sent part (or one in flight), a truncation that reaches one, a rename, an
+//! unlink, a file that grows past what a metadata copy can rewrite ([`COPY_MAX`]), or three failed parts end
+//! the write-behind: its upload is aborted and close() uploads the file the ordinary way. A program
 //! that goes back to rewrite a header pays the ordinary price, never a wrong byte.
 //!
 //! # Attributes
 //! CreateMultipartUpload fixes the object's metadata when the first part is ready, but the file's mtime moves
 //! with every later write (and a chmod can come at any time). When the metadata that close() would send differs
-//! from the metadata the upload was created with, the completed object's metadata is rewritten by a copy onto
-//! itself, conditional on the ETag the completion returned.
+//! from the metadata the upload was created with, the round that completes the upload leaves the attributes
+//! unsaved and asks its upload loop for one more round: a metadata copy of the object onto itself, conditional on
+//! the ETag the completion returned. close() returns once the data is committed and does not wait for that copy;
+//! a rename, which copies the object, waits for it.
 use super::codec::Codec;
 use super::journal::new_token;
 use super::upload::Snapshot;
 use super::write::{FileState, OpenFile};
 use super::{Fs, FsResult};
 use crate::store::{CompletedPart, Metadata, ObjectStore};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::watch;
 
 /// The largest object whose metadata one CopyObject can rewrite (S3: 5 GiB).
 pub const COPY_MAX: u64 = 5 << 30;
-/// Failed attempts at one part before the write-behind gives up (each attempt already retried by the store).
+/// Failed parts before the write-behind gives up (each attempt already retried by the store; a failed part is
+/// sent again by the completing upload).
 const MAX_FAILURES: u32 = 3;
+/// Parts of one file in flight at once (each holds one part's sealed bytes in memory).
+const IN_FLIGHT: usize = 4;
 
 /// The write-behind of one file: its multipart upload and the parts it has sent.
 pub struct WriteBehind {
@@ -51,12 +58,12 @@ pub struct WriteBehind {
     pub codec: Arc<Codec>,
     /// Blocks per part: what the completing upload's layout must also have.
     pub per_part: u64,
-    /// Parts 1..=len, covering blocks `0..len * per_part`.
-    pub parts: Vec<CompletedPart>,
-    /// The part in flight, if any.
-    pending: Option<u64>,
-    /// Whether a part (or the create) is in flight, for the completing upload to wait on.
-    pub busy: watch::Sender<bool>,
+    /// The parts sent, by index (part number - 1). A part that failed is missing: the completing upload sends it.
+    pub parts: BTreeMap<u64, CompletedPart>,
+    /// The next part to start: every part before it was sent, is in flight, or failed.
+    next: u64,
+    /// The create and the parts in flight, for the completing upload to wait on.
+    pub busy: watch::Sender<usize>,
     failures: u32,
     store: Arc<dyn ObjectStore>,
 }
@@ -64,12 +71,19 @@ pub struct WriteBehind {
 impl WriteBehind {
     /// Blocks that were sent or are being sent: a write below this ends the write-behind.
     pub fn frontier(&self) -> u64 {
-        let sent = self.parts.len() as u64;
-        sent.max(self.pending.map_or(0, |k| k + 1)) * self.per_part
+        self.next * self.per_part
+    }
+
+    fn in_flight(&self) -> usize {
+        *self.busy.borrow()
+    }
+
+    fn set_in_flight(&self, n: usize) {
+        self.busy.send_replace(n);
     }
 
     /// Hands the upload over to the completing upload: dropping `self` no longer aborts it.
-    pub fn into_upload(mut self) -> Option<(String, Vec<CompletedPart>, Metadata)> {
+    pub fn into_upload(mut self) -> Option<(String, BTreeMap<u64, CompletedPart>, Metadata)> {
         let id = self.upload_id.take()?;
         Some((id, std::mem::take(&mut self.parts), std::mem::take(&mut self.meta)))
     }
@@ -142,95 +156,109 @@ impl Fs {
                 meta: Metadata::new(),
                 codec: st.codec.clone(),
                 per_part,
-                parts: Vec::new(),
-                pending: None,
-                busy: watch::channel(false).0,
+                parts: BTreeMap::new(),
+                next: 0,
+                busy: watch::channel(0).0,
                 failures: 0,
                 store: self.store.clone(),
             });
         }
-        let Some(w) = st.wb.as_mut() else { return };
-        let k = w.parts.len() as u64;
-        if *w.busy.borrow() || (k + 1) * w.per_part >= ready_blocks {
+        let Some(fs) = self.me.upgrade() else { return };
+        let Some(w) = st.wb.as_ref() else { return };
+        if w.upload_id.is_none() {
+            if w.in_flight() == 0 {
+                w.set_in_flight(1);
+                let meta = st.object_metadata(st.xattr.as_deref(), &w.token);
+                let file = file.clone();
+                tokio::spawn(async move { fs.create_behind(&file, meta).await });
+            }
             return;
         }
-        let Some(fs) = self.me.upgrade() else { return };
-        w.pending = Some(k);
-        w.busy.send_replace(true);
-        let file = file.clone();
-        tokio::spawn(async move {
-            let ok = fs.send_behind(&file, k).await;
-            let mut st = file.state.lock().await;
-            if let Some(w) = st.wb.as_mut() {
-                w.pending = None;
-                w.busy.send_replace(false);
-                if let Err(e) = ok {
-                    w.failures += 1;
-                    log::warn!(
-                        "{}: write-behind part {} failed ({} of {MAX_FAILURES}): {e}",
-                        w.key,
-                        k + 1,
-                        w.failures
-                    );
-                    if w.failures >= MAX_FAILURES {
-                        st.wb = None;
-                    }
+        let Some(w) = st.wb.as_mut() else { return };
+        while w.in_flight() < IN_FLIGHT && (w.next + 1) * w.per_part < ready_blocks {
+            let k = w.next;
+            w.next += 1;
+            w.set_in_flight(w.in_flight() + 1);
+            let (fs, file) = (fs.clone(), file.clone());
+            tokio::spawn(async move { fs.send_behind(&file, k).await });
+        }
+    }
+
+    /// Creates the write-behind's multipart upload with the file's metadata of now, records its id in the
+    /// journal, and starts the parts that are ready.
+    async fn create_behind(self: Arc<Self>, file: &Arc<OpenFile>, meta: Metadata) {
+        let key = file.state.lock().await.wb.as_ref().map(|w| w.key.clone());
+        let Some(key) = key else { return };
+        let created = self.store.create_multipart(&key, &meta).await;
+        let mut st = file.state.lock().await;
+        let id = match created {
+            Ok(id) => id,
+            Err(e) => {
+                log::warn!("{key}: write-behind could not start (the file is uploaded at close): {e}");
+                st.wb = None;
+                return;
+            }
+        };
+        let Some(w) = st.wb.as_mut().filter(|w| w.key == key) else {
+            // Ended while the create was in flight: nothing may be left behind.
+            drop(st);
+            let _ = self.store.abort_multipart(&key, &id).await;
+            return;
+        };
+        w.upload_id = Some(id.clone());
+        w.meta = meta;
+        w.set_in_flight(0);
+        st.multipart = Some(id);
+        if let Err(e) = st.save_manifest() {
+            log::warn!("{key}: recording the write-behind upload in the journal failed: {e}");
+            st.wb = None;
+            return;
+        }
+        self.write_behind(file, &mut st);
+    }
+
+    /// Sends part `k` of the file's write-behind, records it, and starts the next ones.
+    async fn send_behind(self: Arc<Self>, file: &Arc<OpenFile>, k: u64) {
+        let sent = self.send_part_behind(file, k).await;
+        let mut st = file.state.lock().await;
+        let Some(w) = st.wb.as_mut() else { return };
+        w.set_in_flight(w.in_flight().saturating_sub(1));
+        match sent {
+            Ok(Some((id, part))) if w.upload_id.as_deref() == Some(id.as_str()) => {
+                w.parts.insert(k, part);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                w.failures += 1;
+                log::warn!(
+                    "{}: write-behind part {} failed ({} of {MAX_FAILURES}; close sends it): {e}",
+                    w.key,
+                    k + 1,
+                    w.failures
+                );
+                if w.failures >= MAX_FAILURES {
+                    st.wb = None;
                     return;
                 }
             }
-            fs.write_behind(&file, &mut st);
-        });
+        }
+        self.write_behind(file, &mut st);
     }
 
-    /// Sends part `k` of the file's write-behind (creating the upload first if needed).
-    async fn send_behind(&self, file: &Arc<OpenFile>, k: u64) -> FsResult<()> {
+    async fn send_part_behind(&self, file: &Arc<OpenFile>, k: u64) -> FsResult<Option<(String, CompletedPart)>> {
         let (snap, upload_id, per_part) = {
-            let mut st = file.state.lock().await;
-            let meta = match &st.wb {
-                Some(w) if w.upload_id.is_none() => Some(st.object_metadata(st.xattr.as_deref(), &w.token)),
-                Some(_) => None,
-                None => return Ok(()),
+            let st = file.state.lock().await;
+            let Some((id, per_part)) = st.wb.as_ref().and_then(|w| Some((w.upload_id.clone()?, w.per_part))) else {
+                return Ok(None);
             };
-            let Some(w) = st.wb.as_ref() else { return Ok(()) };
-            let (key, per_part) = (w.key.clone(), w.per_part);
-            let upload_id = match meta {
-                None => w.upload_id.clone(),
-                Some(meta) => {
-                    drop(st);
-                    let id = self.store.create_multipart(&key, &meta).await?;
-                    st = file.state.lock().await;
-                    let Some(w) = st.wb.as_mut().filter(|w| w.key == key) else {
-                        // Ended while the create was in flight: nothing may be left behind.
-                        let _ = self.store.abort_multipart(&key, &id).await;
-                        return Ok(());
-                    };
-                    w.upload_id = Some(id.clone());
-                    w.meta = meta;
-                    st.multipart = Some(id.clone());
-                    st.save_manifest()?;
-                    Some(id)
-                }
-            };
-            let Some(upload_id) = upload_id else { return Ok(()) };
-            (Snapshot::of(&st, Metadata::new(), String::new()), upload_id, per_part)
+            (Snapshot::of(&st, Metadata::new(), String::new()), id, per_part)
         };
-        let blocks = k * per_part..(k + 1) * per_part;
-        let body = self.assemble(file, &snap, blocks).await?;
+        let body = self.assemble(file, &snap, k * per_part..(k + 1) * per_part).await?;
         let part = self
             .store
             .upload_part(&snap.key, &upload_id, k as i32 + 1, body.into())
             .await?;
-        let mut st = file.state.lock().await;
-        if let Some(w) = st
-            .wb
-            .as_mut()
-            .filter(|w| w.upload_id.as_deref() == Some(upload_id.as_str()))
-        {
-            if w.parts.len() as u64 == k {
-                w.parts.push(part);
-            }
-        }
-        Ok(())
+        Ok(Some((upload_id, part)))
     }
 
     /// For the upload of `snap`: the file's write-behind upload and its parts, once no part is in flight, if its
@@ -239,16 +267,16 @@ impl Fs {
         &self,
         file: &OpenFile,
         snap: &Snapshot,
-    ) -> Option<(String, Vec<CompletedPart>, Metadata)> {
+    ) -> Option<(String, BTreeMap<u64, CompletedPart>, Metadata)> {
         let mut idle = file.state.lock().await.wb.as_ref()?.busy.subscribe();
-        let _ = idle.wait_for(|busy| !*busy).await;
+        let _ = idle.wait_for(|n| *n == 0).await;
         let mut st = file.state.lock().await;
         let w = st.wb.take()?;
         let n = snap.codec.block_count(snap.size);
         let fits = w.key == snap.key
             && Arc::ptr_eq(&w.codec, &snap.codec)
             && w.per_part == part_blocks(&snap.codec, n, self.cfg.max_parts)
-            && (w.parts.len() as u64) * w.per_part < n
+            && w.parts.keys().all(|k| (k + 1) * w.per_part < n)
             && w.token == snap.token
             && snap.base_valid == 0;
         if !fits {
@@ -352,6 +380,13 @@ mod tests {
             fs.release(fh).await.unwrap();
             assert_eq!(store.stats().count(OpKind::UploadPart), 6, "{mode}: no part sent twice");
             assert_eq!(store.stats().count(OpKind::Complete), 1);
+            // The final attributes follow the data in the background: one metadata copy, soon after close.
+            for _ in 0..500 {
+                if store.stats().count(OpKind::Copy) == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             assert_eq!(
                 store.stats().count(OpKind::Copy),
                 1,
