@@ -258,7 +258,8 @@ impl Fs {
     }
 
     /// `blocks` of `v`: from the cache, from read-ahead chunks (with a `window` of chunks ahead started first), or
-    /// by one GET per run of missing blocks. What was fetched enters the cache as it is handed out.
+    /// by one GET per run of missing blocks. Blocks fetched for this read alone enter the cache; read-ahead
+    /// chunks are held in their own map until the reader passes them.
     async fn blocks_of(&self, key: &str, v: &Version, blocks: Range<u64>, window: u64) -> FsResult<Vec<Block>> {
         let mut got: Vec<Option<Block>> = blocks.clone().map(|i| self.cache.get(v.id, i)).collect();
         let cb = self.reader.chunk_blocks;
@@ -286,9 +287,9 @@ impl Fs {
             if let Some(f) = chunks.get(&(index / cb)) {
                 let run = f.clone().await.map_err(FsError::Shared)?;
                 if let Some(b) = index.checked_sub(run.first).and_then(|k| run.blocks.get(k as usize)) {
-                    let block = b.clone().map_err(FsError::Shared)?;
-                    self.cache.insert(v.id, index, block.clone());
-                    got[i] = Some(block);
+                    // Not cached: a streaming reader does not come back, and a cached slice would keep its
+                    // whole chunk's buffer alive after the reader passed it.
+                    got[i] = Some(b.clone().map_err(FsError::Shared)?);
                     i += 1;
                     continue;
                 }
