@@ -48,7 +48,7 @@ use std::time::{Instant, UNIX_EPOCH};
 /// Objects up to this size are uploaded with one PUT.
 pub const SINGLE_PUT_MAX: u64 = 16 * 1024 * 1024;
 /// Minimum bytes per multipart part (S3's minimum is 5 MiB).
-pub(super) const PART_TARGET: u64 = 8 * 1024 * 1024;
+const PART_TARGET: u64 = 8 * 1024 * 1024;
 /// S3 allows at most 10,000 parts.
 pub const MAX_PARTS: u64 = 10_000;
 /// Parts larger than this (objects over ~78 GiB: 10,000 parts of 8 MiB) are assembled into a file in the journal
@@ -59,6 +59,14 @@ const STREAM_ABOVE: u64 = 2 * PART_TARGET;
 /// Part bodies one upload keeps in memory at once (at least one part).
 const PART_BUDGET: u64 = 32 * 1024 * 1024;
 const MAX_PARTS_IN_FLIGHT: u64 = 4;
+
+/// Blocks per part of a multipart upload of `n` blocks: at least [`PART_TARGET`] bytes, at most `max_parts` (and
+/// S3's [`MAX_PARTS`]) parts. The write-behind lays out its parts with it too.
+pub(super) fn part_blocks(codec: &Codec, n: u64, max_parts: u64) -> u64 {
+    PART_TARGET
+        .div_ceil(codec.stored_block_len())
+        .max(n.div_ceil(max_parts.clamp(1, MAX_PARTS)))
+}
 
 /// One part's upload in flight.
 type PartFuture<'a> =
@@ -272,7 +280,7 @@ impl Fs {
     ) -> FsResult<Vec<CompletedPart>> {
         let c = &snap.codec;
         let n = c.block_count(snap.size);
-        let per_part = super::writebehind::part_blocks(c, n, self.cfg.max_parts);
+        let per_part = part_blocks(c, n, self.cfg.max_parts);
         let part_bytes = per_part * c.stored_block_len();
         let in_flight = (PART_BUDGET / part_bytes.min(STREAM_ABOVE)).clamp(1, MAX_PARTS_IN_FLIGHT) as usize;
         let key = snap.key.as_str();

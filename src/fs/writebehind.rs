@@ -30,7 +30,7 @@
 //! a rename, which copies the object, waits for it.
 use super::codec::Codec;
 use super::journal::new_token;
-use super::upload::Snapshot;
+use super::upload::{part_blocks, Snapshot, SINGLE_PUT_MAX};
 use super::write::{FileState, OpenFile};
 use super::{Fs, FsResult};
 use crate::store::{CompletedPart, Metadata, ObjectStore};
@@ -105,13 +105,6 @@ impl Drop for WriteBehind {
     }
 }
 
-/// Blocks per part of a multipart upload of `n` blocks: at least 8 MiB, at most `max_parts` parts.
-pub fn part_blocks(codec: &Codec, n: u64, max_parts: u64) -> u64 {
-    super::upload::PART_TARGET
-        .div_ceil(codec.stored_block_len())
-        .max(n.div_ceil(max_parts.clamp(1, super::upload::MAX_PARTS)))
-}
-
 impl FileState {
     /// Ends the write-behind if a change of blocks `from..` reaches what it sent.
     pub fn changing_from(&mut self, from_block: u64) {
@@ -128,7 +121,8 @@ impl Fs {
         if !self.cfg.write_behind || st.base_valid != 0 || st.unlinked || st.poisoned {
             return;
         }
-        if st.codec.object_size(st.size) > COPY_MAX {
+        let object_size = st.codec.object_size(st.size);
+        if object_size > COPY_MAX {
             if st.wb.take().is_some() {
                 log::debug!("{}: write-behind ends: the file outgrew a metadata copy", st.key);
             }
@@ -137,16 +131,14 @@ impl Fs {
         let b = st.bs.get();
         let ready_blocks = st.size / b;
         if st.wb.is_none() {
-            if st.multipart.is_some() {
-                return; // an upload of this file is in flight
+            // Not while an upload of this file is in flight, nor for what one PUT takes.
+            if st.multipart.is_some() || object_size <= SINGLE_PUT_MAX {
+                return;
             }
             // Parts must keep their layout whatever size (up to COPY_MAX) the file ends at.
             let per_part = part_blocks(&st.codec, 0, self.cfg.max_parts);
             let most = COPY_MAX.div_ceil(st.codec.stored_block_len());
-            if per_part != part_blocks(&st.codec, most, self.cfg.max_parts)
-                || st.codec.object_size(st.size) <= super::upload::SINGLE_PUT_MAX
-                || per_part >= ready_blocks
-            {
+            if per_part != part_blocks(&st.codec, most, self.cfg.max_parts) || per_part >= ready_blocks {
                 return;
             }
             st.wb = Some(WriteBehind {
@@ -467,7 +459,7 @@ mod tests {
                 [0; 16],
             )),
         };
-        let edge = super::part_blocks(&sealed, 0, 10_000) * bs.get();
+        let edge = crate::fs::upload::part_blocks(&sealed, 0, 10_000) * bs.get();
         fs.setattr(a.ino, Some(edge), AttrChange::default()).await.unwrap();
         fs.release(fh).await.unwrap();
         same(
