@@ -140,14 +140,15 @@ impl MemoryStore {
         }
     }
 
-    fn etag(&self, data: &[u8]) -> String {
+    /// The ETag of a single-part object whose bytes are `parts` one after another.
+    fn etag(&self, parts: &[Bytes]) -> String {
         if self.fast_etags {
             format!(
                 "\"mem-{}\"",
                 self.next_etag.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             )
         } else {
-            md5_etag(data)
+            md5_etag(parts)
         }
     }
 
@@ -202,8 +203,11 @@ impl MemoryStore {
     }
 }
 
-fn md5_etag(data: &[u8]) -> String {
-    format!("\"{}\"", hex::encode(Md5::digest(data)))
+/// MD5 of the bytes of `parts` one after another, hashed where they lie.
+fn md5_etag(parts: &[Bytes]) -> String {
+    let mut md5 = Md5::new();
+    parts.iter().for_each(|p| md5.update(p));
+    format!("\"{}\"", hex::encode(md5.finalize()))
 }
 
 /// The multipart ETag S3 computes: MD5 of the concatenated binary MD5s of the parts, then `-N`.
@@ -312,7 +316,7 @@ impl ObjectStore for MemoryStore {
     }
 
     async fn put(&self, key: &str, body: Bytes, metadata: &Metadata, cond: PutCondition) -> StoreResult<ObjectInfo> {
-        let etag = self.etag(&body);
+        let etag = self.etag(std::slice::from_ref(&body));
         let mut state = self.lock();
         check_cond(&state, key, &cond)?;
         let obj = Object {
@@ -350,7 +354,7 @@ impl ObjectStore for MemoryStore {
         part_number: i32,
         body: Bytes,
     ) -> StoreResult<CompletedPart> {
-        let etag = self.etag(&body);
+        let etag = self.etag(std::slice::from_ref(&body));
         let mut state = self.lock();
         let upload = find_upload(&mut state, key, upload_id)?;
         check_part_number(part_number)?;
@@ -385,7 +389,7 @@ impl ObjectStore for MemoryStore {
             .slice(source_range.start as usize..source_range.end as usize);
         let upload = find_upload(&mut state, key, upload_id)?;
         check_part_number(part_number)?;
-        let etag = self.etag(&data);
+        let etag = self.etag(std::slice::from_ref(&data));
         upload.parts.insert(part_number, (data, etag.clone()));
         Ok(CompletedPart { part_number, etag })
     }
@@ -447,11 +451,7 @@ impl ObjectStore for MemoryStore {
         let metadata = metadata.cloned().unwrap_or_else(|| source.metadata.clone());
         // A copy is a new object: S3 gives it the MD5 ETag of its bytes, even when the source was multipart.
         let obj = Object {
-            etag: if self.fast_etags {
-                self.etag(&[])
-            } else {
-                md5_etag(&source.data.all())
-            },
+            etag: self.etag(&source.data.parts),
             data: source.data.clone(),
             metadata,
             last_modified: SystemTime::now(),
