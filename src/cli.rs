@@ -142,13 +142,19 @@ const fn opt(name: &'static str, value: &'static str, default: &'static str, hel
 pub const OPTIONS: &[OptionSpec] = &[
     opt("key_mode", "MODE", "sse-s3", "sse-s3 | sse-kms | sse-c | cse-kms | cse-local; encryption is always on"),
     opt("kms_key_id", "ID", "none", "KMS key id, ARN or alias; cse-kms needs it, sse-kms defaults to the bucket key"),
-    opt("sse_c_key_file", "FILE", "none", "32-byte customer key for sse-c (FILE or cred:NAME)"),
+    opt(
+        "sse_c_key_file",
+        "FILE",
+        "none",
+        "customer key for sse-c (FILE or cred:NAME); further lines: older keys, accepted for reading",
+    ),
     opt("master_key_file", "FILE", "none", "32-byte master key for cse-local (FILE or cred:NAME); see `keygen`"),
     opt(
         "old_kms_key_id",
         "ID",
         "none",
-        "cse-kms: the KMS key before a rotation, still accepted for reading while `s3crypt rekey` runs",
+        "cse-kms: the KMS key before a rotation, still accepted for reading while `s3crypt rekey` runs; `any`: \
+         any KMS key the credentials may decrypt with",
     ),
     opt(
         "old_master_key_file",

@@ -17,9 +17,15 @@
 //! server-side settings (another SSE-C key, another KMS key, or between SSE-S3 and SSE-KMS), the source read
 //! with the old SSE-C key where there is one. S3 re-encrypts the data inside the service; nothing crosses the
 //! network. An object whose HEAD already shows the new settings (for SSE-C: that the new key opens it) is skipped.
+//!
+//! Each copy carries `s3crypt-rekeyed-from: <the ETag it was copied from>` ([`keys::META_REKEYED_FROM`]): a
+//! mount that opened the file before the copy and writes it afterwards sees its conditional write fail, finds
+//! that mark naming its base, and writes over the rekeyed object (under the current key) instead of treating
+//! the rotation as someone else's change.
 use crate::cli::MountOptions;
 use crate::format::ObjectHeader;
 use crate::keys::{self, DataKeyProvider};
+use crate::store::retry::{RetryPolicy, Retrying};
 use crate::store::s3::S3Store;
 use crate::store::{ObjectInfo, ObjectStore, PutCondition, Sse, StoreError};
 use anyhow::{bail, Context, Result};
@@ -252,6 +258,7 @@ async fn rekey_one(
             crate::format::META_KEY.into(),
             base64::engine::general_purpose::STANDARD.encode(&wrapped),
         );
+        meta.insert(keys::META_REKEYED_FROM.into(), info.etag.clone());
         match store
             .copy(key, key, Some(&meta), PutCondition::IfMatch(info.etag.clone()))
             .await
@@ -301,8 +308,16 @@ async fn rekey_sse(
     let (sdk, old_keys) = crate::run::load_keys(old).await?;
     let (_, new_keys) = crate::run::load_keys(new).await?;
     let client = crate::store::s3::s3_client_from(&sdk, old.path_style);
-    let from = S3Store::new(client.clone(), bucket, old_keys.sse.clone());
-    let to = S3Store::new(client, bucket, new_keys.sse.clone()).with_copy_source_sse(old_keys.sse.clone());
+    // Both through the same retries as a mount's store: a transient error is retried, not reported as a failure.
+    let retrying = |s: S3Store| Retrying::new(s, RetryPolicy::default());
+    let from = retrying(
+        S3Store::new(client.clone(), bucket, old_keys.sse.clone())
+            .with_older_customer_keys(old_keys.sse_c_previous.clone()),
+    );
+    let to = retrying(
+        S3Store::new(client, bucket, new_keys.sse.clone())
+            .with_copy_source_sse(old_keys.sse.clone(), old_keys.sse_c_previous.clone()),
+    );
     crate::run::check_bucket(&from, bucket, prefix).await?;
     let objects = crate::verify::list_volume(&from, prefix).await?;
     let (from_ref, to_ref, target) = (&from, &to, &new_keys.sse);
@@ -333,7 +348,13 @@ fn under(info: &ObjectInfo, sse: &Sse) -> bool {
     }
 }
 
-async fn rekey_sse_one(from: &S3Store, to: &S3Store, target: &Sse, key: &str, dry_run: bool) -> Outcome {
+async fn rekey_sse_one(
+    from: &dyn ObjectStore,
+    to: &dyn ObjectStore,
+    target: &Sse,
+    key: &str,
+    dry_run: bool,
+) -> Outcome {
     for _ in 0..3 {
         if let Ok(info) = to.head(key).await {
             if under(&info, target) {
@@ -348,9 +369,12 @@ async fn rekey_sse_one(from: &S3Store, to: &S3Store, target: &Sse, key: &str, dr
         if dry_run {
             return Outcome::Rekeyed(info.size);
         }
-        // The same metadata, replaced (a copy onto itself must change something; here the encryption changes).
+        // The same metadata, replaced (a copy onto itself must change something; here the encryption changes),
+        // with the mark that tells a mount writing this file that only the key changed.
+        let mut meta = info.metadata.clone();
+        meta.insert(keys::META_REKEYED_FROM.into(), info.etag.clone());
         match to
-            .copy(key, key, Some(&info.metadata), PutCondition::IfMatch(info.etag.clone()))
+            .copy(key, key, Some(&meta), PutCondition::IfMatch(info.etag.clone()))
             .await
         {
             Ok(_) => return Outcome::Rekeyed(info.size),

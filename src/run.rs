@@ -106,12 +106,10 @@ pub fn s3_stack(
 ) -> (StoreStack, Arc<FailingStore<S3Store>>) {
     metrics.set_keys(keys.stats.clone());
     let client = crate::store::s3::s3_client_from(sdk, opts.path_style);
-    let probe = Arc::new(S3Store::new(client.clone(), bucket.to_string(), keys.sse.clone()));
-    let counted = Arc::new(FailingStore::new(S3Store::new(
-        client,
-        bucket.to_string(),
-        keys.sse.clone(),
-    )));
+    let store = S3Store::new(client, bucket.to_string(), keys.sse.clone())
+        .with_older_customer_keys(keys.sse_c_previous.clone());
+    let probe = Arc::new(store.clone());
+    let counted = Arc::new(FailingStore::new(store));
     counted.set_observer(metrics.clone());
     let retrying = Arc::new(Retrying::new(counted.clone(), RetryPolicy::default()));
     let (c, c2, r) = (counted.clone(), counted.clone(), retrying.clone());

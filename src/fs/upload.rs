@@ -137,8 +137,23 @@ enum Piece {
 impl Fs {
     /// Takes a snapshot, uploads it and commits. `Ok` means S3 holds (at least) the snapshot's generation.
     pub(super) async fn upload_once(&self, file: &Arc<OpenFile>) -> FsResult<()> {
+        // A key rotation that copied the base meanwhile is followed at most this often in one round.
+        for _ in 0..3 {
+            if !self.upload_round(file).await? {
+                return Ok(());
+            }
+        }
+        Err(FsError::Store(StoreError::Transient(format!(
+            "{}: the object kept being rekeyed under this upload; it is tried again",
+            file.state.lock().await.key
+        ))))
+    }
+
+    /// One snapshot uploaded and committed; `Ok(true)`: the base had been rekeyed (the file's state now names
+    /// the rekeyed object) and nothing was written, so the caller uploads again.
+    async fn upload_round(&self, file: &Arc<OpenFile>) -> FsResult<bool> {
         let Some(snap) = self.snapshot(file).await? else {
-            return Ok(());
+            return Ok(false);
         };
         let sent = if snap.modified {
             self.upload_version(file, &snap).await
@@ -147,26 +162,53 @@ impl Fs {
         };
         let (etag, stale_attrs) = match sent {
             Ok(sent) => sent,
-            // A failed condition, or a retried Complete whose upload is gone: our own lost response, or someone
-            // else's write. A missing object with no base to compare is neither: an ordinary error.
+            // A failed condition, or a retried Complete whose upload is gone: our own lost response, a key
+            // rotation's copy of the base, or someone else's write. A missing object with no base to compare is
+            // none of them: an ordinary error.
             Err(FsError::Store(e @ (StoreError::PreconditionFailed(_) | StoreError::NotFound(_)))) => {
                 if file.state.lock().await.unlinked {
                     // Removed while this round ran (its object with it): nothing is saved for it any more.
-                    return Ok(());
+                    return Ok(false);
                 }
-                match self.own_write(&snap).await? {
+                let now = match self.store.head(&snap.key).await {
+                    Ok(info) => Some(info),
+                    Err(StoreError::NotFound(_)) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                match Self::own_write(&snap, now.as_ref()) {
                     Some(sent) => sent,
+                    // Nobody else's version is there: the condition met an operation still in progress on the key
+                    // (S3's 409 ConditionalRequestConflict, e.g. a rotation copying it). Tried again later, still
+                    // conditional.
+                    None if Self::unchanged(&snap, now.as_ref()) => {
+                        return Err(FsError::Store(StoreError::Transient(format!(
+                            "{}: another operation on the object was in progress ({e}); the upload is tried again",
+                            snap.key
+                        ))))
+                    }
                     None if snap.base.is_none() && matches!(e, StoreError::NotFound(_)) => return Err(e.into()),
-                    None => return Err(self.conflict(file, &snap, &e.to_string()).await),
+                    None if self.rebase_after_rekey(file, &snap, now.as_ref()).await? => return Ok(true),
+                    None => {
+                        log::debug!(
+                            "{}: condition failed ({e}); base {:?}, now {:?}",
+                            snap.key,
+                            snap.base.as_ref().map(|b| &b.etag),
+                            now.as_ref()
+                                .map(|n| (&n.etag, n.metadata.get(crate::keys::META_REKEYED_FROM)))
+                        );
+                        return Err(self.conflict(file, &snap, &e.to_string()).await);
+                    }
                 }
             }
             Err(e) => return Err(e),
         };
-        self.commit(file, &snap, etag, stale_attrs).await
+        self.commit(file, &snap, etag, stale_attrs).await?;
+        Ok(false)
     }
 
     /// The snapshot of a file with unsaved changes (and a fresh upload token, recorded in the journal first).
     async fn snapshot(&self, file: &OpenFile) -> FsResult<Option<Snapshot>> {
+        self.key_to_current(file).await?;
         let mut st = file.state.lock().await;
         if !st.unsaved() {
             return Ok(None);
@@ -179,20 +221,84 @@ impl Fs {
         Ok(Some(Snapshot::of(&st, meta, token)))
     }
 
-    /// The ETag of the object if it is our own write (it carries the snapshot's token), and whether its metadata
-    /// is not the snapshot's (a write-behind upload's, created earlier).
-    async fn own_write(&self, snap: &Snapshot) -> FsResult<Option<(String, bool)>> {
-        match self.store.head(&snap.key).await {
-            Ok(info) if info.metadata.get(META_UPLOAD_TOKEN) == Some(&snap.token) => {
-                log::info!(
-                    "{}: a retried write had already succeeded (its response was lost)",
-                    snap.key
-                );
-                Ok(Some((info.etag, info.metadata != snap.meta)))
-            }
-            Ok(_) | Err(StoreError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.into()),
+    /// During a key rotation (a previous key is configured), a file whose data key is still wrapped under the
+    /// previous key gets it wrapped under the current one before it is written: whatever the mount writes is
+    /// under the current key, even if the rotation already passed this file. The data key itself is unchanged,
+    /// so blocks sealed or copied from the base stay valid.
+    async fn key_to_current(&self, file: &OpenFile) -> FsResult<()> {
+        let Some(keys) = &self.keys else { return Ok(()) };
+        let Some(h) = file.state.lock().await.header.clone() else {
+            return Ok(());
+        };
+        let Some(moved) = keys.provider.to_current(&h.file_id, &h.wrapped_key).await? else {
+            return Ok(());
+        };
+        let mut st = file.state.lock().await;
+        let st = &mut *st;
+        if let Some(cur) = st.header.as_mut().filter(|c| c.wrapped_key == h.wrapped_key) {
+            log::info!("{}: data key moved to the current key before writing", st.key);
+            cur.wrapped_key = moved;
         }
+        Ok(())
+    }
+
+    /// The ETag of the object (`now`, as a HEAD found it) if it is our own write (it carries the snapshot's
+    /// token), and whether its metadata is not the snapshot's (a write-behind upload's, created earlier).
+    fn own_write(snap: &Snapshot, now: Option<&crate::store::ObjectInfo>) -> Option<(String, bool)> {
+        let info = now.filter(|info| info.metadata.get(META_UPLOAD_TOKEN) == Some(&snap.token))?;
+        log::info!(
+            "{}: a retried write had already succeeded (its response was lost)",
+            snap.key
+        );
+        Some((info.etag.clone(), info.metadata != snap.meta))
+    }
+
+    /// Whether the object (`now`) is still the snapshot's base, metadata and all (a failed condition against it
+    /// was an operation in progress, not a change).
+    fn unchanged(snap: &Snapshot, now: Option<&crate::store::ObjectInfo>) -> bool {
+        match (&snap.base, now) {
+            (Some(base), Some(now)) => {
+                now.etag == base.etag && !now.metadata.contains_key(crate::keys::META_REKEYED_FROM)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the object (`now`) is the snapshot's base copied onto itself by `s3crypt rekey` (same bytes, the
+    /// data key wrapped anew or the SSE key changed): then the state takes its ETag as the base's, and the round
+    /// is run again (the new round re-wraps this file's key under the current key before it writes).
+    async fn rebase_after_rekey(
+        &self,
+        file: &OpenFile,
+        snap: &Snapshot,
+        now: Option<&crate::store::ObjectInfo>,
+    ) -> FsResult<bool> {
+        let (Some(base), Some(now)) = (&snap.base, now) else {
+            return Ok(false);
+        };
+        if now.metadata.get(crate::keys::META_REKEYED_FROM) != Some(&base.etag) {
+            return Ok(false);
+        }
+        // In the client-side modes the rekeyed object must still be this file (its id); the SSE modes have no id.
+        let same_file = match &snap.header {
+            Some(h) => matches!(crate::format::ObjectHeader::from_metadata(&now.metadata),
+                Ok(Some(n)) if n.file_id == h.file_id),
+            None => true,
+        };
+        if !same_file {
+            return Ok(false);
+        }
+        let mut st = file.state.lock().await;
+        let Some(b) = st.base.as_mut().filter(|b| b.etag == base.etag) else {
+            return Ok(false);
+        };
+        b.etag = now.etag.clone();
+        st.save_manifest()?;
+        log::info!(
+            "{}: the object was rekeyed since it was opened (same content); writing over the rekeyed version",
+            snap.key
+        );
+        Ok(true)
     }
 
     /// Only attributes changed: rewrite the metadata with a copy onto itself, conditional on the ETag.

@@ -18,6 +18,12 @@
 //!
 //! Whitespace and newlines around the text forms are ignored. Anything else is refused with a message that lists
 //! these encodings; an error never contains any part of the file's content.
+//!
+//! # Several SSE-C keys in one file
+//! An SSE-C key file may hold several keys, one per line, as s3fs's does during a key rotation: the first is the
+//! current key (every write uses it), the others are older keys still accepted for reading. A line is a key in
+//! hex or base64, or 32 characters taken as the key itself (s3fs's raw form); empty lines and lines starting
+//! with `#` are skipped. A file of exactly 32 bytes is always one raw key.
 use super::KeyError;
 use crate::format::KEY_LEN;
 use rand::RngCore;
@@ -40,31 +46,47 @@ const ENCODINGS: &str = "expected 32 raw bytes, 64 hex characters, or base64 of 
 pub fn read_key_file(spec: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
     let (path, in_credentials_dir) = resolve(spec)?;
     let shown = path.display().to_string();
-    let meta = fs::metadata(&path).map_err(|e| KeyError::KeyFile {
-        path: shown.clone(),
-        reason: io_reason(&e),
-    })?;
-    if !meta.is_file() {
-        return Err(KeyError::KeyFile {
-            path: shown,
-            reason: "not a regular file".into(),
-        });
-    }
-    check_mode(&shown, meta.mode() & 0o7777, in_credentials_dir)?;
-    if meta.len() > MAX_KEY_FILE_LEN {
-        return Err(KeyError::KeyFile {
-            path: shown,
-            reason: format!("{} bytes is too large for a key file: {ENCODINGS}", meta.len()),
-        });
-    }
-    let content = Zeroizing::new(fs::read(&path).map_err(|e| KeyError::KeyFile {
-        path: shown.clone(),
-        reason: io_reason(&e),
-    })?);
+    let content = read_checked(&path, &shown, in_credentials_dir)?;
     decode_key(&content).ok_or_else(|| KeyError::KeyFile {
         path: shown,
         reason: format!("not a 256-bit key: {ENCODINGS}"),
     })
+}
+
+/// Reads the keys of an SSE-C key file (see the module doc): the current key first, then older ones.
+pub fn read_key_list(spec: &str) -> Result<Vec<Zeroizing<[u8; KEY_LEN]>>, KeyError> {
+    let (path, in_credentials_dir) = resolve(spec)?;
+    let shown = path.display().to_string();
+    let content = read_checked(&path, &shown, in_credentials_dir)?;
+    decode_key_list(&content).map_err(|reason| KeyError::KeyFile { path: shown, reason })
+}
+
+/// Decodes one key, or one key per line; the error names the line (never its content).
+pub(crate) fn decode_key_list(content: &[u8]) -> Result<Vec<Zeroizing<[u8; KEY_LEN]>>, String> {
+    if let Some(key) = decode_key(content) {
+        return Ok(vec![key]);
+    }
+    let mut keys = Vec::new();
+    for (n, line) in content.split(|&b| b == b'\n').enumerate() {
+        let line = line.trim_ascii();
+        if line.is_empty() || line.starts_with(b"#") {
+            continue;
+        }
+        let key = match line.len() {
+            KEY_LEN => {
+                let mut key = Zeroizing::new([0u8; KEY_LEN]);
+                key.copy_from_slice(line);
+                key
+            }
+            _ => decode_key(line)
+                .ok_or_else(|| format!("line {} is not a 256-bit key: {ENCODINGS}, one key per line", n + 1))?,
+        };
+        keys.push(key);
+    }
+    if keys.is_empty() {
+        return Err(format!("no key in the file: {ENCODINGS}"));
+    }
+    Ok(keys)
 }
 
 /// Writes a fresh random 256-bit key (32 raw bytes, mode 0600) to `path`. Refuses to overwrite an existing file,
@@ -98,6 +120,31 @@ pub fn keygen(path: &Path) -> Result<(), KeyError> {
         }
     }
     Ok(())
+}
+
+/// A key file's content, once its type, permissions and size are checked.
+fn read_checked(path: &Path, shown: &str, in_credentials_dir: bool) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    let meta = fs::metadata(path).map_err(|e| KeyError::KeyFile {
+        path: shown.to_string(),
+        reason: io_reason(&e),
+    })?;
+    if !meta.is_file() {
+        return Err(KeyError::KeyFile {
+            path: shown.to_string(),
+            reason: "not a regular file".into(),
+        });
+    }
+    check_mode(shown, meta.mode() & 0o7777, in_credentials_dir)?;
+    if meta.len() > MAX_KEY_FILE_LEN {
+        return Err(KeyError::KeyFile {
+            path: shown.to_string(),
+            reason: format!("{} bytes is too large for a key file: {ENCODINGS}", meta.len()),
+        });
+    }
+    Ok(Zeroizing::new(fs::read(path).map_err(|e| KeyError::KeyFile {
+        path: shown.to_string(),
+        reason: io_reason(&e),
+    })?))
 }
 
 /// Resolves a spec to a path, and says whether it lies in the systemd credentials directory.
@@ -182,6 +229,30 @@ mod tests {
         use base64::Engine;
         let b64 = format!("{}\n", base64::engine::general_purpose::STANDARD.encode(raw));
         assert_eq!(*decode_key(b64.as_bytes()).unwrap(), raw);
+    }
+
+    #[test]
+    fn a_key_list_is_one_key_per_line_current_first() {
+        use base64::Engine;
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [b'k'; 32]);
+        let text = format!(
+            "# rotated 2026-12\n{}\n\n  {}  \n{}\n",
+            hex::encode(a),
+            base64::engine::general_purpose::STANDARD.encode(b),
+            String::from_utf8(c.to_vec()).unwrap()
+        );
+        let keys = decode_key_list(text.as_bytes()).unwrap();
+        let got: Vec<[u8; 32]> = keys.iter().map(|k| **k).collect();
+        assert_eq!(got, vec![a, b, c]);
+        // One key alone, in any encoding, is a list of one; 32 raw bytes are one key even with a newline inside.
+        let mut raw = [3u8; 32];
+        raw[5] = b'\n';
+        assert_eq!(*decode_key_list(&raw).unwrap()[0], raw);
+        // A bad line is named by number, never shown.
+        let bad = format!("{}\nsecret-looking-text\n", hex::encode(a));
+        let err = decode_key_list(bad.as_bytes()).unwrap_err();
+        assert!(err.contains("line 2") && !err.contains("secret"), "{err}");
+        assert!(decode_key_list(b"# only a comment\n").is_err());
     }
 
     #[test]

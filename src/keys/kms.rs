@@ -6,6 +6,11 @@
 //! KMS refuses a wrapped key from another file (context mismatch) or from another KMS key (instead of silently
 //! using whatever key the blob names). The plaintext goes straight into a [`DataKey`]; the intermediate buffer is
 //! zeroized. Reads go through the [`super::DataKeyCache`], so a file's key costs one `Decrypt` while cached.
+//!
+//! Discovery (`old_kms_key_id=any`, for reading during a migration only): `Decrypt` without `KeyId`, so KMS uses
+//! whichever key the blob names, if the caller's credentials may decrypt with it. The file id stays bound by the
+//! encryption context; what is given up is the check that the key is one this volume named (the AWS Encryption
+//! SDK's "discovery mode" makes the same trade). A discovery provider never makes or wraps keys.
 use super::counters::KeyStats;
 use super::{DataKeyProvider, KeyError, KeyMode};
 use crate::format::{DataKey, FileId};
@@ -24,8 +29,13 @@ pub const FILE_ID_CONTEXT_KEY: &str = "s3crypt-file-id";
 pub struct KmsProvider {
     client: aws_sdk_kms::Client,
     key_id: String,
+    /// Unwraps under whatever KMS key a blob names (see the module doc); `key_id` is then empty.
+    discovery: bool,
     stats: Arc<KeyStats>,
 }
+
+/// The `old_kms_key_id` value that asks for discovery.
+pub const ANY_KMS_KEY: &str = "any";
 
 impl KmsProvider {
     /// A provider using `key_id` (a key id, alias or ARN) with a client built from `sdk`.
@@ -37,8 +47,45 @@ impl KmsProvider {
         KmsProvider {
             client,
             key_id: key_id.into(),
+            discovery: false,
             stats,
         }
+    }
+
+    /// A read-only provider that unwraps under any KMS key the caller may use (see the module doc).
+    pub fn discovery(sdk: &aws_config::SdkConfig, stats: Arc<KeyStats>) -> Self {
+        KmsProvider {
+            discovery: true,
+            ..Self::new(sdk, "", stats)
+        }
+    }
+
+    fn refuse_discovery(&self, op: &str) -> Result<(), KeyError> {
+        match self.discovery {
+            true => Err(KeyError::Config(format!(
+                "{op}: old_kms_key_id={ANY_KMS_KEY} only reads; new keys are made under kms_key_id"
+            ))),
+            false => Ok(()),
+        }
+    }
+
+    /// `Encrypt`: wraps a data key this process already holds under this provider's KMS key, bound to
+    /// `file_id`. Used only where `ReEncrypt` cannot be (a source wrapped under an unnamed key).
+    async fn wrap_existing(&self, file_id: &FileId, key: &DataKey) -> Result<Vec<u8>, KeyError> {
+        self.refuse_discovery("Encrypt")?;
+        self.stats.count_kms_reencrypt();
+        let out = self
+            .client
+            .encrypt()
+            .key_id(&self.key_id)
+            .plaintext(Blob::new(key.as_bytes().to_vec()))
+            .encryption_context(FILE_ID_CONTEXT_KEY, hex::encode(file_id))
+            .send()
+            .await
+            .map_err(|e| kms_error(e, "Encrypt", &self.key_id))?;
+        out.ciphertext_blob
+            .map(Blob::into_inner)
+            .ok_or_else(|| KeyError::Kms("Encrypt: KMS returned no CiphertextBlob".into()))
     }
 
     /// The configured KMS key (not secret).
@@ -111,6 +158,7 @@ impl DataKeyProvider for KmsProvider {
     }
 
     async fn generate(&self, file_id: &FileId) -> Result<(DataKey, Vec<u8>), KeyError> {
+        self.refuse_discovery("GenerateDataKey")?;
         self.stats.count_kms_generate();
         let mut out = self
             .client
@@ -134,7 +182,7 @@ impl DataKeyProvider for KmsProvider {
     }
 
     fn kms_key_id(&self) -> Option<&str> {
-        Some(&self.key_id)
+        (!self.discovery).then_some(self.key_id.as_str())
     }
 
     /// ReEncrypt: KMS moves the wrapped key to this provider's KMS key; the plaintext key never leaves KMS. The
@@ -142,6 +190,12 @@ impl DataKeyProvider for KmsProvider {
     async fn rewrap(&self, file_id: &FileId, wrapped: &[u8], from: &dyn DataKeyProvider) -> Result<Vec<u8>, KeyError> {
         if from.mode() != KeyMode::CseKms {
             return Err(super::unsupported_rotation(from.mode(), KeyMode::CseKms));
+        }
+        self.refuse_discovery("ReEncrypt")?;
+        if from.kms_key_id().is_none() {
+            // A discovery source names no key for ReEncrypt's SourceKeyId.
+            let key = from.unwrap(file_id, wrapped).await?;
+            return self.wrap_existing(file_id, &key).await;
         }
         self.stats.count_kms_reencrypt();
         let fid = hex::encode(file_id);
@@ -166,14 +220,19 @@ impl DataKeyProvider for KmsProvider {
         let mut out = self
             .client
             .decrypt()
-            .key_id(&self.key_id)
+            .set_key_id((!self.discovery).then(|| self.key_id.clone()))
             .ciphertext_blob(Blob::new(wrapped))
             .encryption_context(FILE_ID_CONTEXT_KEY, hex::encode(file_id))
             .send()
             .await
             .map_err(|e| {
                 self.stats.count_kms_decrypt_failed();
-                kms_error(e, "Decrypt", &self.key_id)
+                let named = if self.discovery {
+                    "the key the wrapped key names"
+                } else {
+                    &self.key_id
+                };
+                kms_error(e, "Decrypt", named)
             })?;
         take_plaintext(out.plaintext.take(), "Decrypt")
     }

@@ -23,6 +23,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Object metadata set by `s3crypt rekey` on each object it copies onto itself: the ETag the copy was made from.
+/// A mount whose conditional write fails against such an object knows its base was only rekeyed (same bytes)
+/// and writes over it instead of calling it a conflict.
+pub const META_REKEYED_FROM: &str = "s3crypt-rekeyed-from";
+
 pub mod cache;
 pub mod counters;
 pub mod keyfile;
@@ -117,6 +122,14 @@ pub trait DataKeyProvider: Send + Sync + 'static {
         let _ = (file_id, wrapped);
         Err(unsupported_rotation(from.mode(), self.mode()))
     }
+
+    /// During a rotation: `wrapped` moved under the current key if it is under a previous one (`None`: it is
+    /// under the current key already, or there is no previous key). A mount calls it before writing a file, so
+    /// that what it writes never goes back under the old key.
+    async fn to_current(&self, file_id: &FileId, wrapped: &[u8]) -> Result<Option<Vec<u8>>, KeyError> {
+        let _ = (file_id, wrapped);
+        Ok(None)
+    }
 }
 
 /// A rotation between these modes cannot be done by re-wrapping data keys.
@@ -151,6 +164,14 @@ impl DataKeyProvider for WithPrevious {
 
     async fn rewrap(&self, file_id: &FileId, wrapped: &[u8], from: &dyn DataKeyProvider) -> Result<Vec<u8>, KeyError> {
         self.current.rewrap(file_id, wrapped, from).await
+    }
+
+    async fn to_current(&self, file_id: &FileId, wrapped: &[u8]) -> Result<Option<Vec<u8>>, KeyError> {
+        if self.current.unwrap(file_id, wrapped).await.is_ok() {
+            return Ok(None);
+        }
+        let moved = self.current.rewrap(file_id, wrapped, self.previous.as_ref()).await?;
+        Ok(Some(moved))
     }
 
     async fn unwrap(&self, file_id: &FileId, wrapped: &[u8]) -> Result<DataKey, KeyError> {
@@ -261,6 +282,8 @@ fn check_option(mode: KeyMode, name: &str, given: bool, need: Need) -> Result<()
 pub struct Keys {
     /// Headers for the store (server-side modes); [`Sse::None`] in the client-side modes.
     pub sse: Sse,
+    /// Older SSE-C keys listed after the current one in the key file: accepted for reading, never for writing.
+    pub sse_c_previous: Vec<crate::store::SseCustomerKey>,
     /// The data-key provider of a client-side mode.
     pub provider: Option<Arc<dyn DataKeyProvider>>,
     pub cache: Arc<DataKeyCache>,
@@ -284,14 +307,17 @@ pub async fn build_keys(cfg: &KeyConfig, sdk: &aws_config::SdkConfig) -> Result<
     cfg.validate()?;
     let stats = Arc::new(KeyStats::new());
     let cache = Arc::new(DataKeyCache::new(cfg.key_cache_size, cfg.key_cache_ttl, stats.clone()));
-    let sse = sse_for_mode(cfg.mode, cfg.kms_key_id.as_deref(), cfg.sse_c_key_file.as_deref())?;
+    let (sse, sse_c_previous) = sse_for_mode(cfg.mode, cfg.kms_key_id.as_deref(), cfg.sse_c_key_file.as_deref())?;
     let provider: Option<Arc<dyn DataKeyProvider>> = match (cfg.mode, &cfg.kms_key_id, &cfg.master_key_file) {
         (KeyMode::CseKms, Some(key_id), _) => {
             let current: Arc<dyn DataKeyProvider> = Arc::new(KmsProvider::new(sdk, key_id.clone(), stats.clone()));
             match &cfg.old_kms_key_id {
                 Some(old) => Some(Arc::new(WithPrevious {
                     current,
-                    previous: Arc::new(KmsProvider::new(sdk, old.clone(), stats.clone())),
+                    previous: Arc::new(match old.as_str() {
+                        kms::ANY_KMS_KEY => KmsProvider::discovery(sdk, stats.clone()),
+                        _ => KmsProvider::new(sdk, old.clone(), stats.clone()),
+                    }),
                 })),
                 None => Some(current),
             }
@@ -310,6 +336,7 @@ pub async fn build_keys(cfg: &KeyConfig, sdk: &aws_config::SdkConfig) -> Result<
     };
     Ok(Keys {
         sse,
+        sse_c_previous,
         provider,
         cache,
         stats,

@@ -11,6 +11,7 @@ pub mod memory;
 pub mod retry;
 pub mod s3;
 mod shared;
+mod sse_c_keys;
 
 pub use failing::{Action, FailingStore, FaultKind, OpKind, OpStats, Rule, Stats, When};
 pub use memory::MemoryStore;

@@ -5,6 +5,7 @@
 //!   SSE-KMS go on PUT, CreateMultipartUpload and CopyObject (S3 derives parts and copies-to-part from the
 //!   upload); SSE-C goes on every request that reads or writes object data (PUT, CreateMultipartUpload,
 //!   UploadPart, GET, HEAD) and, on CopyObject and UploadPartCopy, both as destination and as copy-source key.
+//!   Older SSE-C keys (a key rotation) are accepted for reading and as copy sources: see [`super::sse_c_keys`].
 //! - **No SDK retries.** The client is built with one attempt per call; [`super::retry::Retrying`] owns retry
 //!   policy for every store alike. Errors are mapped to [`StoreError`] with the transient ones marked as such.
 //! - **Empty objects.** S3 answers any range of an empty object with 416; [`ByteRange`] promises an empty body,
@@ -20,9 +21,10 @@
 //!   bodies (on by default: a body that moves less than 1 byte/s for 20 s fails). The read timeout runs from the
 //!   start of the request, so it includes sending the body; PUT and UploadPart therefore get an allowance for
 //!   their body at [`MIN_UPLOAD_RATE`] on top.
+use super::sse_c_keys::{with_each_key, OlderKeys};
 use super::{
     ByteRange, CompletedPart, GetOutput, ListEntry, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition, Sse,
-    StoreError, StoreResult,
+    SseCustomerKey, StoreError, StoreResult,
 };
 use async_trait::async_trait;
 use aws_config::meta::region::RegionProviderChain;
@@ -39,6 +41,7 @@ use aws_sdk_s3::Client;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// DeleteObjects takes at most this many keys per request.
@@ -141,8 +144,10 @@ pub struct S3Store {
     bucket: String,
     sse: Sse,
     /// How the source of a CopyObject is encrypted, when not as `sse` says (a key rotation copies from the old
-    /// SSE-C key to the new one).
-    copy_source_sse: Option<Sse>,
+    /// SSE-C keys to the new one).
+    copy_source_sse: Option<(Sse, Option<Arc<OlderKeys>>)>,
+    /// Older SSE-C keys accepted for reading, after `sse`'s own.
+    older: Option<Arc<OlderKeys>>,
 }
 
 /// Applies the destination encryption headers of a write (PUT, CreateMultipartUpload, CopyObject).
@@ -221,14 +226,30 @@ impl S3Store {
             bucket: bucket.into(),
             sse,
             copy_source_sse: None,
+            older: None,
         }
     }
 
-    /// A store whose copies read their source under `source` (its SSE-C key) and write under this store's own
-    /// settings: what a key rotation in the SSE modes needs.
-    pub fn with_copy_source_sse(mut self, source: Sse) -> Self {
-        self.copy_source_sse = Some(source);
+    /// A store whose copies read their source under `source` (its SSE-C key, or one of `source_older`) and write
+    /// under this store's own settings: what a key rotation in the SSE modes needs.
+    pub fn with_copy_source_sse(mut self, source: Sse, source_older: Vec<SseCustomerKey>) -> Self {
+        let older = (!source_older.is_empty()).then(|| Arc::new(OlderKeys::new(source_older)));
+        self.copy_source_sse = Some((source, older));
         self
+    }
+
+    /// Older SSE-C keys this store also reads with (and copies from), after its own.
+    pub fn with_older_customer_keys(mut self, keys: Vec<SseCustomerKey>) -> Self {
+        self.older = (!keys.is_empty() && matches!(self.sse, Sse::Customer(_))).then(|| Arc::new(OlderKeys::new(keys)));
+        self
+    }
+
+    /// The keys the source of a copy is read with: the copy-source settings if given, else this store's own.
+    fn source_keys(&self) -> (&Sse, Option<&OlderKeys>) {
+        match &self.copy_source_sse {
+            Some((sse, older)) => (sse, older.as_deref()),
+            None => (&self.sse, self.older.as_deref()),
+        }
     }
 
     pub fn bucket(&self) -> &str {
@@ -275,6 +296,62 @@ impl S3Store {
             },
             e,
         )
+    }
+}
+
+/// The [`ObjectInfo`] of a HEAD or GET response (distinct SDK types with the same accessors).
+macro_rules! object_info {
+    ($out:expr, $key:expr, $size:expr) => {
+        ObjectInfo {
+            key: $key.to_string(),
+            size: $size,
+            etag: $out.e_tag().unwrap_or_default().to_string(),
+            last_modified: to_time($out.last_modified()),
+            metadata: to_metadata($out.metadata()),
+            sse_algorithm: $out.server_side_encryption().map(|s| s.as_str().to_string()),
+            sse_kms_key_id: $out.ssekms_key_id().map(str::to_string),
+            sse_customer_algorithm: $out.sse_customer_algorithm().map(str::to_string),
+        }
+    };
+}
+
+impl S3Store {
+    async fn head_with(&self, key: &str, sse: Sse) -> StoreResult<ObjectInfo> {
+        let req = self.client.head_object().bucket(&self.bucket).key(key);
+        let out = sse_c!(req, &sse).send().await.map_err(|e| self.err("HEAD", key, e))?;
+        Ok(object_info!(out, key, out.content_length().unwrap_or(0).max(0) as u64))
+    }
+
+    async fn get_with(
+        &self,
+        key: &str,
+        range: Option<ByteRange>,
+        if_match: Option<&str>,
+        sse: Sse,
+    ) -> StoreResult<GetOutput> {
+        let range = range.map(|r| range_header(key, r)).transpose()?;
+        let req = self.client.get_object().bucket(&self.bucket).key(key).set_range(range);
+        let req = sse_c!(req, &sse).set_if_match(if_match.map(str::to_string));
+        let out = match req.send().await.map_err(|e| self.err("GET", key, e)) {
+            Err(StoreError::InvalidRange(msg)) => return self.empty_object_range(key, if_match, msg).await,
+            other => other?,
+        };
+        let size = total_from_content_range(out.content_range());
+        let info = object_info!(
+            out,
+            key,
+            size.unwrap_or(out.content_length().unwrap_or(0).max(0) as u64)
+        );
+        let data = out.body.collect().await.map_err(|e| {
+            StoreError::Transient(format!(
+                "GET {key}: reading the body failed: {}",
+                DisplayErrorContext(&e)
+            ))
+        })?;
+        Ok(GetOutput {
+            data: data.into_bytes(),
+            info,
+        })
     }
 }
 
@@ -333,52 +410,12 @@ fn total_from_content_range(cr: Option<&str>) -> Option<u64> {
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
-        let req = self.client.head_object().bucket(&self.bucket).key(key);
-        let out = sse_c!(req, &self.sse)
-            .send()
-            .await
-            .map_err(|e| self.err("HEAD", key, e))?;
-        Ok(ObjectInfo {
-            key: key.to_string(),
-            size: out.content_length().unwrap_or(0).max(0) as u64,
-            etag: out.e_tag().unwrap_or_default().to_string(),
-            last_modified: to_time(out.last_modified()),
-            metadata: to_metadata(out.metadata()),
-            sse_algorithm: out.server_side_encryption().map(|s| s.as_str().to_string()),
-            sse_kms_key_id: out.ssekms_key_id().map(str::to_string),
-            sse_customer_algorithm: out.sse_customer_algorithm().map(str::to_string),
-        })
+        with_each_key(self.older.as_deref(), key, &self.sse, |sse| self.head_with(key, sse)).await
     }
 
     async fn get(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetOutput> {
-        let range = range.map(|r| range_header(key, r)).transpose()?;
-        let req = self.client.get_object().bucket(&self.bucket).key(key).set_range(range);
-        let req = sse_c!(req, &self.sse).set_if_match(if_match.map(str::to_string));
-        let out = match req.send().await.map_err(|e| self.err("GET", key, e)) {
-            Err(StoreError::InvalidRange(msg)) => return self.empty_object_range(key, if_match, msg).await,
-            other => other?,
-        };
-        let info = ObjectInfo {
-            key: key.to_string(),
-            size: total_from_content_range(out.content_range())
-                .unwrap_or(out.content_length().unwrap_or(0).max(0) as u64),
-            etag: out.e_tag().unwrap_or_default().to_string(),
-            last_modified: to_time(out.last_modified()),
-            metadata: to_metadata(out.metadata()),
-            sse_algorithm: out.server_side_encryption().map(|s| s.as_str().to_string()),
-            sse_kms_key_id: out.ssekms_key_id().map(str::to_string),
-            sse_customer_algorithm: out.sse_customer_algorithm().map(str::to_string),
-        };
-        let data = out.body.collect().await.map_err(|e| {
-            StoreError::Transient(format!(
-                "GET {key}: reading the body failed: {}",
-                DisplayErrorContext(&e)
-            ))
-        })?;
-        Ok(GetOutput {
-            data: data.into_bytes(),
-            info,
-        })
+        let older = self.older.as_deref();
+        with_each_key(older, key, &self.sse, |sse| self.get_with(key, range, if_match, sse)).await
     }
 
     async fn put(&self, key: &str, body: Bytes, metadata: &Metadata, cond: PutCondition) -> StoreResult<ObjectInfo> {
@@ -463,8 +500,13 @@ impl ObjectStore for S3Store {
             .copy_source(self.copy_source(source_key))
             .copy_source_range(format!("bytes={}-{}", source_range.start, source_range.end - 1))
             .set_copy_source_if_match(source_if_match.map(str::to_string));
-        let req = copy_source_sse_c!(sse_c!(req, &self.sse), &self.sse);
-        let out = req.send().await.map_err(|e| self.err("UploadPartCopy", key, e))?;
+        let req = &sse_c!(req, &self.sse);
+        let (source_sse, source_older) = self.source_keys();
+        let out = with_each_key(source_older, source_key, source_sse, |source| async move {
+            let req = copy_source_sse_c!(req.clone(), &source);
+            req.send().await.map_err(|e| self.err("UploadPartCopy", key, e))
+        })
+        .await?;
         let etag = out
             .copy_part_result()
             .and_then(|r| r.e_tag())
@@ -561,9 +603,13 @@ impl ObjectStore for S3Store {
                 .set_metadata(to_sdk_metadata(m)),
             None => req.metadata_directive(MetadataDirective::Copy),
         };
-        let source_sse = self.copy_source_sse.as_ref().unwrap_or(&self.sse);
-        let req = condition!(copy_source_sse_c!(write_sse!(req, &self.sse), source_sse), &cond);
-        let out = req.send().await.map_err(|e| self.err("CopyObject", dest_key, e))?;
+        let req = &condition!(write_sse!(req, &self.sse), &cond);
+        let (source_sse, source_older) = self.source_keys();
+        let out = with_each_key(source_older, source_key, source_sse, |source| async move {
+            let req = copy_source_sse_c!(req.clone(), &source);
+            req.send().await.map_err(|e| self.err("CopyObject", dest_key, e))
+        })
+        .await?;
         let etag = out.copy_object_result().and_then(|r| r.e_tag());
         response_etag("CopyObject", dest_key, etag)
     }
