@@ -389,15 +389,19 @@ fn an_sse_c_rotation_moves_every_object_to_the_new_customer_key() {
     // 500 files and the markers of directories m0..m6.
     assert!(json.contains("\"rekeyed\":507"), "{json}");
     read_all_with(&vol, &[&to], &files);
-    for (name, _) in files.iter().filter(|(_, d)| !d.is_empty()).take(5) {
-        let old_cat = common::s3crypt_cli(&[
-            "cat",
-            &format!("s3://{}/{name}", vol.bucket),
-            "-o",
-            &vol.options.join(","),
-        ]);
-        assert_ne!(old_cat.status.code(), Some(0), "the old SSE-C key still reads {name}");
+    // The old key reads nothing: through a mount every file is refused, and `cat` says so too.
+    {
+        let m = TestMount::mount(&vol);
+        let root = m.mnt.path().to_path_buf();
+        in_parallel(&files, |(name, _)| {
+            let e = std::fs::read(root.join(name)).expect_err("the old SSE-C key still reads");
+            assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{name}: {e}");
+        });
     }
+    let name = &files[1].0;
+    let cat = format!("s3://{}/{name}", vol.bucket);
+    let old_cat = common::s3crypt_cli(&["cat", &cat, "-o", &vol.options.join(",")]);
+    assert_ne!(old_cat.status.code(), Some(0), "the old SSE-C key still reads {name}");
     let again = rekey(&vol, &[&to], &to, &["--json"]);
     assert!(
         String::from_utf8_lossy(&again.stdout).contains("\"already\":507"),
