@@ -137,6 +137,10 @@ pub fn s3_client_from(conf: &SdkConfig, path_style: bool) -> Client {
     )
 }
 
+/// The largest GET body whose buffer is allocated up front from its Content-Length (a larger one grows as it
+/// arrives, so a server's header alone never reserves more).
+const MAX_PRESIZED_BODY: i64 = 64 * 1024 * 1024;
+
 /// The object store over one bucket of S3 (or an S3-compatible server).
 #[derive(Clone, Debug)]
 pub struct S3Store {
@@ -342,14 +346,21 @@ impl S3Store {
             key,
             size.unwrap_or(out.content_length().unwrap_or(0).max(0) as u64)
         );
-        let data = out.body.collect().await.map_err(|e| {
+        // The body is copied chunk by chunk into one buffer of the announced length, each chunk freed once
+        // copied: collecting the chunks first and then joining them would hold the body twice.
+        let announced = out.content_length().unwrap_or(0).clamp(0, MAX_PRESIZED_BODY) as usize;
+        let mut data = Vec::with_capacity(announced);
+        let mut body = out.body;
+        while let Some(chunk) = body.try_next().await.map_err(|e| {
             StoreError::Transient(format!(
                 "GET {key}: reading the body failed: {}",
                 DisplayErrorContext(&e)
             ))
-        })?;
+        })? {
+            data.extend_from_slice(&chunk);
+        }
         Ok(GetOutput {
-            data: data.into_bytes(),
+            data: Bytes::from(data),
             info,
         })
     }
