@@ -137,6 +137,9 @@ pub fn s3_client_from(conf: &SdkConfig, path_style: bool) -> Client {
     )
 }
 
+/// Extra time CompleteMultipartUpload gets per part to assemble the object before it answers.
+const COMPLETE_ALLOWANCE_PER_PART: Duration = Duration::from_secs(1);
+
 /// The largest GET body whose buffer is allocated up front from its Content-Length (a larger one grows as it
 /// arrives, so a server's header alone never reserves more).
 const MAX_PRESIZED_BODY: i64 = 64 * 1024 * 1024;
@@ -274,8 +277,13 @@ impl S3Store {
         if at_min_rate(len) <= read / 4 {
             return None;
         }
-        let allowance = at_min_rate(len.next_power_of_two());
-        let mut t = TimeoutConfig::builder().read_timeout(read + allowance);
+        self.extended_timeouts(at_min_rate(len.next_power_of_two()))
+    }
+
+    /// The client's timeouts with `allowance` added to the read, attempt and operation timeouts.
+    fn extended_timeouts(&self, allowance: Duration) -> Option<TimeoutConfig> {
+        let base = self.client.config().timeout_config()?;
+        let mut t = TimeoutConfig::builder().read_timeout(base.read_timeout()? + allowance);
         t.set_connect_timeout(base.connect_timeout());
         t.set_operation_attempt_timeout(base.operation_attempt_timeout().map(|a| a + allowance));
         t.set_operation_timeout(base.operation_timeout().map(|o| o + allowance));
@@ -533,6 +541,7 @@ impl ObjectStore for S3Store {
         parts: Vec<CompletedPart>,
         cond: PutCondition,
     ) -> StoreResult<String> {
+        let part_count = parts.len() as u32;
         let parts = parts
             .into_iter()
             .map(|p| {
@@ -550,7 +559,14 @@ impl ObjectStore for S3Store {
             .key(key)
             .upload_id(upload_id);
         let req = condition!(req.multipart_upload(upload), &cond);
+        // S3 may take minutes to assemble a large object before it answers (AWS keeps the connection alive with
+        // whitespace; other servers, LocalStack among them, say nothing until done). Cutting it off at the plain
+        // read timeout and retrying raced the first completion: a 10 GiB object came out unreadable.
+        let mut conf = aws_sdk_s3::config::Builder::default();
+        conf.set_timeout_config(self.extended_timeouts(COMPLETE_ALLOWANCE_PER_PART * part_count));
         let out = req
+            .customize()
+            .config_override(conf)
             .send()
             .await
             .map_err(|e| self.err("CompleteMultipartUpload", key, e))?;
