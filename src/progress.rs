@@ -89,3 +89,28 @@ impl Drop for Reporter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_counts_objects_and_bytes_and_estimates_the_rest() {
+        let objects = vec![("a".to_string(), 3_000_000), ("b".to_string(), 1_000_000)];
+        let p = Progress::new("rekey", &objects);
+        assert!(p.line().starts_with("rekey: 0/2 objects, 0.0/4.0 MB"), "{}", p.line());
+        assert!(p.line().ends_with("ETA ?"), "nothing done yet: {}", p.line());
+        std::thread::sleep(Duration::from_millis(20));
+        p.done(3_000_000);
+        let line = p.line();
+        assert!(line.starts_with("rekey: 1/2 objects, 3.0/4.0 MB, "), "{line}");
+        let eta: f64 = line
+            .rsplit_once("ETA ")
+            .unwrap()
+            .1
+            .trim_end_matches(" s")
+            .parse()
+            .unwrap();
+        assert!(eta >= 0.0, "{line}");
+    }
+}
