@@ -78,9 +78,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Moves every file of a client-side volume to a new key without rewriting data: each data key is re-wrapped
-    /// (cse-kms: KMS ReEncrypt) and stored by a metadata-only copy in place; the volume descriptor last.
-    /// Resumable: a rerun skips what is done. Prints `FAILED s3://BUCKET/KEY: reason` for each failure; exits 0
+    /// Moves every file of a volume to a new key without moving data: in cse-local and cse-kms each data key is
+    /// re-wrapped (cse-kms: KMS ReEncrypt) and stored by a metadata-only copy in place, the volume descriptor
+    /// last; in the SSE modes S3 copies each object onto itself under the new settings (another SSE-C key,
+    /// another KMS key, or between sse-s3 and sse-kms). A mount may keep running with the new key and the old
+    /// one for reading (old_master_key_file=, old_kms_key_id=, or the old SSE-C key on a second line of the key
+    /// file). Resumable: a rerun skips what is done. Prints `FAILED s3://BUCKET/KEY: reason` for each failure; exits 0
     /// when all is done, 1 if an object failed, 2 if it could not start, 130 after Ctrl-C.
     Rekey {
         /// The volume: s3://BUCKET or s3://BUCKET/PREFIX.
@@ -88,7 +91,8 @@ pub enum Command {
         /// The current (old) key and connection options, as for `mount`.
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
-        /// The new key options, applied over the old ones (e.g. master_key_file=NEW or kms_key_id=NEW).
+        /// The new key options, applied over the old ones (e.g. master_key_file=NEW, kms_key_id=NEW,
+        /// sse_c_key_file=NEW, key_mode=sse-kms,kms_key_id=K).
         #[arg(long = "to", value_name = "OPTIONS", required = true)]
         to: Vec<String>,
         /// Count what would change; change nothing.
