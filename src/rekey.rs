@@ -1,6 +1,5 @@
 //! `s3crypt rekey s3://BUCKET[/PREFIX] -o <old key options> --to <new key options>`: key rotation without moving data,
 //! in every mode.
-//! rewriting data, for the client-side modes.
 //!
 //! The envelope design exists for this: each file's data key is small and wrapped on its own. For every object
 //! the wrapped key is moved to the new key (cse-local: unwrapped with the old master key, wrapped with the new
