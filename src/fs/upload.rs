@@ -253,8 +253,9 @@ impl Fs {
         Some((info.etag.clone(), info.metadata != snap.meta))
     }
 
-    /// Whether the object (`now`) is still the snapshot's base, metadata and all (a failed condition against it
-    /// was an operation in progress, not a change).
+    /// Whether the object (`now`) still has the snapshot's base ETag and no rotation mark: a condition that
+    /// failed against it met an operation in progress (S3's 409), not another version (a metadata-only change
+    /// keeps the ETag, but then the condition would have held).
     fn unchanged(snap: &Snapshot, now: Option<&crate::store::ObjectInfo>) -> bool {
         match (&snap.base, now) {
             (Some(base), Some(now)) => {
