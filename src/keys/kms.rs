@@ -83,9 +83,7 @@ impl KmsProvider {
             .send()
             .await
             .map_err(|e| kms_error(e, "Encrypt", &self.key_id))?;
-        out.ciphertext_blob
-            .map(Blob::into_inner)
-            .ok_or_else(|| KeyError::Kms("Encrypt: KMS returned no CiphertextBlob".into()))
+        take_ciphertext(out.ciphertext_blob, "Encrypt")
     }
 
     /// The configured KMS key (not secret).
@@ -141,6 +139,12 @@ where
     }
 }
 
+/// The wrapped key a KMS response carries.
+fn take_ciphertext(blob: Option<Blob>, op: &str) -> Result<Vec<u8>, KeyError> {
+    blob.map(Blob::into_inner)
+        .ok_or_else(|| KeyError::Kms(format!("{op}: KMS returned no CiphertextBlob")))
+}
+
 fn take_plaintext(blob: Option<Blob>, op: &str) -> Result<DataKey, KeyError> {
     let plain = Zeroizing::new(blob.map(Blob::into_inner).unwrap_or_default());
     DataKey::from_slice(&plain).ok_or_else(|| {
@@ -173,11 +177,7 @@ impl DataKeyProvider for KmsProvider {
                 kms_error(e, "GenerateDataKey", &self.key_id)
             })?;
         let key = take_plaintext(out.plaintext.take(), "GenerateDataKey")?;
-        let wrapped = out
-            .ciphertext_blob
-            .take()
-            .map(Blob::into_inner)
-            .ok_or_else(|| KeyError::Kms("GenerateDataKey: KMS returned no CiphertextBlob".into()))?;
+        let wrapped = take_ciphertext(out.ciphertext_blob.take(), "GenerateDataKey")?;
         Ok((key, wrapped))
     }
 
@@ -210,9 +210,7 @@ impl DataKeyProvider for KmsProvider {
             .send()
             .await
             .map_err(|e| kms_error(e, "ReEncrypt", &self.key_id))?;
-        out.ciphertext_blob
-            .map(Blob::into_inner)
-            .ok_or_else(|| KeyError::Kms("ReEncrypt: KMS returned no CiphertextBlob".into()))
+        take_ciphertext(out.ciphertext_blob, "ReEncrypt")
     }
 
     async fn unwrap(&self, file_id: &FileId, wrapped: &[u8]) -> Result<DataKey, KeyError> {

@@ -202,16 +202,23 @@ macro_rules! copy_source_sse_c {
     };
 }
 
-/// Sends a request that uploads `$len` body bytes, with [`S3Store::upload_timeouts`] when the body needs them.
-macro_rules! send_upload {
-    ($store:expr, $req:expr, $len:expr) => {
-        match $store.upload_timeouts($len) {
+/// Sends a request with `$timeouts` (an `Option<TimeoutConfig>`) in place of the client's when given.
+macro_rules! send_with_timeouts {
+    ($req:expr, $timeouts:expr) => {
+        match $timeouts {
             Some(t) => {
                 let conf = aws_sdk_s3::config::Builder::default().timeout_config(t);
                 $req.customize().config_override(conf).send().await
             }
             None => $req.send().await,
         }
+    };
+}
+
+/// Sends a request that uploads `$len` body bytes, with [`S3Store::upload_timeouts`] when the body needs them.
+macro_rules! send_upload {
+    ($store:expr, $req:expr, $len:expr) => {
+        send_with_timeouts!($req, $store.upload_timeouts($len))
     };
 }
 
@@ -562,14 +569,8 @@ impl ObjectStore for S3Store {
         // S3 may take minutes to assemble a large object before it answers (AWS keeps the connection alive with
         // whitespace; other servers, LocalStack among them, say nothing until done). Cutting it off at the plain
         // read timeout and retrying raced the first completion: a 10 GiB object came out unreadable.
-        let mut conf = aws_sdk_s3::config::Builder::default();
-        conf.set_timeout_config(self.extended_timeouts(COMPLETE_ALLOWANCE_PER_PART * part_count));
-        let out = req
-            .customize()
-            .config_override(conf)
-            .send()
-            .await
-            .map_err(|e| self.err("CompleteMultipartUpload", key, e))?;
+        let timeouts = self.extended_timeouts(COMPLETE_ALLOWANCE_PER_PART * part_count);
+        let out = send_with_timeouts!(req, timeouts).map_err(|e| self.err("CompleteMultipartUpload", key, e))?;
         response_etag("CompleteMultipartUpload", key, out.e_tag())
     }
 
