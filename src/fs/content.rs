@@ -111,8 +111,9 @@ impl Fs {
     /// Writes `data` at `offset`: every touched block is sealed into the journal before this returns.
     pub(super) async fn write_at(&self, file: &Arc<OpenFile>, offset: u64, data: &[u8]) -> FsResult<()> {
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig)?;
+        let mut stale_tries = 0;
         loop {
-            let (edges, base_id) = {
+            let (edges, base, key) = {
                 let st = file.state.lock().await;
                 if st.poisoned {
                     return Err(FsError::Poisoned);
@@ -120,11 +121,30 @@ impl Fs {
                 if end > Self::max_size(&st.codec) {
                     return Err(FsError::FileTooBig);
                 }
-                (self.edge_needs(&st, offset, end), st.base.as_ref().map(|b| b.id))
+                (self.edge_needs(&st, offset, end), st.base.clone(), st.key.clone())
             };
+            let base_id = base.as_ref().map(|b| b.id);
             let mut fetched = Vec::new();
             for &(i, valid) in &edges {
-                fetched.push((i, valid, self.blocks_now_base(file, i).await?));
+                let Some(base) = &base else {
+                    fetched.push((i, valid, Vec::new()));
+                    continue;
+                };
+                match self.base_blocks(&key, base, i..i + 1).await {
+                    Ok(got) => fetched.push((i, valid, got.first().map(|b| b.to_vec()).unwrap_or_default())),
+                    // The base's ETag moved under the GET (this mount's own upload loop, most likely): start
+                    // again from what the state names once it has the new one.
+                    Err(e) if super::read::is_stale(&e) && stale_tries < super::read::STALE_RETRIES => {
+                        stale_tries += 1;
+                        let seen = Some((base.id, base.etag.clone()));
+                        self.await_base_move(file, seen, e).await?;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if fetched.len() < edges.len() {
+                continue;
             }
             let mut st = file.state.lock().await;
             let unchanged = st.base.as_ref().map(|b| b.id) == base_id
@@ -155,17 +175,6 @@ impl Fs {
             }
         }
         edges
-    }
-
-    /// Base block `i` of the file as the state now names it (no lock held while fetching).
-    async fn blocks_now_base(&self, file: &OpenFile, i: u64) -> FsResult<Vec<u8>> {
-        let (base, key) = {
-            let st = file.state.lock().await;
-            (st.base.clone(), st.key.clone())
-        };
-        let Some(base) = base else { return Ok(Vec::new()) };
-        let got = self.base_blocks(&key, &base, i..i + 1).await?;
-        Ok(got.first().map(|b| b.to_vec()).unwrap_or_default())
     }
 
     /// Seals the written blocks into the journal and records them, under the state's lock.

@@ -19,7 +19,8 @@
 use super::blockcache::Block;
 use super::codec::Version;
 use super::stats::FsCounters;
-use super::{lock, Fs, FsError, FsResult};
+use super::write::OpenFile;
+use super::{lock, Fs, FsError, FsResult, Handle};
 use crate::format::{self, BlockSize, FormatError};
 use crate::store::{ByteRange, ObjectStore};
 use bytes::Bytes;
@@ -187,6 +188,23 @@ impl Fs {
     /// Reads `size` bytes at `offset` through handle `fh`.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let h = self.handle(fh)?;
+        let mut window = None;
+        let mut attempts = 0;
+        loop {
+            let seen = base_mark(&h.file).await;
+            match self.read_once(&h, offset, size, &mut window).await {
+                Err(e) if is_stale(&e) && attempts < STALE_RETRIES => {
+                    attempts += 1;
+                    self.await_base_move(&h.file, seen, e).await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// One try of [`Self::read`]; `window`: the read-ahead for this read, worked out on the first try (the
+    /// sequential streak counts each read once).
+    async fn read_once(&self, h: &Handle, offset: u64, size: u32, window: &mut Option<u64>) -> FsResult<Bytes> {
         let st = h.file.state.lock().await;
         let clean = st.dirty.is_empty()
             && st
@@ -198,7 +216,7 @@ impl Fs {
             drop(st);
             return self.read_modified(&h.file, file_size, bs, offset, size).await;
         }
-        let Some(mut base) = st.base.clone() else {
+        let Some(base) = st.base.clone() else {
             return Ok(Bytes::new());
         };
         let key = st.key.clone();
@@ -207,25 +225,39 @@ impl Fs {
             return Ok(Bytes::new());
         }
         let end = (offset + u64::from(size)).min(base.plain_size);
-        let window = self.reader.window(h.streak(offset, end));
+        let window = *window.get_or_insert_with(|| self.reader.window(h.streak(offset, end)));
         let blocks = format::blocks_touching(offset, end - offset, base.codec.block_size());
-        let mut attempts = 0;
+        let got = self.blocks_of(&key, &base, blocks.clone(), window).await?;
+        Ok(assemble(&got, blocks.start, base.codec.block_len(), offset, end))
+    }
+
+    /// After a GET of the file's base failed its `If-Match` (`stale`): waits until the state no longer names the
+    /// base it named before the GET (`seen`), so that the caller can start again from the state.
+    ///
+    /// This mount's own upload loop moves the ETag under readers and writers: a metadata copy (a chmod, xattrs,
+    /// the attributes after a write-behind upload) keeps the bytes and changes the ETag, and a committed upload
+    /// makes a new version; S3 has the new ETag a moment before the loop records it. `Err(stale)` when the state
+    /// still names the same base and no upload of this file is running (someone else changed the object), or
+    /// after `upload_timeout`.
+    pub(super) async fn await_base_move(
+        &self,
+        file: &OpenFile,
+        seen: Option<(u64, String)>,
+        stale: FsError,
+    ) -> FsResult<()> {
+        let deadline = tokio::time::Instant::now() + self.cfg.upload_timeout;
+        let mut status = file.status.subscribe();
         loop {
-            match self.blocks_of(&key, &base, blocks.clone(), window).await {
-                Ok(got) => return Ok(assemble(&got, blocks.start, base.codec.block_len(), offset, end)),
-                // This mount rewrote the object's metadata (a chmod, the attributes after a write-behind upload):
-                // same bytes, new ETag. The GET conditional on the old one fails until the state has the new one.
-                Err(e) if is_stale(&e) && attempts < STALE_RETRIES => {
-                    attempts += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(20 << attempts)).await;
-                    let now = h.file.state.lock().await.base.clone();
-                    match now {
-                        Some(v) if v.id == base.id => base = v,
-                        _ => return Err(e),
-                    }
-                }
-                Err(e) => return Err(e),
+            status.borrow_and_update();
+            if base_mark(file).await != seen {
+                return Ok(());
             }
+            if !file.running.load(std::sync::atomic::Ordering::SeqCst) || tokio::time::Instant::now() >= deadline {
+                return Err(stale);
+            }
+            // The loop reports every round it ends (saved or failed); the tick covers a loop that stops between.
+            let tick = (tokio::time::Instant::now() + std::time::Duration::from_millis(100)).min(deadline);
+            let _ = tokio::time::timeout_at(tick, status.changed()).await;
         }
     }
 
@@ -370,11 +402,16 @@ impl Fs {
     }
 }
 
-/// Tries of a read whose version's ETag went stale under it (see [`Fs::read`]).
-const STALE_RETRIES: u32 = 4;
+/// Tries of a read or write whose base's ETag went stale under it (see [`Fs::await_base_move`]).
+pub(super) const STALE_RETRIES: u32 = 4;
+
+/// What the file's state names as its base: the version and its ETag.
+pub(super) async fn base_mark(file: &OpenFile) -> Option<(u64, String)> {
+    file.state.lock().await.base.as_ref().map(|b| (b.id, b.etag.clone()))
+}
 
 /// A GET that failed its `If-Match`: the object's ETag is no longer the version's.
-fn is_stale(e: &FsError) -> bool {
+pub(super) fn is_stale(e: &FsError) -> bool {
     matches!(
         e.root(),
         FsError::Store(crate::store::StoreError::PreconditionFailed(_))

@@ -463,3 +463,99 @@ async fn large_parts_are_streamed_from_a_file_and_round_trip() {
         .collect();
     assert!(left.is_empty(), "staged parts and the journal entry are gone: {left:?}");
 }
+
+/// Waits until the store has seen more than `n` calls of `op`, then a moment longer (the call reaches the inner
+/// store).
+async fn call_started(store: &FailingStore<MemoryStore>, op: OpKind, n: u64) {
+    for _ in 0..500 {
+        if store.stats().count(op) > n {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("no {op:?} was sent");
+}
+
+/// S3 has the new ETag of this mount's own upload (a metadata copy for a chmod, or a new version) a moment before
+/// the upload loop records it: a write or a read that needs a block of the base in that moment follows the new
+/// ETag instead of failing (EIO) on the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_follow_the_etag_of_an_upload_in_flight() {
+    for mode in [KeyMode::CseLocal, KeyMode::SseS3] {
+        let dir = tempfile::tempdir().unwrap();
+        // Fast ETags: a metadata copy changes the ETag, as S3 does for a multipart object.
+        let store = Arc::new(FailingStore::new(MemoryStore::fast()));
+        let keys = || mode.is_client_side().then(cse_keys);
+        let mut want = data(3 * 4096, 9);
+        {
+            let fs = Fs::new(store.clone(), keys(), config(dir.path(), mode)).unwrap();
+            let (_, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+            fs.write(fh, 0, &want).await.unwrap();
+            fs.release(fh).await.unwrap();
+        }
+        // A fresh mount: nothing of the file is cached, every base block is a GET conditional on the ETag.
+        let dir2 = tempfile::tempdir().unwrap();
+        let fs = Fs::new(store.clone(), keys(), config(dir2.path(), mode)).unwrap();
+        let ino = fs.lookup(ROOT_INO, "f").await.unwrap().ino;
+        let fh = fs.open(ino, true, false).await.unwrap();
+
+        // A chmod through the open file: its flush is a metadata copy, whose answer is slow.
+        let change = AttrChange {
+            perm: Some(0o600),
+            ..AttrChange::default()
+        };
+        fs.setattr(ino, None, change).await.unwrap();
+        let copies = store.stats().count(OpKind::Copy);
+        store.add_rule(
+            Rule::new(
+                Some(OpKind::Copy),
+                When::Always,
+                Action::DelayAfter(Duration::from_millis(500)),
+            )
+            .times(1),
+        );
+        let f2 = fs.clone();
+        let flush = tokio::spawn(async move { f2.flush(fh).await });
+        call_started(&store, OpKind::Copy, copies).await;
+        // A write into the middle of block 1 needs the base's block 1.
+        fs.write(fh, 4096 + 10, b"abc")
+            .await
+            .expect("a write during the metadata copy");
+        want[4106..4109].copy_from_slice(b"abc");
+        flush.await.unwrap().unwrap();
+        assert_eq!(
+            store.stats().count(OpKind::Copy),
+            copies + 1,
+            "{mode}: one metadata copy"
+        );
+
+        // The write's upload, whose answer is slow: a read of block 2 (from the base) meanwhile.
+        let puts = store.stats().count(OpKind::Put);
+        store.add_rule(
+            Rule::new(
+                Some(OpKind::Put),
+                When::Always,
+                Action::DelayAfter(Duration::from_millis(500)),
+            )
+            .times(1),
+        );
+        let f2 = fs.clone();
+        let flush = tokio::spawn(async move { f2.flush(fh).await });
+        call_started(&store, OpKind::Put, puts).await;
+        let got = fs.read(fh, 2 * 4096 + 5, 100).await.expect("a read during the upload");
+        same(&got, &want[2 * 4096 + 5..2 * 4096 + 105], "read during the upload");
+        flush.await.unwrap().unwrap();
+        fs.release(fh).await.unwrap();
+
+        let dir3 = tempfile::tempdir().unwrap();
+        let fresh = Fs::new(store.clone(), keys(), config(dir3.path(), mode)).unwrap();
+        let seen = fresh.lookup(ROOT_INO, "f").await.unwrap();
+        assert_eq!(seen.perm, 0o600, "{mode}");
+        same(
+            &read_all(&fresh, seen.ino).await,
+            &want,
+            &format!("{mode}: after a fresh mount"),
+        );
+    }
+}

@@ -142,6 +142,8 @@ pub enum Action {
     FailAfter(FaultKind),
     /// Wait this long before forwarding the call.
     Delay(Duration),
+    /// Forward the call, then wait this long before answering (a slow response: the store has already changed).
+    DelayAfter(Duration),
 }
 
 /// One fault-injection rule. Build with [`Rule::new`] or [`Rule::fail`] and refine with the builder methods.
@@ -230,6 +232,7 @@ impl RuleState {
 #[derive(Default)]
 struct Plan {
     delay: Duration,
+    delay_after: Duration,
     before: Option<FaultKind>,
     after: Option<FaultKind>,
 }
@@ -412,6 +415,7 @@ impl<S: ObjectStore> FailingStore<S> {
                 Action::Fail(k) => plan.before = plan.before.or(Some(k)),
                 Action::FailAfter(k) => plan.after = plan.after.or(Some(k)),
                 Action::Delay(d) => plan.delay += d,
+                Action::DelayAfter(d) => plan.delay_after += d,
             }
         }
         plan
@@ -447,6 +451,9 @@ impl<S: ObjectStore> FailingStore<S> {
         }
         c.bytes_up.fetch_add(bytes_up, Ordering::Relaxed);
         let result = fut.await;
+        if !plan.delay_after.is_zero() {
+            tokio::time::sleep(plan.delay_after).await;
+        }
         let result = match (result, plan.after) {
             (Ok(_), Some(kind)) => {
                 c.injected.fetch_add(1, Ordering::Relaxed);
@@ -721,5 +728,32 @@ mod tests {
         let before = store.stats();
         store.list("", None, None, None).await.unwrap();
         assert_eq!(store.stats().since(&before).count(OpKind::List), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delay_after_changes_the_store_before_answering() {
+        let store = Arc::new(FailingStore::new(MemoryStore::new()));
+        store.add_rule(Rule::new(
+            Some(OpKind::Put),
+            When::Always,
+            Action::DelayAfter(Duration::from_millis(300)),
+        ));
+        let s = store.clone();
+        let put = tokio::spawn(async move {
+            s.put("k", Bytes::from_static(b"v"), &Metadata::new(), PutCondition::None)
+                .await
+        });
+        // The object is there while the PUT has not answered yet.
+        let mut seen = false;
+        for _ in 0..100 {
+            if store.head("k").await.is_ok() {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(seen, "the PUT reached the store");
+        assert!(!put.is_finished(), "and has not answered yet");
+        put.await.unwrap().unwrap();
     }
 }
