@@ -146,6 +146,28 @@ pub(crate) fn unsupported_rotation(from: KeyMode, to: KeyMode) -> KeyError {
 pub struct WithPrevious {
     pub current: Arc<dyn DataKeyProvider>,
     pub previous: Arc<dyn DataKeyProvider>,
+    /// Wrapped keys known to open under the current key, so that a file uploaded again and again during a
+    /// rotation costs one unwrap (a KMS Decrypt in cse-kms), not one per upload. Wrapped keys are ciphertext,
+    /// not secrets; the set is bounded.
+    known_current: std::sync::Mutex<lru::LruCache<(FileId, Vec<u8>), ()>>,
+}
+
+/// Wrapped keys [`WithPrevious`] remembers as current (about 200 bytes each).
+const KNOWN_CURRENT: usize = 4096;
+
+impl WithPrevious {
+    pub fn new(current: Arc<dyn DataKeyProvider>, previous: Arc<dyn DataKeyProvider>) -> Self {
+        let cap = std::num::NonZeroUsize::new(KNOWN_CURRENT).expect("non-zero");
+        WithPrevious {
+            current,
+            previous,
+            known_current: std::sync::Mutex::new(lru::LruCache::new(cap)),
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, lru::LruCache<(FileId, Vec<u8>), ()>> {
+        self.known_current.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[async_trait::async_trait]
@@ -167,10 +189,16 @@ impl DataKeyProvider for WithPrevious {
     }
 
     async fn to_current(&self, file_id: &FileId, wrapped: &[u8]) -> Result<Option<Vec<u8>>, KeyError> {
+        let id = (*file_id, wrapped.to_vec());
+        if self.known().get(&id).is_some() {
+            return Ok(None);
+        }
         if self.current.unwrap(file_id, wrapped).await.is_ok() {
+            self.known().put(id, ());
             return Ok(None);
         }
         let moved = self.current.rewrap(file_id, wrapped, self.previous.as_ref()).await?;
+        self.known().put((*file_id, moved.clone()), ());
         Ok(Some(moved))
     }
 
@@ -312,23 +340,23 @@ pub async fn build_keys(cfg: &KeyConfig, sdk: &aws_config::SdkConfig) -> Result<
         (KeyMode::CseKms, Some(key_id), _) => {
             let current: Arc<dyn DataKeyProvider> = Arc::new(KmsProvider::new(sdk, key_id.clone(), stats.clone()));
             match &cfg.old_kms_key_id {
-                Some(old) => Some(Arc::new(WithPrevious {
+                Some(old) => Some(Arc::new(WithPrevious::new(
                     current,
-                    previous: Arc::new(match old.as_str() {
+                    Arc::new(match old.as_str() {
                         kms::ANY_KMS_KEY => KmsProvider::discovery(sdk, stats.clone()),
                         _ => KmsProvider::new(sdk, old.clone(), stats.clone()),
                     }),
-                })),
+                ))),
                 None => Some(current),
             }
         }
         (KeyMode::CseLocal, _, Some(file)) => {
             let current: Arc<dyn DataKeyProvider> = Arc::new(LocalProvider::from_key_file(file, stats.clone())?);
             match &cfg.old_master_key_file {
-                Some(old) => Some(Arc::new(WithPrevious {
+                Some(old) => Some(Arc::new(WithPrevious::new(
                     current,
-                    previous: Arc::new(LocalProvider::from_key_file(old, stats.clone())?),
-                })),
+                    Arc::new(LocalProvider::from_key_file(old, stats.clone())?),
+                ))),
                 None => Some(current),
             }
         }
@@ -341,4 +369,34 @@ pub async fn build_keys(cfg: &KeyConfig, sdk: &aws_config::SdkConfig) -> Result<
         cache,
         stats,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_key_moved_to_the_current_key_is_not_unwrapped_again() {
+        let stats = Arc::new(KeyStats::new());
+        let old = Arc::new(LocalProvider::new(&[1u8; 32], "old", stats.clone()));
+        let new = Arc::new(LocalProvider::new(&[2u8; 32], "new", stats.clone()));
+        let both = WithPrevious::new(new.clone(), old.clone());
+        let id = [5u8; crate::format::FILE_ID_LEN];
+        let (key, under_old) = old.generate(&id).await.unwrap();
+        let moved = both.to_current(&id, &under_old).await.unwrap().expect("moved");
+        assert_eq!(new.unwrap(&id, &moved).await.unwrap().as_bytes(), key.as_bytes());
+        assert!(old.unwrap(&id, &moved).await.is_err());
+        let before = stats.snapshot().local_unwrap;
+        for _ in 0..10 {
+            assert!(both.to_current(&id, &moved).await.unwrap().is_none());
+        }
+        assert_eq!(stats.snapshot().local_unwrap, before, "known to be current: no unwrap");
+        // A key already under the current key when first seen: one unwrap, then none.
+        let (_, under_new) = new.generate(&[6u8; crate::format::FILE_ID_LEN]).await.unwrap();
+        let id6 = [6u8; crate::format::FILE_ID_LEN];
+        for _ in 0..5 {
+            assert!(both.to_current(&id6, &under_new).await.unwrap().is_none());
+        }
+        assert_eq!(stats.snapshot().local_unwrap, before + 1);
+    }
 }
