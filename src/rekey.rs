@@ -27,7 +27,7 @@ use crate::format::ObjectHeader;
 use crate::keys::{self, DataKeyProvider};
 use crate::store::retry::{RetryPolicy, Retrying};
 use crate::store::s3::S3Store;
-use crate::store::{ObjectInfo, ObjectStore, PutCondition, Sse, StoreError};
+use crate::store::{ObjectInfo, ObjectStore, PutCondition, Sse, StoreError, COPY_MAX};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use futures::stream::{self, StreamExt};
@@ -259,10 +259,9 @@ async fn rekey_one(
             base64::engine::general_purpose::STANDARD.encode(&wrapped),
         );
         meta.insert(keys::META_REKEYED_FROM.into(), info.etag.clone());
-        match store
-            .copy(key, key, Some(&meta), PutCondition::IfMatch(info.etag.clone()))
-            .await
-        {
+        let cond = PutCondition::IfMatch(info.etag.clone());
+        let etag = Some(info.etag.as_str());
+        match crate::store::copy_object(store, key, key, Some(&meta), cond, info.size, etag, COPY_MAX).await {
             Ok(_) => return Outcome::Rekeyed(info.size),
             // Changed since the HEAD (a mount wrote it): read it again.
             Err(StoreError::PreconditionFailed(_)) => continue,
@@ -373,10 +372,9 @@ async fn rekey_sse_one(
         // with the mark that tells a mount writing this file that only the key changed.
         let mut meta = info.metadata.clone();
         meta.insert(keys::META_REKEYED_FROM.into(), info.etag.clone());
-        match to
-            .copy(key, key, Some(&meta), PutCondition::IfMatch(info.etag.clone()))
-            .await
-        {
+        let cond = PutCondition::IfMatch(info.etag.clone());
+        let etag = Some(info.etag.as_str());
+        match crate::store::copy_object(to, key, key, Some(&meta), cond, info.size, etag, COPY_MAX).await {
             Ok(_) => return Outcome::Rekeyed(info.size),
             Err(StoreError::PreconditionFailed(_)) => continue,
             Err(e) => return Outcome::Failed(format!("copying it onto itself under the new settings: {e}")),

@@ -289,6 +289,7 @@ pub fn fs_config(
         max_parts: crate::fs::MAX_PARTS,
         volume_id: crate::fs::journal::volume_id(bucket, prefix),
         journal_key,
+        copy_max: crate::store::COPY_MAX,
     }
 }
 

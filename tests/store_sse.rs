@@ -188,3 +188,51 @@ async fn sse_c_is_enforced_and_round_trips() {
     assert_refused_without_key(&bucket, "mp.copy").await;
     assert_eq!(ssec.get("mp.copy", None, None).await.unwrap().data, got);
 }
+
+/// A copy over the single-CopyObject limit goes in parts (UploadPartCopy with the source's customer key), and a
+/// metadata copy onto itself stays conditional. The limit is lowered to reach the path with a 12 MiB object; S3's
+/// is 5 GiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_over_the_limit_go_in_parts_under_sse_c() {
+    use s3crypt::store::copy_object;
+    let bucket = common::create_bucket("bigcopy").await;
+    let ssec = store(&bucket, Sse::Customer(SseCustomerKey::new([9; 32]))).await;
+    let data = random_bytes(5, 12 * MIB + 7);
+    let mut meta = no_meta();
+    meta.insert("mode".into(), "0644".into());
+    let src = ssec.put("src", data.clone(), &meta, PutCondition::None).await.unwrap();
+    let (size, limit) = (data.len() as u64, 5 * MIB as u64);
+
+    let etag = copy_object(&ssec, "src", "dst", None, PutCondition::None, size, None, limit)
+        .await
+        .unwrap();
+    let dst = ssec.get("dst", None, None).await.unwrap();
+    assert_eq!(dst.data, data);
+    assert_eq!(dst.info.etag, etag);
+    assert!(etag.ends_with("-3\""), "three parts: {etag}");
+    assert_eq!(dst.info.metadata, meta, "the source's metadata");
+    assert_refused_without_key(&bucket, "dst").await;
+
+    let mut chmod = meta.clone();
+    chmod.insert("mode".into(), "0600".into());
+    let stale = copy_object(
+        &ssec,
+        "dst",
+        "dst",
+        Some(&chmod),
+        PutCondition::IfMatch(src.etag.clone()),
+        size,
+        Some(&src.etag),
+        limit,
+    )
+    .await;
+    assert!(matches!(stale, Err(StoreError::PreconditionFailed(_))), "{stale:?}");
+    let cond = PutCondition::IfMatch(etag.clone());
+    let moved = copy_object(&ssec, "dst", "dst", Some(&chmod), cond, size, Some(&etag), limit)
+        .await
+        .unwrap();
+    let after = ssec.get("dst", None, None).await.unwrap();
+    assert_eq!((after.data, after.info.metadata, after.info.etag), (data, chmod, moved));
+    let left = ssec.list_multipart_uploads("").await.unwrap();
+    assert!(left.is_empty(), "no upload left: {left:?}");
+}

@@ -441,7 +441,13 @@ impl Fs {
         let (src, dst) = (self.key_of(src_path), self.key_of(dst_path));
         // The copy keeps the source's size and metadata (MetadataDirective COPY); only the ETag is new.
         let source = lock(&self.inodes).get(ino).and_then(|n| n.remote.clone());
-        let etag = self.store.copy(&src, &dst, None, PutCondition::None).await?;
+        let size = match &source {
+            Some(r) => r.object_size,
+            None => self.store.head(&src).await?.size,
+        };
+        let etag = self
+            .copy_object(&src, &dst, None, PutCondition::None, size, None)
+            .await?;
         self.store.delete(&src).await?;
         let remote = source.map(|r| Remote {
             etag: etag.clone(),
@@ -457,6 +463,21 @@ impl Fs {
             n.remote = remote;
         }
         Ok(())
+    }
+
+    /// A server-side copy of any size: one CopyObject up to `copy_max`, a multipart copy above (see
+    /// [`crate::store::bigcopy`]).
+    pub(super) async fn copy_object(
+        &self,
+        src: &str,
+        dst: &str,
+        meta: Option<&Metadata>,
+        cond: PutCondition,
+        size: u64,
+        etag: Option<&str>,
+    ) -> Result<String, StoreError> {
+        let store = self.store.as_ref();
+        crate::store::copy_object(store, src, dst, meta, cond, size, etag, self.cfg.copy_max).await
     }
 
     /// Copies every object below the directory to the new prefix, then deletes the old ones.
@@ -497,7 +518,9 @@ impl Fs {
             .map(|(k, size)| {
                 let target = format!("{dst}{}", &k[src.len()..]);
                 async move {
-                    let etag = self.store.copy(&k, &target, None, PutCondition::None).await?;
+                    let etag = self
+                        .copy_object(&k, &target, None, PutCondition::None, size, None)
+                        .await?;
                     Ok::<_, StoreError>(copy_info(&target, etag, size, Metadata::new()))
                 }
             })
@@ -545,9 +568,9 @@ impl Fs {
             let head = self.store.head(&key).await?;
             let mut meta = head.metadata.clone();
             attr_to_metadata(&new, &mut meta);
+            let cond = PutCondition::IfMatch(head.etag.clone());
             let etag = self
-                .store
-                .copy(&key, &key, Some(&meta), PutCondition::IfMatch(head.etag))
+                .copy_object(&key, &key, Some(&meta), cond, head.size, Some(&head.etag))
                 .await?;
             if let Some(n) = lock(&self.inodes).get_mut(ino) {
                 n.remote = Some(Remote {

@@ -104,6 +104,9 @@ pub struct FsConfig {
     /// The key that seals journal blocks of files without a key of their own; `None`: a random key kept in the
     /// journal directory.
     pub journal_key: Option<DataKey>,
+    /// The largest object one CopyObject copies; larger ones are copied in parts (S3's limit,
+    /// [`crate::store::COPY_MAX`]; lower only in tests).
+    pub copy_max: u64,
 }
 
 /// Client-side key state.

@@ -29,6 +29,7 @@ pub(super) fn config(dir: &std::path::Path, mode: KeyMode) -> FsConfig {
         max_parts: MAX_PARTS,
         volume_id: "vol".into(),
         journal_key: None,
+        copy_max: crate::store::COPY_MAX,
     }
 }
 
@@ -555,6 +556,86 @@ async fn reads_and_writes_follow_the_etag_of_an_upload_in_flight() {
         same(
             &read_all(&fresh, seen.ino).await,
             &want,
+            &format!("{mode}: after a fresh mount"),
+        );
+    }
+}
+
+/// Objects over CopyObject's limit (S3: 5 GiB; here lowered to 5 MiB, with a store that enforces it) are still
+/// renamed, chmod-ed with and without an open handle, and get their attributes settled after a write-behind
+/// upload: each copy goes in parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_over_the_copy_limit_are_renamed_and_chmod_ed() {
+    use crate::store::memory::MIN_PART_SIZE;
+    for mode in [KeyMode::CseLocal, KeyMode::SseS3] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingStore::new(MemoryStore::new().with_copy_limit(MIN_PART_SIZE)));
+        let keys = || mode.is_client_side().then(cse_keys);
+        let cfg = |d: &std::path::Path| FsConfig {
+            copy_max: MIN_PART_SIZE,
+            ..config(d, mode)
+        };
+        let fs = Fs::new(store.clone(), keys(), cfg(dir.path())).unwrap();
+        let content = data(20 << 20, 4);
+        let (attr, fh) = fs.create(ROOT_INO, "a", 0o644, 1, 1).await.unwrap();
+        for (k, chunk) in content.chunks(1 << 20).enumerate() {
+            fs.write(fh, (k << 20) as u64, chunk).await.unwrap();
+        }
+        // A chmod while open: the write-behind upload was created with 0644, the settle copy goes in parts.
+        let perm = |p| AttrChange {
+            perm: Some(p),
+            ..AttrChange::default()
+        };
+        fs.setattr(attr.ino, None, perm(0o640)).await.unwrap();
+        fs.release(fh).await.unwrap();
+        // A chmod by name (no handle): a metadata copy of the object onto itself.
+        let settled = |want: u32| {
+            let store = store.clone();
+            async move {
+                for _ in 0..500 {
+                    let info = store.head("vol/a").await.unwrap();
+                    let mode = info.metadata.get("mode").and_then(|m| m.parse::<u32>().ok());
+                    if mode.map(|m| m & 0o7777) == Some(want) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!("{mode}: mode {want:o} not saved");
+            }
+        };
+        settled(0o640).await;
+        fs.setattr(attr.ino, None, perm(0o600)).await.unwrap();
+        settled(0o600).await;
+        // A rename: a copy to the new key, then a delete.
+        fs.rename(ROOT_INO, "a", ROOT_INO, "b", false).await.unwrap();
+        // A chmod through a handle: saved by the upload loop as a metadata copy.
+        let ino = fs.lookup(ROOT_INO, "b").await.unwrap().ino;
+        let fh = fs.open(ino, true, false).await.unwrap();
+        fs.setattr(ino, None, perm(0o604)).await.unwrap();
+        fs.release(fh).await.unwrap();
+        assert_eq!(
+            store.stats().errors(OpKind::Copy),
+            0,
+            "{mode}: no CopyObject over the limit"
+        );
+        // Four copies of a 20 MiB object, in parts of 5 MiB: the settle, the chmod by name, the rename, the chmod
+        // through a handle.
+        let object_size = store.head("vol/b").await.unwrap().size;
+        assert_eq!(
+            store.stats().count(OpKind::UploadPartCopy),
+            4 * object_size.div_ceil(MIN_PART_SIZE),
+            "{mode}: four copies in parts"
+        );
+        assert!(store.list_multipart_uploads("").await.unwrap().is_empty());
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let fresh = Fs::new(store.clone(), keys(), cfg(dir2.path())).unwrap();
+        assert!(matches!(fresh.lookup(ROOT_INO, "a").await, Err(FsError::NotFound)));
+        let seen = fresh.lookup(ROOT_INO, "b").await.unwrap();
+        assert_eq!(seen.perm, 0o604, "{mode}");
+        same(
+            &read_all(&fresh, seen.ino).await,
+            &content,
             &format!("{mode}: after a fresh mount"),
         );
     }

@@ -308,7 +308,10 @@ impl Fs {
             return Err(FsError::BadHandle);
         };
         let cond = PutCondition::IfMatch(base.etag.clone());
-        Ok(self.store.copy(&snap.key, &snap.key, Some(&snap.meta), cond).await?)
+        let (size, etag) = (base.object_size, Some(base.etag.as_str()));
+        Ok(self
+            .copy_object(&snap.key, &snap.key, Some(&snap.meta), cond, size, etag)
+            .await?)
     }
 
     /// Uploads the snapshot's content; returns the ETag and whether the object's metadata is older than the

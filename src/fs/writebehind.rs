@@ -17,20 +17,21 @@
 //! # When it gives up
 //! Only blocks wholly behind the file's end are sent, so a sent block is never the final block of a file that
 //! keeps growing. Any write into a sent part (or one in flight), a truncation that reaches one, a rename, an
-//! unlink, a file that grows past what a metadata copy can rewrite ([`COPY_MAX`]), or three failed parts end
-//! the write-behind: its upload is aborted and close() uploads the file the ordinary way. A program
-//! that goes back to rewrite a header pays the ordinary price, never a wrong byte.
+//! unlink, a file that grows past what its part layout holds (10,000 parts of the smallest part size, about
+//! 78 GiB), or three failed parts end the write-behind: its upload is aborted and close() uploads the file the
+//! ordinary way. A program that goes back to rewrite a header pays the ordinary price, never a wrong byte.
 //!
 //! # Attributes
 //! CreateMultipartUpload fixes the object's metadata when the first part is ready, but the file's mtime moves
 //! with every later write (and a chmod can come at any time). When the metadata that close() would send differs
 //! from the metadata the upload was created with, the round that completes the upload leaves the attributes
 //! unsaved and asks its upload loop for one more round: a metadata copy of the object onto itself, conditional on
-//! the ETag the completion returned. close() returns once the data is committed and does not wait for that copy;
-//! a rename, which copies the object, waits for it.
+//! the ETag the completion returned (in parts, for an object over CopyObject's 5 GiB; see `store::bigcopy`).
+//! close() returns once the data is committed and does not wait for that copy; a rename, which copies the
+//! object, waits for it.
 use super::codec::Codec;
 use super::journal::new_token;
-use super::upload::{part_blocks, Snapshot, SINGLE_PUT_MAX};
+use super::upload::{part_blocks, Snapshot, MAX_PARTS, SINGLE_PUT_MAX};
 use super::write::{FileState, OpenFile};
 use super::{Fs, FsResult};
 use crate::store::{CompletedPart, Metadata, ObjectStore};
@@ -38,8 +39,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// The largest object whose metadata one CopyObject can rewrite (S3: 5 GiB).
-pub const COPY_MAX: u64 = 5 << 30;
 /// Failed parts before the write-behind gives up (each attempt already retried by the store; a failed part is
 /// sent again by the completing upload).
 const MAX_FAILURES: u32 = 3;
@@ -122,9 +121,13 @@ impl Fs {
             return;
         }
         let object_size = st.codec.object_size(st.size);
-        if object_size > COPY_MAX {
+        // The smallest parts, and the most blocks an upload with parts of that size can hold: the layout the
+        // completing upload must have too (it is chosen from the final size).
+        let per_part = part_blocks(&st.codec, 0, self.cfg.max_parts);
+        let layout_blocks = per_part.saturating_mul(self.cfg.max_parts.clamp(1, MAX_PARTS));
+        if st.codec.block_count(st.size) > layout_blocks {
             if st.wb.take().is_some() {
-                log::debug!("{}: write-behind ends: the file outgrew a metadata copy", st.key);
+                log::debug!("{}: write-behind ends: the file outgrew its part layout", st.key);
             }
             return;
         }
@@ -132,13 +135,7 @@ impl Fs {
         let ready_blocks = st.size / b;
         if st.wb.is_none() {
             // Not while an upload of this file is in flight, nor for what one PUT takes.
-            if st.multipart.is_some() || object_size <= SINGLE_PUT_MAX {
-                return;
-            }
-            // Parts must keep their layout whatever size (up to COPY_MAX) the file ends at.
-            let per_part = part_blocks(&st.codec, 0, self.cfg.max_parts);
-            let most = COPY_MAX.div_ceil(st.codec.stored_block_len());
-            if per_part != part_blocks(&st.codec, most, self.cfg.max_parts) || per_part >= ready_blocks {
+            if st.multipart.is_some() || object_size <= SINGLE_PUT_MAX || per_part >= ready_blocks {
                 return;
             }
             st.wb = Some(WriteBehind {

@@ -113,6 +113,8 @@ pub struct MemoryStore {
     /// Benchmark mode: ETags are unique counters instead of MD5s of the body (see [`MemoryStore::fast`]).
     fast_etags: bool,
     next_etag: std::sync::atomic::AtomicU64,
+    /// The largest source one CopyObject takes (`None`: S3's [`COPY_MAX`]).
+    copy_limit: Option<u64>,
 }
 
 impl MemoryStore {
@@ -128,7 +130,15 @@ impl MemoryStore {
             state: Mutex::default(),
             fast_etags: false,
             next_etag: Default::default(),
+            copy_limit: None,
         }
+    }
+
+    /// The same store with CopyObject refusing sources over `limit` bytes (S3 refuses over 5 GiB): for tests
+    /// of the multipart copy with small objects.
+    pub fn with_copy_limit(mut self, limit: u64) -> Self {
+        self.copy_limit = Some(limit);
+        self
     }
 
     /// A store for benchmarks: every write gets a new unique ETag instead of the MD5 S3 would compute, so that
@@ -448,6 +458,12 @@ impl ObjectStore for MemoryStore {
             .objects
             .get(source_key)
             .ok_or_else(|| StoreError::NotFound(source_key.to_string()))?;
+        let limit = self.copy_limit.unwrap_or(super::COPY_MAX);
+        if source.data.len() as u64 > limit {
+            return Err(StoreError::InvalidRequest(format!(
+                "{source_key}: the copy source is larger than the maximum allowable size for a copy source ({limit} bytes)"
+            )));
+        }
         let metadata = metadata.cloned().unwrap_or_else(|| source.metadata.clone());
         // A copy is a new object: S3 gives it the MD5 ETag of its bytes, even when the source was multipart.
         let obj = Object {

@@ -2,10 +2,12 @@
 //!
 //! Implementations: `s3` (aws-sdk-s3), `memory` (the same semantics in memory, for fast unit and property tests)
 //! and `failing` (a wrapper that injects errors or latency by rule and counts requests and bytes per operation).
+//! `bigcopy` builds copies of any size on the trait (one CopyObject up to 5 GiB, a multipart copy above).
 //!
 //! Keys passed to a store are full object keys within its bucket; the file system adds the mount's prefix.
 //! Server-side encryption is a property of the store ([`Sse`]): the S3 implementation puts the right headers on
 //! every request that needs them, so callers never think about them.
+pub mod bigcopy;
 pub mod failing;
 pub mod memory;
 pub mod retry;
@@ -13,6 +15,7 @@ pub mod s3;
 mod shared;
 mod sse_c_keys;
 
+pub use bigcopy::{copy_object, COPY_MAX};
 pub use failing::{Action, FailingStore, FaultKind, OpKind, OpStats, Rule, Stats, When};
 pub use memory::MemoryStore;
 pub use retry::{RetryPolicy, Retrying};
