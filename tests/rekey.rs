@@ -303,7 +303,11 @@ fn a_mount_reads_and_writes_throughout_a_rotation(mode: KeyMode) {
         }
         m.unmount();
     }
-    let m = TestMount::mount_with(&vol, &both);
+    // close() of the 20 MiB file shares the server with a rotation (and, in a full run, with other tests): give it
+    // time. What a close that times out does is tested in tests/writeback.rs.
+    let mut options = both.clone();
+    options.push("upload_timeout=2m");
+    let m = TestMount::mount_with(&vol, &options);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = reader_loop(&m, &files, done.clone());
     let rekeyer = {
