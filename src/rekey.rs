@@ -159,12 +159,8 @@ async fn rekey(
             .map_err(|_| e)
             .with_context(|| format!("opening the volume s3://{bucket}/{prefix} with the old key"))?,
     };
-    // Directory markers carry no data key.
-    let objects: Vec<(String, u64)> = crate::verify::list_volume(store.as_ref(), prefix)
-        .await?
-        .into_iter()
-        .filter(|(k, _)| !k.ends_with('/'))
-        .collect();
+    // Directory markers are listed too: one that holds extended attributes carries a data key of its own.
+    let objects: Vec<(String, u64)> = crate::verify::list_volume(store.as_ref(), prefix).await?;
     let (store_ref, from_ref, to_ref) = (&store, &from, &to);
     let mut report = drive(bucket, objects, dry_run, |key| async move {
         let outcome = rekey_one(store_ref.as_ref(), from_ref.as_ref(), to_ref.as_ref(), &key, dry_run).await;
@@ -237,6 +233,8 @@ async fn rekey_one(
         };
         let header = match ObjectHeader::from_metadata(&info.metadata) {
             Ok(Some(h)) => h,
+            // A directory marker with no extended attributes: nothing to move.
+            Ok(None) if key.ends_with('/') => return Outcome::NotAFile,
             Ok(None) => return Outcome::Failed("no s3crypt metadata: not an object of this volume".into()),
             Err(e) => return Outcome::Failed(format!("s3crypt metadata: {e}")),
         };

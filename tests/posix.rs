@@ -43,6 +43,7 @@ in_two_modes!(
     xattrs_survive_remount_chmod_rename_and_writes,
     xattrs_beyond_the_metadata_limit_are_refused_and_nothing_is_lost,
     xattrs_are_stored_as_the_mode_requires,
+    directory_xattrs_live_in_the_marker_and_survive_remount_chmod_and_rename,
     a_capability_query_costs_no_request,
     a_long_listing_costs_about_one_head_per_file,
 );
@@ -544,20 +545,31 @@ fn xattrs_beyond_the_metadata_limit_are_refused_and_nothing_is_lost(mode: KeyMod
     let m = TestMount::mount(&vol);
     assert_eq!(listxattr(&m.path("f")), stored);
     assert_eq!(fs::read(m.path("f")).unwrap(), b"kept");
-    // Directories: not supported, said plainly.
-    fs::create_dir(m.path("d")).unwrap();
-    assert_eq!(errno_of(setxattr(&m.path("d"), "user.a", b"1", 0)), libc::ENOTSUP);
-    assert_eq!(listxattr(&m.path("d")), Vec::<String>::new());
+    // A directory's marker has the same limit, and keeps what fitted.
+    let d = m.path("d");
+    fs::create_dir(&d).unwrap();
+    assert_eq!(errno_of(setxattr(&d, "user.huge", &[b'x'; 3000], 0)), libc::E2BIG);
+    let mut kept = Vec::new();
+    let mut refused = false;
+    for i in 0..10 {
+        let name = format!("user.v{i}");
+        match setxattr(&d, &name, &[b'y'; 300], 0) {
+            Ok(()) => kept.push(name),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(refused && kept.len() >= 3, "{kept:?}");
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    assert_eq!(listxattr(&m.path("d")), kept);
 }
 
-fn xattrs_are_stored_as_the_mode_requires(mode: KeyMode) {
-    let vol = Volume::new(mode);
-    let m = TestMount::mount(&vol);
-    let p = m.path("f");
-    write_file(&p, b"x").unwrap();
-    setxattr(&p, "user.secret-label", b"TOPSECRETVALUE", 0).unwrap();
-    m.unmount();
-    let meta = head_metadata(&vol.bucket, "f");
+/// The metadata of an object whose only extended attribute is `user.secret-label` = `TOPSECRETVALUE`.
+fn secret_label_stored_as_the_mode_requires(mode: KeyMode, meta: &std::collections::HashMap<String, String>) {
     let all: String = meta.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     if mode.is_client_side() {
         // Neither the name nor the value, in clear or in base64, is anywhere in the object's metadata.
@@ -576,6 +588,74 @@ fn xattrs_are_stored_as_the_mode_requires(mode: KeyMode) {
             "{all}"
         );
     }
+}
+
+fn xattrs_are_stored_as_the_mode_requires(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let p = m.path("f");
+    write_file(&p, b"x").unwrap();
+    setxattr(&p, "user.secret-label", b"TOPSECRETVALUE", 0).unwrap();
+    m.unmount();
+    secret_label_stored_as_the_mode_requires(mode, &head_metadata(&vol.bucket, "f"));
+}
+
+/// Extended attributes on directories (xattr(7) makes no exception for them): the same calls, flags and errors
+/// as on files, kept in the directory's marker object (made for a directory that existed only as the prefix of
+/// its files), across a chmod, a remount and a rename; sealed in the client-side modes.
+fn directory_xattrs_live_in_the_marker_and_survive_remount_chmod_and_rename(mode: KeyMode) {
+    use std::os::unix::fs::PermissionsExt;
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let d = m.path("d");
+    fs::create_dir(&d).unwrap();
+    write_file(&m.path("d/f"), b"x").unwrap();
+    assert_eq!(listxattr(&d), Vec::<String>::new());
+    assert_eq!(errno_of(getxattr(&d, "user.a")), libc::ENODATA);
+    setxattr(&d, "user.secret-label", b"TOPSECRETVALUE", 0).unwrap();
+    setxattr(&d, "user.b", b"2", libc::XATTR_CREATE).unwrap();
+    assert_eq!(errno_of(setxattr(&d, "user.b", b"x", libc::XATTR_CREATE)), libc::EEXIST);
+    assert_eq!(
+        errno_of(setxattr(&d, "user.nope", b"x", libc::XATTR_REPLACE)),
+        libc::ENODATA
+    );
+    assert_eq!(listxattr(&d), ["user.b", "user.secret-label"]);
+    assert_eq!(getxattr_sized(&d, "user.secret-label", 0).unwrap().0, 14);
+    assert_eq!(errno_of(getxattr_sized(&d, "user.secret-label", 3)), libc::ERANGE);
+    removexattr(&d, "user.b").unwrap();
+    assert_eq!(errno_of(removexattr(&d, "user.b")), libc::ENODATA);
+    // A chmod rewrites the marker and keeps them.
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o750)).unwrap();
+    // A directory with no marker (made by another client that wrote only a file below it) gets one.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = common::s3_client().await;
+        c.put_object()
+            .bucket(&vol.bucket)
+            .key("implicit/g")
+            .send()
+            .await
+            .unwrap();
+    });
+    let implicit = m.path("implicit");
+    assert!(fs::metadata(&implicit).unwrap().is_dir());
+    setxattr(&implicit, "user.made", b"1", 0).unwrap();
+    // The mount's root has no marker: not supported.
+    assert_eq!(errno_of(setxattr(m.mnt.path(), "user.a", b"1", 0)), libc::ENOTSUP);
+    m.unmount();
+
+    let m = TestMount::mount(&vol);
+    let (d, implicit) = (m.path("d"), m.path("implicit"));
+    assert_eq!(getxattr(&d, "user.secret-label").unwrap(), b"TOPSECRETVALUE");
+    assert_eq!(listxattr(&d), ["user.secret-label"]);
+    assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o7777, 0o750);
+    assert_eq!(getxattr(&implicit, "user.made").unwrap(), b"1");
+    fs::rename(&d, m.path("e")).unwrap();
+    assert_eq!(getxattr(&m.path("e"), "user.secret-label").unwrap(), b"TOPSECRETVALUE");
+    assert_eq!(fs::read(m.path("e/f")).unwrap(), b"x");
+    m.unmount();
+
+    secret_label_stored_as_the_mode_requires(mode, &head_metadata(&vol.bucket, "e/"));
 }
 
 fn a_capability_query_costs_no_request(mode: KeyMode) {

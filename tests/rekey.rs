@@ -362,9 +362,45 @@ fn a_mount_reads_and_writes_throughout_a_rotation(mode: KeyMode) {
     );
 }
 
+/// A directory marker that holds extended attributes carries a data key of its own: the rotation moves it too,
+/// and markers without one are passed over.
+fn directory_xattrs_follow_the_rotation(mode: KeyMode) {
+    use std::os::unix::ffi::OsStrExt;
+    let path = |p: &std::path::Path| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let vol = Volume::new(mode);
+    {
+        let m = TestMount::mount(&vol);
+        std::fs::create_dir(m.path("labelled")).unwrap();
+        std::fs::create_dir(m.path("plain")).unwrap();
+        write_file(&m.path("labelled/f"), b"data").unwrap();
+        let (p, v) = (path(&m.path("labelled")), b"secret");
+        // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+        let r = unsafe { libc::setxattr(p.as_ptr(), c"user.label".as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+        assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+        m.unmount();
+    }
+    let to = new_key_option(&vol);
+    let out = rekey(&vol, &[], &to, &["--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::describe(&out));
+    let json = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        json.contains("\"rekeyed\":2") && json.contains("\"failed\":[]"),
+        "{json}"
+    );
+    let m = TestMount::mount_with(&vol, &[&to]);
+    let mut buf = [0u8; 64];
+    let p = path(&m.path("labelled"));
+    // SAFETY: as above.
+    let n = unsafe { libc::getxattr(p.as_ptr(), c"user.label".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "getxattr with the new key: {}", std::io::Error::last_os_error());
+    assert_eq!(&buf[..n as usize], b"secret");
+    assert_eq!(std::fs::read(m.path("labelled/f")).unwrap(), b"data");
+}
+
 in_both_modes!(
     rotation_moves_every_key_and_no_data,
     an_interrupted_rotation_finishes_when_run_again,
+    directory_xattrs_follow_the_rotation,
     a_mount_reads_and_writes_throughout_a_rotation
 );
 

@@ -132,10 +132,17 @@ impl Fs {
                 (attr, Some(remote))
             }
             Found::Dir(marker) => {
-                let (meta, modified) = marker.map(|m| (m.metadata, m.last_modified)).unwrap_or_default();
+                let modified = marker.as_ref().and_then(|m| m.last_modified);
+                let meta = marker.as_ref().map(|m| m.metadata.clone()).unwrap_or_default();
                 let mut attr = attr_from_metadata(0, Kind::Dir, 0, modified, &meta, &self.defaults);
                 attr.kind = Kind::Dir;
-                (attr, None)
+                // The marker's metadata, for its extended attributes.
+                let remote = marker.map(|m| Remote {
+                    etag: m.etag,
+                    object_size: m.size,
+                    metadata: m.metadata,
+                });
+                (attr, remote)
             }
         };
         let mut t = lock(&self.inodes);
@@ -553,16 +560,23 @@ impl Fs {
                 }
                 return Ok(new);
             }
-            let mut meta = Metadata::new();
+            // The marker's other metadata (its extended attributes, and the header of the key that seals them)
+            // stays.
+            let marker = format!("{}/", self.key_of(&path));
+            let mut meta = match self.store.head(&marker).await {
+                Ok(info) => info.metadata,
+                Err(StoreError::NotFound(_)) => Metadata::new(),
+                Err(e) => return Err(e.into()),
+            };
             attr_to_metadata(&new, &mut meta);
-            self.store
-                .put(
-                    &format!("{}/", self.key_of(&path)),
-                    Bytes::new(),
-                    &meta,
-                    PutCondition::None,
-                )
-                .await?;
+            let info = self.store.put(&marker, Bytes::new(), &meta, PutCondition::None).await?;
+            if let Some(n) = lock(&self.inodes).get_mut(ino) {
+                n.remote = Some(Remote {
+                    etag: info.etag,
+                    object_size: 0,
+                    metadata: meta,
+                });
+            }
         } else {
             let key = self.key_of(&path);
             let head = self.store.head(&key).await?;

@@ -17,14 +17,18 @@
 //! while the attributes are fresh; a file with no set answers at once (the kernel asks for
 //! `security.capability` before writes).
 //!
-//! Directories have no data key in the client-side modes and their markers are rewritten without a condition;
-//! extended attributes on directories are not supported (ENOTSUP), nor `system.*` names (POSIX ACLs: the mount
-//! checks permissions from the mode bits only).
+//! A directory's set lives in its marker object's metadata under the same names; in the client-side modes the
+//! marker carries a data key of its own (a header, as a file's object does) made when its first attribute is
+//! set, which seals nothing but that set. A change rewrites the marker at once, conditional on its ETag. The
+//! mount's root directory has no marker and takes no extended attributes (ENOTSUP), nor does anything take
+//! `system.*` names (POSIX ACLs: the mount checks permissions from the mode bits only).
 use super::codec::Codec;
-use super::inode::Kind;
+use super::inode::{Kind, Remote, ROOT_INO};
 use super::{Fs, FsError, FsResult};
-use crate::store::Metadata;
+use crate::format::ObjectHeader;
+use crate::store::{Metadata, PutCondition, StoreError};
 use base64::Engine;
+use bytes::Bytes;
 use std::collections::BTreeMap;
 
 /// Name → value.
@@ -276,7 +280,7 @@ impl Fs {
         }
         let attr = self.getattr(ino).await?;
         if attr.kind == Kind::Dir {
-            return Err(FsError::NotSupported("extended attributes on directories"));
+            return self.change_dir_xattr(ino, &change).await;
         }
         let file = self.acquire(ino).await?;
         let applied = self.apply_xattr_change(&file, &change).await;
@@ -307,6 +311,79 @@ impl Fs {
         st.save_manifest()
     }
 
+    /// setxattr(2)/removexattr(2) on a directory: the set lives in the marker's metadata, sealed in the
+    /// client-side modes with a data key of the marker's own (its header is in the marker, as a file's is). The
+    /// marker is rewritten on the spot, conditional on the ETag it was read at (made if the directory had none:
+    /// a directory can exist only as the prefix of its files), and read again if it changed meanwhile.
+    async fn change_dir_xattr(&self, ino: u64, change: &XattrChange<'_>) -> FsResult<()> {
+        if ino == ROOT_INO {
+            return Err(FsError::NotSupported(
+                "extended attributes on the mount's root directory",
+            ));
+        }
+        let marker = format!("{}/", self.key_of(&self.path_of(ino)?));
+        for _ in 0..3 {
+            let head = match self.store.head(&marker).await {
+                Ok(info) => Some(info),
+                Err(StoreError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let mut attr = self.cached_attr(ino)?;
+            attr.ctime = std::time::SystemTime::now();
+            let mut meta = head.as_ref().map(|h| h.metadata.clone()).unwrap_or_default();
+            super::inode::attr_to_metadata(&attr, &mut meta);
+            let codec = match (&self.keys, ObjectHeader::from_metadata(&meta)) {
+                (Some(_), Ok(None)) => {
+                    let (codec, header) = self.new_codec().await?;
+                    if let Some(h) = &header {
+                        h.to_metadata(&mut meta);
+                    }
+                    codec
+                }
+                _ => self.codec_for(&marker, &meta).await?.0,
+            };
+            let name = meta_key(&codec);
+            let mut set = decode(meta.get(name).map(String::as_str), &codec, &marker)?;
+            change.apply(&mut set)?;
+            match encode(&set, &codec) {
+                Some(stored) => meta.insert(name.into(), stored),
+                None => meta.remove(name),
+            };
+            let len = metadata_len(&meta);
+            if len > METADATA_LIMIT {
+                return Err(FsError::NoSpace(format!(
+                    "{marker}: the extended attributes would take the directory marker's metadata to {len} \
+                     bytes; S3 allows {METADATA_LIMIT}"
+                )));
+            }
+            let cond = match &head {
+                Some(h) => PutCondition::IfMatch(h.etag.clone()),
+                None => PutCondition::IfNoneMatch,
+            };
+            match self.store.put(&marker, Bytes::new(), &meta, cond).await {
+                Ok(info) => {
+                    let mut t = super::lock(&self.inodes);
+                    if let Some(n) = t.get_mut(ino) {
+                        n.attr.ctime = attr.ctime;
+                        n.remote = Some(Remote {
+                            etag: info.etag,
+                            object_size: 0,
+                            metadata: meta,
+                        });
+                        n.refreshed = std::time::Instant::now();
+                    }
+                    return Ok(());
+                }
+                // Changed since the HEAD (a chmod, another client): read it again.
+                Err(StoreError::PreconditionFailed(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(FsError::Store(StoreError::Transient(format!(
+            "{marker}: the directory marker kept changing while its extended attributes were saved"
+        ))))
+    }
+
     /// The attribute set of an inode: an open file's own, else from the object's metadata as last seen (fresh
     /// within the metadata TTL).
     async fn xattrs_of(&self, ino: u64) -> FsResult<Xattrs> {
@@ -318,14 +395,12 @@ impl Fs {
             return decode(stored.as_deref(), &codec, &key);
         }
         let attr = self.getattr(ino).await?;
-        if attr.kind == Kind::Dir {
-            return Ok(Xattrs::new());
-        }
         let (key, meta) = {
             let t = super::lock(&self.inodes);
             let n = t.get(ino).ok_or(FsError::NotFound)?;
+            let key = self.key_of(&n.path);
             (
-                self.key_of(&n.path),
+                if attr.kind == Kind::Dir { format!("{key}/") } else { key },
                 n.remote.as_ref().map(|r| r.metadata.clone()).unwrap_or_default(),
             )
         };
