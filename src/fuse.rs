@@ -89,7 +89,11 @@ fn file_attr(a: &Attr) -> FileAttr {
         crtime: a.mtime,
         kind: file_type(a.kind),
         perm: a.perm,
-        nlink: if a.kind == Kind::Dir { 2 } else { 1 },
+        nlink: match (a.kind, a.unlinked) {
+            (_, true) => 0,
+            (Kind::Dir, false) => 2,
+            _ => 1,
+        },
         uid: a.uid,
         gid: a.gid,
         rdev: a.kind.rdev(),

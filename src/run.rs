@@ -769,6 +769,7 @@ pub fn put(file: &Path, dest: &str, opts: MountOptions) -> Result<()> {
             mtime: md.modified().unwrap_or_else(|_| std::time::SystemTime::now()),
             atime: md.accessed().unwrap_or_else(|_| std::time::SystemTime::now()),
             ctime: std::time::UNIX_EPOCH + std::time::Duration::new(md.ctime().max(0) as u64, md.ctime_nsec() as u32),
+            unlinked: false,
         };
         crate::fs::inode::attr_to_metadata(&attr, &mut meta);
         let body = match &b.keys {

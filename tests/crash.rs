@@ -959,3 +959,63 @@ fn sigterm_during_an_outage_leaves_the_data_in_the_journal_for_the_next_mount() 
     );
     assert!(d.stop().success());
 }
+
+/// unlink(2) of open files (one saved to S3 with a change on top, one never uploaded), then `kill -9` before their
+/// last close: the handles' content was in the journal, but no later mount brings the names back or uploads it;
+/// a mount removes those journal files once they are older than a minute and no daemon holds them.
+#[test]
+fn files_unlinked_while_open_stay_gone_after_kill_9() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let vol = Volume::new(KeyMode::CseLocal);
+    let mnt_dir = tempfile::Builder::new().prefix("s3crypt-unlinked").tempdir().unwrap();
+    let mnt = mnt_dir.path();
+    let d = Daemon::start(&vol, mnt, vol.dir.path().join("daemon.log"), &[]);
+    write_file(&mnt.join("saved"), &content(5, 3 * MIB)).unwrap();
+    let saved = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("saved"))
+        .unwrap();
+    saved.write_all_at(b"a change only the journal has", 100).unwrap();
+    let mut scratch = File::create(mnt.join("scratch")).unwrap();
+    scratch.write_all(&content(6, MIB)).unwrap();
+    fs::remove_file(mnt.join("saved")).unwrap();
+    fs::remove_file(mnt.join("scratch")).unwrap();
+    assert!(
+        journal_manifests(&vol).is_empty(),
+        "no journal entry a restart would upload"
+    );
+    assert!(
+        !journal_orphans(&vol).is_empty(),
+        "the open handles' content is in the journal"
+    );
+    d.kill9();
+    drop(saved);
+    drop(scratch);
+    detach(mnt);
+    let d = Daemon::start(&vol, mnt, vol.dir.path().join("daemon-2.log"), &[]);
+    assert_eq!(read_object(mnt, "saved"), None, "the unlinked name does not come back");
+    assert_eq!(read_object(mnt, "scratch"), None);
+    assert_eq!(fs::read_dir(mnt).unwrap().count(), 0, "nothing is listed");
+    assert!(journal_manifests(&vol).is_empty());
+    let orphans = journal_orphans(&vol);
+    assert!(
+        !orphans.is_empty(),
+        "entries younger than a minute are left (a daemon may be creating them)"
+    );
+    assert!(d.stop().success());
+    for p in &orphans {
+        let old = std::time::SystemTime::now() - Duration::from_secs(120);
+        File::options().write(true).open(p).unwrap().set_modified(old).unwrap();
+    }
+    detach(mnt);
+    let d = Daemon::start(&vol, mnt, vol.dir.path().join("daemon-3.log"), &[]);
+    assert_eq!(
+        journal_orphans(&vol),
+        Vec::<PathBuf>::new(),
+        "a later mount removes them:\n{}",
+        d.log_tail(20)
+    );
+    assert_eq!(fs::read_dir(mnt).unwrap().count(), 0);
+    assert!(d.stop().success());
+}

@@ -46,6 +46,9 @@ in_two_modes!(
     directory_xattrs_live_in_the_marker_and_survive_remount_chmod_and_rename,
     a_capability_query_costs_no_request,
     a_long_listing_costs_about_one_head_per_file,
+    an_open_file_outlives_its_name,
+    an_open_file_replaced_by_rename_keeps_its_content,
+    set_group_id_directories_pass_their_group_down,
 );
 
 fn cpath(p: &Path) -> CString {
@@ -107,6 +110,175 @@ fn head_metadata(bucket: &str, key: &str) -> std::collections::HashMap<String, S
         let head = c.head_object().bucket(bucket).key(key).send().await.unwrap();
         head.metadata().cloned().unwrap_or_default()
     })
+}
+
+fn object_exists(bucket: &str, key: &str) -> bool {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = common::s3_client().await;
+        match c.head_object().bucket(bucket).key(key).send().await {
+            Ok(_) => true,
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_not_found()) => false,
+            Err(e) => panic!("HEAD {key}: {e:?}"),
+        }
+    })
+}
+
+/// Every file under the volume's journal directories.
+fn journal_files(vol: &Volume) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(volumes) = fs::read_dir(vol.dir.path().join("journal")) {
+        for d in volumes.flatten() {
+            if let Ok(rd) = fs::read_dir(d.path()) {
+                out.extend(rd.flatten().map(|e| e.path()).filter(|p| !p.ends_with("journal.key")));
+            }
+        }
+    }
+    out
+}
+
+/// Drops the kernel's cached pages of an open file, so that the next read asks the daemon.
+fn drop_page_cache(f: &fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise on a descriptor the caller holds open; no memory is passed.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise");
+}
+
+fn read_all_at(f: &fs::File, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    buf
+}
+
+/// unlink(2): "If the name was the last link to a file but any processes still have the file open, the file will
+/// remain in existence until the last file descriptor referring to it is closed." The handles read what the
+/// file held (its S3 blocks included) and their own later writes, the name is gone at once (from the mount and
+/// from S3), and the last close leaves nothing behind, not even across a remount.
+fn an_open_file_outlives_its_name(mode: KeyMode) {
+    use std::os::unix::fs::FileExt;
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    // Several read-ahead chunks and GETs of whole blocks, none of them cached by this (fresh) mount.
+    let mut want = common::mount::pattern(19 * 1024 * 1024 + 4321, 7);
+    write_file(&m.path("f"), &want).unwrap();
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    let f = fs::OpenOptions::new().read(true).write(true).open(m.path("f")).unwrap();
+    // A change not yet in S3 when the name goes.
+    f.write_all_at(b"before the unlink", 5 * 1024 * 1024 + 3).unwrap();
+    want[5 * 1024 * 1024 + 3..5 * 1024 * 1024 + 20].copy_from_slice(b"before the unlink");
+    fs::remove_file(m.path("f")).unwrap();
+    assert_eq!(errno_of(fs::metadata(m.path("f"))), libc::ENOENT);
+    assert!(
+        fs::read_dir(m.mnt.path()).unwrap().next().is_none(),
+        "the listing no longer shows it"
+    );
+    assert!(!object_exists(&vol.bucket, "f"), "the object is deleted at once");
+    drop_page_cache(&f);
+    let got = read_all_at(&f, want.len());
+    assert!(got == want, "the open handle reads the file's content after the unlink");
+    // Writes through the handle go on: into a block that was in S3, and past the end.
+    f.write_all_at(b"after", 12 * 1024 * 1024 + 1).unwrap();
+    want[12 * 1024 * 1024 + 1..12 * 1024 * 1024 + 6].copy_from_slice(b"after");
+    f.write_all_at(b"tail", want.len() as u64).unwrap();
+    want.extend_from_slice(b"tail");
+    drop_page_cache(&f);
+    assert!(read_all_at(&f, want.len()) == want);
+    let md = f.metadata().unwrap();
+    assert_eq!(
+        (md.nlink(), md.len()),
+        (0, want.len() as u64),
+        "fstat: no link left, the size it has"
+    );
+    f.sync_all().unwrap();
+    drop(f);
+    // Nothing comes back: not the name, not the object, not a journal entry.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(errno_of(fs::metadata(m.path("f"))), libc::ENOENT);
+    assert!(!object_exists(&vol.bucket, "f"));
+    assert_eq!(
+        journal_files(&vol),
+        Vec::<std::path::PathBuf>::new(),
+        "the last close removes its journal"
+    );
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    assert_eq!(errno_of(fs::metadata(m.path("f"))), libc::ENOENT);
+    // A new file of the same name is a new file.
+    write_file(&m.path("f"), b"new").unwrap();
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"new");
+}
+
+/// rename(2): "If newpath already exists, it will be atomically replaced"; a process that has the replaced file
+/// open keeps reading that file, and the name then holds the renamed one.
+fn an_open_file_replaced_by_rename_keeps_its_content(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let old = common::mount::pattern(3 * 1024 * 1024 + 17, 1);
+    let new = common::mount::pattern(2 * 1024 * 1024 + 5, 2);
+    write_file(&m.path("target"), &old).unwrap();
+    write_file(&m.path("incoming"), &new).unwrap();
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    let f = fs::File::open(m.path("target")).unwrap();
+    fs::rename(m.path("incoming"), m.path("target")).unwrap();
+    drop_page_cache(&f);
+    assert!(
+        read_all_at(&f, old.len()) == old,
+        "the open handle still reads the replaced file"
+    );
+    assert_eq!(f.metadata().unwrap().nlink(), 0);
+    assert!(
+        fs::read(m.path("target")).unwrap() == new,
+        "the name holds the renamed file"
+    );
+    drop(f);
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    assert!(fs::read(m.path("target")).unwrap() == new);
+    assert_eq!(errno_of(fs::metadata(m.path("incoming"))), libc::ENOENT);
+}
+
+/// mkdir(2), open(2): in a directory with the set-group-ID bit, a new entry takes the directory's group, and a
+/// new directory inherits the bit (as on ext4, xfs and tmpfs); it holds across a remount.
+fn set_group_id_directories_pass_their_group_down(mode: KeyMode) {
+    use std::os::unix::fs::PermissionsExt;
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    fs::create_dir(m.path("shared")).unwrap();
+    std::os::unix::fs::chown(m.path("shared"), Some(0), Some(4321)).unwrap();
+    fs::set_permissions(m.path("shared"), fs::Permissions::from_mode(0o2775)).unwrap();
+    write_file(&m.path("shared/file"), b"x").unwrap();
+    fs::create_dir(m.path("shared/sub")).unwrap();
+    std::os::unix::fs::symlink("file", m.path("shared/link")).unwrap();
+    mknod(&m.path("shared/fifo"), libc::S_IFIFO | 0o644, 0).unwrap();
+    // Outside it, the creator's group.
+    write_file(&m.path("plain"), b"y").unwrap();
+    let check = |m: &TestMount| {
+        for name in ["shared/file", "shared/sub", "shared/link", "shared/fifo"] {
+            assert_eq!(
+                fs::symlink_metadata(m.path(name)).unwrap().gid(),
+                4321,
+                "{name} takes the group"
+            );
+        }
+        assert_ne!(
+            fs::metadata(m.path("shared/sub")).unwrap().mode() & 0o2000,
+            0,
+            "a directory keeps the bit"
+        );
+        assert_eq!(
+            fs::metadata(m.path("shared/file")).unwrap().mode() & 0o2000,
+            0,
+            "files do not get the bit"
+        );
+        assert_eq!(fs::metadata(m.path("plain")).unwrap().gid(), 0);
+    };
+    check(&m);
+    m.unmount();
+    check(&TestMount::mount(&vol));
 }
 
 fn special_files_keep_type_mode_and_rdev_across_remount(mode: KeyMode) {

@@ -10,6 +10,9 @@ use super::{Fs, FsError, FsResult};
 use std::ops::Range;
 use std::sync::Arc;
 
+/// How much of a file's object [`Fs::keep_for_handles`] fetches per GET.
+const MATERIALIZE_BYTES: u64 = 8 << 20;
+
 /// Where block `i`'s current content comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -106,6 +109,82 @@ impl Fs {
             }
         }
         Ok(out.into_iter().map(|b| b.unwrap_or_default()).collect())
+    }
+
+    /// Copies every block an open file still reads from its object into the journal, so that its open handles
+    /// keep reading (and writing) it once the object is gone: called before an unlink or a rename over it deletes
+    /// the object. A file with no base, or all of whose blocks are local, costs nothing; otherwise the remote
+    /// blocks come by ranged GETs of `MATERIALIZE_BYTES` at a time (memory is bounded by that, not by the file).
+    /// On success the file no longer has a base, so nothing it reads comes from S3 again.
+    pub(super) async fn keep_for_handles(&self, file: &Arc<OpenFile>) -> FsResult<()> {
+        let mut next = 0u64;
+        let mut stale_tries = 0;
+        loop {
+            let (needs, base, key, journal) = {
+                let mut st = file.state.lock().await;
+                let Some(base) = st.base.clone() else {
+                    return Ok(());
+                };
+                let b = st.bs.get();
+                let n = st.base_valid.div_ceil(b);
+                let per = (MATERIALIZE_BYTES / b).max(1);
+                let mut needs = Vec::new();
+                let mut i = next;
+                while i < n && needs.len() < per as usize {
+                    if let Source::Base { valid } = st.source(i) {
+                        needs.push((i, valid));
+                    }
+                    i += 1;
+                }
+                if needs.is_empty() {
+                    // Everything below the base's valid size is local now: the object is not needed any more.
+                    st.base = None;
+                    st.base_valid = 0;
+                    return Ok(());
+                }
+                self.ensure_journal(&mut st)?;
+                (needs, base, st.key.clone(), st.journal.clone())
+            };
+            let (first, last) = (needs[0].0, needs[needs.len() - 1].0);
+            let got = match self.base_blocks(&key, &base, first..last + 1).await {
+                Ok(got) => got,
+                Err(e) if super::read::is_stale(&e) && stale_tries < super::read::STALE_RETRIES => {
+                    stale_tries += 1;
+                    self.await_base_move(file, Some((base.id, base.etag.clone())), e)
+                        .await?;
+                    next = 0;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut st = file.state.lock().await;
+            if st.base.as_ref().map(|v| v.id) != Some(base.id) {
+                // A new version became the base meanwhile (this mount's upload): start over from it.
+                next = 0;
+                continue;
+            }
+            let bl = st.bs.get() as usize;
+            let mut blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+            for (i, valid) in needs {
+                if st.source(i) != (Source::Base { valid }) {
+                    continue;
+                }
+                let src = &got[(i - first) as usize];
+                let mut block = vec![0u8; bl];
+                let k = valid.min(src.len());
+                block[..k].copy_from_slice(&src[..k]);
+                blocks.push((i, block));
+            }
+            let journal = journal.ok_or(FsError::BadHandle)?;
+            let written: Vec<u64> = blocks.iter().map(|(i, _)| *i).collect();
+            tokio::task::spawn_blocking(move || {
+                blocks.iter().try_for_each(|(i, block)| journal.write_block(*i, block))
+            })
+            .await
+            .map_err(join_err)??;
+            st.dirty.extend(written);
+            next = last + 1;
+        }
     }
 
     /// Writes `data` at `offset`: every touched block is sealed into the journal before this returns.

@@ -13,6 +13,8 @@ use std::time::SystemTime;
 
 /// How many copies or deletes a directory rename keeps in flight.
 const RENAME_PARALLELISM: usize = 16;
+/// The set-group-ID bit of a mode.
+const SET_GID: u16 = 0o2000;
 
 /// One directory entry.
 #[derive(Clone, Debug)]
@@ -171,6 +173,20 @@ impl Fs {
         Ok(n.path.clone())
     }
 
+    /// The permission bits and group of a new entry of `kind` in `parent`, as Linux sets them
+    /// (`inode_init_owner`): in a set-group-ID directory the entry takes the directory's group, and a new
+    /// directory keeps the set-group-ID bit so that the rule carries down the tree.
+    pub(super) fn new_owner(&self, parent: u64, kind: Kind, perm: u16, gid: u32) -> (u16, u32) {
+        let t = lock(&self.inodes);
+        match t.get(parent) {
+            Some(n) if n.attr.kind == Kind::Dir && n.attr.perm & SET_GID != 0 => {
+                let perm = if kind == Kind::Dir { perm | SET_GID } else { perm };
+                (perm, n.attr.gid)
+            }
+            _ => (perm, gid),
+        }
+    }
+
     /// Lists a directory: S3's listing with a delimiter, plus files created here and not uploaded yet. Sizes and
     /// kinds come from the listing, with no HEAD per entry.
     pub async fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
@@ -249,6 +265,7 @@ impl Fs {
             Err(FsError::NotFound) => {}
             Err(e) => return Err(e),
         }
+        let (perm, gid) = self.new_owner(parent, Kind::Dir, perm, gid);
         let attr = Attr::made_now(Kind::Dir, 0, perm, uid, gid);
         let mut meta = Metadata::new();
         attr_to_metadata(&attr, &mut meta);
@@ -299,6 +316,8 @@ impl Fs {
         let path = self.path_of(attr.ino)?;
         let open = self.open_state(attr.ino);
         if let Some(file) = open {
+            // Its handles read and write on after the object is gone (unlink(2) of an open file).
+            self.keep_for_handles(&file).await?;
             file.state.lock().await.unlink();
             self.remove_if_unused(attr.ino, &file).await;
         }
@@ -310,7 +329,8 @@ impl Fs {
     }
 
     pub async fn symlink(&self, parent: u64, name: &str, target: &str, uid: u32, gid: u32) -> FsResult<Attr> {
-        let attr = Attr::made_now(Kind::Symlink, target.len() as u64, 0o777, uid, gid);
+        let (perm, gid) = self.new_owner(parent, Kind::Symlink, 0o777, gid);
+        let attr = Attr::made_now(Kind::Symlink, target.len() as u64, perm, uid, gid);
         self.make_node(parent, name, attr, target.as_bytes()).await
     }
 
@@ -319,6 +339,7 @@ impl Fs {
         if !kind.is_special() {
             return Err(FsError::NotSupported("mknod of this file type"));
         }
+        let (perm, gid) = self.new_owner(parent, kind, perm, gid);
         self.make_node(parent, name, Attr::made_now(kind, 0, perm, uid, gid), b"")
             .await
     }
@@ -416,6 +437,7 @@ impl Fs {
             .filter(|i| *i != src.ino);
         let replaced = replaced.and_then(|i| self.open_state(i));
         if let Some(file) = replaced {
+            self.keep_for_handles(&file).await?;
             file.state.lock().await.unlink();
         }
         if src.kind == Kind::Dir {

@@ -79,6 +79,8 @@ pub struct Attr {
     pub atime: SystemTime,
     /// The last change of content or attributes.
     pub ctime: SystemTime,
+    /// An open file whose name is gone (unlinked, or replaced by a rename): its link count is 0.
+    pub unlinked: bool,
 }
 
 impl Attr {
@@ -95,6 +97,7 @@ impl Attr {
             mtime: now,
             atime: now,
             ctime: now,
+            unlinked: false,
         }
     }
 }
@@ -207,6 +210,7 @@ pub fn attr_from_metadata(
         mtime,
         atime: time(META_ATIME).unwrap_or(mtime),
         ctime: time(META_CTIME).unwrap_or(mtime),
+        unlinked: false,
     }
 }
 
@@ -520,6 +524,7 @@ mod tests {
             mtime: UNIX_EPOCH,
             atime: UNIX_EPOCH,
             ctime: UNIX_EPOCH,
+            unlinked: false,
         }
     }
 
@@ -557,6 +562,7 @@ mod tests {
             mtime: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             atime: UNIX_EPOCH + Duration::new(1_600_000_000, 5),
             ctime: UNIX_EPOCH + Duration::new(1_700_000_001, 123_456_789),
+            unlinked: false,
         };
         let mut m = Metadata::new();
         attr_to_metadata(&a, &mut m);

@@ -23,6 +23,10 @@
 //! process ends, however it ends. A mount that recovers the journal skips entries it cannot lock: they belong to
 //! an earlier daemon of the same volume that is still saving them (`umount; mount` in quick succession).
 //!
+//! A file unlinked while open keeps its blocks and sizes files for its handles but loses its manifest at once
+//! ([`Journal::orphan`]): no later mount uploads it, and one that finds such files unlocked and over a minute old
+//! deletes them ([`JournalRoot::sweep_orphans`]).
+//!
 //! Which blocks are dirty is not recorded anywhere: a slot is dirty exactly when it authenticates. A hole reads as
 //! zeros and fails, and a truncation cuts the blocks file, so a stale slot cannot come back.
 //!
@@ -43,6 +47,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Manifest format version.
 const MANIFEST_VERSION: u32 = 1;
+/// How old an entry without a manifest must be before [`JournalRoot::sweep_orphans`] removes it.
+const ORPHAN_MIN_AGE: Duration = Duration::from_secs(60);
 /// Bytes per record of the sizes file.
 const SIZE_RECORD: usize = 16;
 /// Runs of at least this many blocks are sealed on two threads (a thread costs tens of microseconds; sealing
@@ -139,6 +145,51 @@ impl JournalRoot {
             }
         }
         out
+    }
+
+    /// Removes the blocks and sizes files of entries without a manifest that no running daemon holds: files
+    /// unlinked while open whose daemon ended before their last close. Entries younger than a minute are left
+    /// alone (a daemon creates the blocks file a moment before it locks it and writes the manifest). Returns how
+    /// many were removed.
+    pub fn sweep_orphans(&self) -> usize {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut swept = 0;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some(id) = name.strip_suffix(".blocks") else {
+                continue;
+            };
+            if self.dir.join(format!("{id}.manifest")).exists() {
+                continue;
+            }
+            let young = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() < ORPHAN_MIN_AGE)
+                .unwrap_or(true);
+            if young {
+                continue;
+            }
+            // Held by a running daemon (its file is still open there): not ours.
+            let Ok(f) = OpenOptions::new().read(true).write(true).open(e.path()) else {
+                continue;
+            };
+            if lock_exclusive(&f).is_err() || self.dir.join(format!("{id}.manifest")).exists() {
+                continue;
+            }
+            for ext in ["sizes", "blocks"] {
+                let p = self.dir.join(format!("{id}.{ext}"));
+                if let Err(e) = std::fs::remove_file(&p) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        log::warn!("removing journal file {}: {e}", p.display());
+                    }
+                }
+            }
+            swept += 1;
+        }
+        swept
     }
 
     /// Opens an existing entry. `file_cipher`: the file's own cipher when the manifest says the blocks are in the
@@ -380,6 +431,8 @@ pub struct Journal {
     bs: BlockSize,
     stored_len: u64,
     seq: std::sync::atomic::AtomicU64,
+    /// The file was unlinked: the manifest is gone and is not written again (see [`Journal::orphan`]).
+    orphaned: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Journal {
@@ -426,6 +479,7 @@ impl Journal {
             bs,
             stored_len: format::sealed_block_len(bs),
             seq: std::sync::atomic::AtomicU64::new(0),
+            orphaned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -522,8 +576,27 @@ impl Journal {
         (&self.sizes).write_all(&rec)
     }
 
+    /// The file's name is gone (unlinked while open): its manifest is deleted, so that no later mount uploads the
+    /// entry, and never written again; the blocks stay for the open handles until [`remove`](Self::remove) (or,
+    /// after a crash, until the next mount of the volume sweeps them: see [`JournalRoot::sweep_orphans`]).
+    pub fn orphan(&self) {
+        self.orphaned.store(true, std::sync::atomic::Ordering::SeqCst);
+        for ext in ["manifest", "manifest.tmp"] {
+            let p = self.dir.join(format!("{}.{ext}", self.id));
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    log::warn!("removing journal file {}: {e}", p.display());
+                }
+            }
+        }
+    }
+
     /// Writes `m` (with the next seq) over the manifest, then clears the sizes file (its records are now stale).
+    /// Does nothing for an orphaned entry.
     pub fn save_manifest(&self, m: &mut Manifest) -> io::Result<()> {
+        if self.orphaned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         m.seq = self.seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
         m.block_size = self.bs.get();
         m.object_format = self.object_format;
@@ -573,6 +646,9 @@ impl Journal {
     pub fn sync(&self) -> io::Result<()> {
         self.blocks.sync_data()?;
         self.sizes.sync_data()?;
+        if self.orphaned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         File::open(self.dir.join(format!("{}.manifest", self.id)))?.sync_all()?;
         File::open(&self.dir)?.sync_all()
     }
@@ -715,6 +791,39 @@ mod tests {
         assert_eq!(j2.recorded_size(&m3).unwrap(), 10);
         j2.remove();
         assert!(root2.entries().is_empty());
+    }
+
+    #[test]
+    fn an_orphaned_entry_is_never_recovered_and_is_swept_once_old_and_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let mut m = manifest();
+        let j = root.create(SealWith::JournalKey, bs(), &mut m).unwrap();
+        j.write_block(0, &[7u8; 4096]).unwrap();
+        j.orphan();
+        // Later changes of the file (a chmod, a rename) do not bring the manifest back.
+        j.save_manifest(&mut manifest()).unwrap();
+        j.sync().unwrap();
+        assert!(root.entries().is_empty(), "nothing for a restart to upload");
+        assert_eq!(
+            j.read_block(0).unwrap(),
+            Some(vec![7u8; 4096]),
+            "the handles still read it"
+        );
+        let blocks = root.dir().join(format!("{}.blocks", j.id()));
+        let age = |p: &Path| {
+            let old = SystemTime::now() - 2 * ORPHAN_MIN_AGE;
+            File::options().write(true).open(p).unwrap().set_modified(old).unwrap();
+        };
+        age(&blocks);
+        assert_eq!(root.sweep_orphans(), 0, "held by a live daemon: left alone");
+        drop(j);
+        let young = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        young.orphan();
+        let young_blocks = root.dir().join(format!("{}.blocks", young.id()));
+        drop(young);
+        assert_eq!(root.sweep_orphans(), 1, "old and free: removed; the young one stays");
+        assert!(!blocks.exists() && young_blocks.exists());
     }
 
     #[test]

@@ -181,9 +181,10 @@ impl Fs {
             self.kick(&file);
             return;
         }
-        if unlinked {
+        if unlinked && file.ino == 0 {
             self.drop_journal(&file).await;
         }
+        // An unlinked file's journal goes with its last handle (its handles still read from it).
         self.forget_if_saved(&file).await;
     }
 
@@ -259,6 +260,10 @@ impl Fs {
     pub async fn recover(&self) -> Recovery {
         let mut report = Recovery::default();
         let mut files = Vec::new();
+        let swept = self.journal.sweep_orphans();
+        if swept > 0 {
+            log::info!("journal: removed {swept} entries of files unlinked while open in an earlier run");
+        }
         for (id, m) in self.journal.entries() {
             // Reopening takes the entry's lock: uploads are aborted only for entries no running daemon owns.
             match self.reopen_entry(&id, m.clone()).await {
@@ -401,6 +406,7 @@ impl Fs {
                 mtime: m.mtime,
                 atime: m.atime,
                 ctime: m.ctime,
+                unlinked: false,
             },
             xattr: m.xattr.clone(),
             upload_token: None,

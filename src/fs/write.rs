@@ -172,14 +172,14 @@ impl FileState {
         }
     }
 
-    /// The name is gone: nothing more is uploaded, and the journal entry goes.
+    /// The name is gone: nothing more is uploaded. The open handles keep the content (which
+    /// [`Fs::keep_for_handles`] made local) in the journal, whose entry is no longer one a restart recovers; it
+    /// goes with the last handle.
     pub fn unlink(&mut self) {
         self.unlinked = true;
         self.wb = None;
-        self.dirty.clear();
-        self.cache.clear();
-        if let Some(j) = self.journal.take() {
-            j.remove();
+        if let Some(j) = &self.journal {
+            j.orphan();
         }
     }
 
@@ -289,6 +289,7 @@ impl Fs {
         self.check_key(&key)?;
         // The data key first: a KMS call must not happen under any lock.
         let (codec, header) = self.new_codec().await?;
+        let (perm, gid) = self.new_owner(parent, Kind::File, perm, gid);
         let attr = Attr::made_now(Kind::File, 0, perm, uid, gid);
         let ino = {
             let mut t = lock(&self.inodes);
@@ -398,19 +399,33 @@ impl Fs {
         if unsaved {
             return;
         }
-        let mut open = lock(&self.open_files);
-        if open
-            .get(&ino)
-            .is_some_and(|e| e.count == 0 && Arc::ptr_eq(&e.file, file))
-        {
-            open.remove(&ino);
-            drop(open);
-            let mut t = lock(&self.inodes);
-            if let Some(n) = t.get_mut(ino) {
-                n.pending = false;
-            }
-            t.forget(ino, 0);
+        let removed = {
+            let mut open = lock(&self.open_files);
+            let ours = open
+                .get(&ino)
+                .is_some_and(|e| e.count == 0 && Arc::ptr_eq(&e.file, file));
+            ours && open.remove(&ino).is_some()
+        };
+        if !removed {
+            return;
         }
+        // An unlinked file's journal held its content for the handles; the last one is gone.
+        let gone = {
+            let mut st = file.state.lock().await;
+            if st.unlinked {
+                st.journal.take()
+            } else {
+                None
+            }
+        };
+        if let Some(j) = gone {
+            j.remove();
+        }
+        let mut t = lock(&self.inodes);
+        if let Some(n) = t.get_mut(ino) {
+            n.pending = false;
+        }
+        t.forget(ino, 0);
     }
 
     /// Gives back one reference; the last one saves what is left (changes made through another handle after
@@ -447,6 +462,7 @@ impl Fs {
         Some(Attr {
             ino,
             size: st.size,
+            unlinked: st.unlinked,
             ..st.attr.clone()
         })
     }
