@@ -48,6 +48,7 @@ in_two_modes!(
     a_long_listing_costs_about_one_head_per_file,
     an_open_file_outlives_its_name,
     an_open_file_replaced_by_rename_keeps_its_content,
+    an_unlink_that_would_fill_the_staging_disk_keeps_only_what_the_mount_holds,
     set_group_id_directories_pass_their_group_down,
 );
 
@@ -209,6 +210,72 @@ fn an_open_file_outlives_its_name(mode: KeyMode) {
     // A new file of the same name is a new file.
     write_file(&m.path("f"), b"new").unwrap();
     assert_eq!(fs::read(m.path("f")).unwrap(), b"new");
+}
+
+/// Unmounts a tmpfs mounted by [`small_tmpfs`].
+struct TmpfsGuard(tempfile::TempDir);
+
+impl Drop for TmpfsGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+fn small_tmpfs(size: &str) -> TmpfsGuard {
+    let dir = tempfile::Builder::new().prefix("s3crypt-small").tempdir().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount a {size} tmpfs");
+    TmpfsGuard(dir)
+}
+
+/// The copy an unlink makes for open handles must not fill the journal's disk: with too little room it is
+/// skipped, the unlink still succeeds, and the handles read their own writes and what the mount has cached; any
+/// other read fails. Never other bytes.
+fn an_unlink_that_would_fill_the_staging_disk_keeps_only_what_the_mount_holds(mode: KeyMode) {
+    use std::os::unix::fs::FileExt;
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let want = common::mount::pattern(6 * 1024 * 1024, 3);
+    write_file(&m.path("big"), &want).unwrap();
+    m.unmount();
+    let small = small_tmpfs("4m");
+    let staging = format!("staging_dir={}", small.0.path().display());
+    let m = TestMount::mount_with(&vol, &[&staging]);
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("big"))
+        .unwrap();
+    f.write_all_at(b"mine", 10).unwrap();
+    let mut cached = vec![0u8; 4096];
+    f.read_exact_at(&mut cached, 2 * 1024 * 1024).unwrap();
+    assert!(cached[..] == want[2 * 1024 * 1024..2 * 1024 * 1024 + 4096]);
+    fs::remove_file(m.path("big")).unwrap();
+    assert!(!object_exists(&vol.bucket, "big"));
+    drop_page_cache(&f);
+    let mut head = vec![0u8; 14];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head[10..], b"mine", "its own write");
+    assert_eq!(&head[..10], &want[..10]);
+    f.read_exact_at(&mut cached, 2 * 1024 * 1024).unwrap();
+    assert!(
+        cached[..] == want[2 * 1024 * 1024..2 * 1024 * 1024 + 4096],
+        "a cached block"
+    );
+    let mut far = vec![0u8; 4096];
+    let r = f.read_exact_at(&mut far, 5 * 1024 * 1024);
+    assert!(
+        r.is_err(),
+        "a block only S3 had cannot be read once the object is gone, and is not made up"
+    );
+    drop(f);
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    assert_eq!(errno_of(fs::metadata(m.path("big"))), libc::ENOENT);
 }
 
 /// rename(2): "If newpath already exists, it will be atomically replaced"; a process that has the replaced file

@@ -57,6 +57,18 @@ fn journal_lost(key: &str, i: u64) -> FsError {
     FsError::Local(std::io::Error::other(format!("{key}: journal block {i} is damaged")))
 }
 
+/// Bytes an unprivileged writer may still use on the file system that holds `dir`.
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs(3) fills the zeroed struct it is given; the path is a valid C string.
+    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut sv) } != 0 {
+        return None;
+    }
+    Some((sv.f_bavail as u64).saturating_mul(sv.f_frsize as u64))
+}
+
 fn join_err(e: tokio::task::JoinError) -> FsError {
     FsError::Local(std::io::Error::other(e))
 }
@@ -115,8 +127,36 @@ impl Fs {
     /// keep reading (and writing) it once the object is gone: called before an unlink or a rename over it deletes
     /// the object. A file with no base, or all of whose blocks are local, costs nothing; otherwise the remote
     /// blocks come by ranged GETs of `MATERIALIZE_BYTES` at a time (memory is bounded by that, not by the file).
-    /// On success the file no longer has a base, so nothing it reads comes from S3 again.
+    /// On success the file no longer has a base, so nothing it reads comes from S3 again. When the copy would take
+    /// more than half of the journal disk's free space it is skipped (and logged): the handles keep what the
+    /// mount holds, and reads of anything else fail once the object is gone.
     pub(super) async fn keep_for_handles(&self, file: &Arc<OpenFile>) -> FsResult<()> {
+        let (remote, key) = {
+            let st = file.state.lock().await;
+            let b = st.bs.get();
+            let n = if st.base.is_some() {
+                st.base_valid.div_ceil(b)
+            } else {
+                0
+            };
+            let remote = (0..n).filter(|i| matches!(st.source(*i), Source::Base { .. })).count() as u64;
+            (remote * b, st.key.clone())
+        };
+        if remote == 0 {
+            return Ok(());
+        }
+        // The copy must not fill the journal's disk: past half of its free space, the handles keep only what
+        // this mount holds (its own changes, and blocks in the cache); other reads fail once the object is gone.
+        let free = free_bytes(self.journal.dir()).unwrap_or(u64::MAX);
+        if remote > free / 2 {
+            log::warn!(
+                "{key}: unlinked while open; its {} MiB in S3 are not copied to the journal ({} MiB free in \
+                 staging_dir): its open handles can read only what this mount holds",
+                remote >> 20,
+                free >> 20
+            );
+            return Ok(());
+        }
         let mut next = 0u64;
         let mut stale_tries = 0;
         loop {
