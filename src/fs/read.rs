@@ -93,7 +93,10 @@ impl ReadAhead {
         ReadAhead {
             chunk_blocks,
             max_window,
-            budget: 2 * max_window * chunk_blocks * bs.get(),
+            // The window ahead twice over (a reader's next window starts while the last one is still held), and
+            // the chunk behind the reader, whose last blocks the kernel's concurrent read-ahead requests may still
+            // ask for: evicting it refetched the whole chunk.
+            budget: (2 * max_window + 1) * chunk_blocks * bs.get(),
             chunks: Arc::new(Mutex::new(Chunks::default())),
         }
     }
@@ -137,6 +140,7 @@ async fn fetch_run(
     blocks: Range<u64>,
 ) -> FsResult<FetchedRun> {
     let r = v.codec.object_range(blocks.clone(), v.plain_size);
+    log::trace!("{key}: GET blocks {}..{}", blocks.start, blocks.end);
     let out = store
         .get(
             &key,
@@ -296,16 +300,27 @@ impl Fs {
         let mut got: Vec<Option<Block>> = blocks.clone().map(|i| self.cache.get(v.id, i)).collect();
         let cb = self.reader.chunk_blocks;
         let mut chunks: HashMap<u64, ChunkFuture> = HashMap::new();
+        let (first, needed) = (blocks.start / cb, (blocks.end - 1) / cb);
         if window > 0 {
             let n = v.codec.block_count(v.plain_size);
-            let (first, needed) = (blocks.start / cb, (blocks.end - 1) / cb);
-            self.reader.passed(v.id, first);
+            // The kernel's read-ahead sends reads concurrently and they arrive out of order: one just behind
+            // this read may still need the previous chunk, which would otherwise be fetched again.
+            self.reader.passed(v.id, first.saturating_sub(1));
             for c in first..=needed + window {
                 if c * cb >= n {
                     break;
                 }
                 if let Some(f) = self.ensure_chunk(key, v, c, n) {
                     chunks.insert(c, f);
+                }
+            }
+        } else {
+            // Not (yet, or any more) a sequential streak: no new chunks, but blocks a chunk already holds or is
+            // fetching are taken from it rather than fetched a second time.
+            let held = lock(&self.reader.chunks);
+            for c in first..=needed {
+                if let Some(e) = held.map.get(&(v.id, c)) {
+                    chunks.insert(c, e.fut.clone());
                 }
             }
         }
