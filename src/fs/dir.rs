@@ -316,8 +316,11 @@ impl Fs {
         let path = self.path_of(attr.ino)?;
         let open = self.open_state(attr.ino);
         if let Some(file) = open {
-            // Its handles read and write on after the object is gone (unlink(2) of an open file).
-            self.keep_for_handles(&file).await?;
+            // Its handles read and write on after the object is gone (unlink(2) of an open file). A state with
+            // no handle left (only its upload running) needs no copy.
+            if self.has_handles(attr.ino) {
+                self.keep_for_handles(&file).await?;
+            }
             file.state.lock().await.unlink();
             self.remove_if_unused(attr.ino, &file).await;
         }
@@ -435,9 +438,11 @@ impl Fs {
             .child(new_parent, new_name)
             .map(|c| c.ino)
             .filter(|i| *i != src.ino);
-        let replaced = replaced.and_then(|i| self.open_state(i));
-        if let Some(file) = replaced {
-            self.keep_for_handles(&file).await?;
+        let replaced = replaced.and_then(|i| Some((i, self.open_state(i)?)));
+        if let Some((ino, file)) = replaced {
+            if self.has_handles(ino) {
+                self.keep_for_handles(&file).await?;
+            }
             file.state.lock().await.unlink();
         }
         if src.kind == Kind::Dir {

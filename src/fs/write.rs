@@ -378,6 +378,11 @@ impl Fs {
     }
 
     /// The shared state of an open (or unsaved) inode, if any.
+    /// True while a handle (or an operation) holds the open state of `ino`.
+    pub(super) fn has_handles(&self, ino: u64) -> bool {
+        lock(&self.open_files).get(&ino).is_some_and(|e| e.count > 0)
+    }
+
     pub(super) fn open_state(&self, ino: u64) -> Option<Arc<OpenFile>> {
         lock(&self.open_files).get(&ino).map(|e| e.file.clone())
     }
