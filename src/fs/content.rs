@@ -57,6 +57,15 @@ fn journal_lost(key: &str, i: u64) -> FsError {
     FsError::Local(std::io::Error::other(format!("{key}: journal block {i} is damaged")))
 }
 
+/// A whole block (`len` bytes) whose content is the base's block `src` up to `valid`, zeros after: a base block
+/// cut where the file's valid part of the base ends.
+fn base_block(src: &[u8], valid: usize, len: usize) -> Vec<u8> {
+    let mut block = vec![0u8; len];
+    let n = valid.min(src.len());
+    block[..n].copy_from_slice(&src[..n]);
+    block
+}
+
 /// Bytes an unprivileged writer may still use on the file system that holds `dir`.
 fn free_bytes(dir: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -113,11 +122,7 @@ impl Fs {
         if let (Some(&(first, _)), Some(&(last, _)), Some(base)) = (needs.first(), needs.last(), base) {
             let got = self.base_blocks(&key, &base, first..last + 1).await?;
             for (i, valid) in needs {
-                let src = &got[(i - first) as usize];
-                let mut block = vec![0u8; b];
-                let n = valid.min(src.len());
-                block[..n].copy_from_slice(&src[..n]);
-                out[(i - blocks.start) as usize] = Some(block);
+                out[(i - blocks.start) as usize] = Some(base_block(&got[(i - first) as usize], valid, b));
             }
         }
         Ok(out.into_iter().map(|b| b.unwrap_or_default()).collect())
@@ -209,11 +214,7 @@ impl Fs {
                 if st.source(i) != (Source::Base { valid }) {
                     continue;
                 }
-                let src = &got[(i - first) as usize];
-                let mut block = vec![0u8; bl];
-                let k = valid.min(src.len());
-                block[..k].copy_from_slice(&src[..k]);
-                blocks.push((i, block));
+                blocks.push((i, base_block(&got[(i - first) as usize], valid, bl)));
             }
             let journal = journal.ok_or(FsError::BadHandle)?;
             let written: Vec<u64> = blocks.iter().map(|(i, _)| *i).collect();
@@ -323,10 +324,7 @@ impl Fs {
                     Source::Journal => Start::Journal,
                     Source::Base { valid } => {
                         let src = fetched.iter().find(|f| f.0 == i).map(|f| &f.2[..]).unwrap_or(&[]);
-                        let mut block = vec![0u8; bl];
-                        let k = valid.min(src.len());
-                        block[..k].copy_from_slice(&src[..k]);
-                        Start::Have(block)
+                        Start::Have(base_block(src, valid, bl))
                     }
                     Source::Zeros => Start::Have(vec![0u8; bl]),
                 }

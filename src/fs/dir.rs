@@ -316,18 +316,24 @@ impl Fs {
         let path = self.path_of(attr.ino)?;
         let open = self.open_state(attr.ino);
         if let Some(file) = open {
-            // Its handles read and write on after the object is gone (unlink(2) of an open file). A state with
-            // no handle left (only its upload running) needs no copy.
-            if self.has_handles(attr.ino) {
-                self.keep_for_handles(&file).await?;
-            }
-            file.state.lock().await.unlink();
+            self.name_gone(attr.ino, &file).await?;
             self.remove_if_unused(attr.ino, &file).await;
         }
         self.store.delete(&self.key_of(&path)).await?;
         let mut t = lock(&self.inodes);
         t.detach(attr.ino);
         t.touch_dir(parent);
+        Ok(())
+    }
+
+    /// The name of open file `ino` goes (unlink, or a rename over it), before its object is deleted: its handles
+    /// read and write on from the journal (unlink(2)); a state no handle holds any more (only its upload running)
+    /// needs no copy. Nothing of it is uploaded again.
+    async fn name_gone(&self, ino: u64, file: &std::sync::Arc<super::write::OpenFile>) -> FsResult<()> {
+        if self.has_handles(ino) {
+            self.keep_for_handles(file).await?;
+        }
+        file.state.lock().await.unlink();
         Ok(())
     }
 
@@ -440,10 +446,7 @@ impl Fs {
             .filter(|i| *i != src.ino);
         let replaced = replaced.and_then(|i| Some((i, self.open_state(i)?)));
         if let Some((ino, file)) = replaced {
-            if self.has_handles(ino) {
-                self.keep_for_handles(&file).await?;
-            }
-            file.state.lock().await.unlink();
+            self.name_gone(ino, &file).await?;
         }
         if src.kind == Kind::Dir {
             self.rename_dir(&src_path, &dst_path).await?;

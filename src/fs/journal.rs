@@ -179,14 +179,7 @@ impl JournalRoot {
             if lock_exclusive(&f).is_err() || self.dir.join(format!("{id}.manifest")).exists() {
                 continue;
             }
-            for ext in ["sizes", "blocks"] {
-                let p = self.dir.join(format!("{id}.{ext}"));
-                if let Err(e) = std::fs::remove_file(&p) {
-                    if e.kind() != io::ErrorKind::NotFound {
-                        log::warn!("removing journal file {}: {e}", p.display());
-                    }
-                }
-            }
+            remove_files(&self.dir, id, &["sizes", "blocks"]);
             swept += 1;
         }
         swept
@@ -581,14 +574,7 @@ impl Journal {
     /// after a crash, until the next mount of the volume sweeps them: see [`JournalRoot::sweep_orphans`]).
     pub fn orphan(&self) {
         self.orphaned.store(true, std::sync::atomic::Ordering::SeqCst);
-        for ext in ["manifest", "manifest.tmp"] {
-            let p = self.dir.join(format!("{}.{ext}", self.id));
-            if let Err(e) = std::fs::remove_file(&p) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    log::warn!("removing journal file {}: {e}", p.display());
-                }
-            }
-        }
+        remove_files(&self.dir, &self.id, &["manifest", "manifest.tmp"]);
     }
 
     /// Writes `m` (with the next seq) over the manifest, then clears the sizes file (its records are now stale).
@@ -656,18 +642,24 @@ impl Journal {
     /// Deletes the entry (its data is in S3 or in the recovery directory). The manifest goes first: without it
     /// the blocks are never looked at again.
     pub fn remove(&self) {
-        for ext in ["manifest", "sizes", "blocks", "manifest.tmp"] {
-            let p = self.dir.join(format!("{}.{ext}", self.id));
-            if let Err(e) = std::fs::remove_file(&p) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    log::warn!("removing journal file {}: {e}", p.display());
-                }
-            }
-        }
+        remove_files(&self.dir, &self.id, &["manifest", "sizes", "blocks", "manifest.tmp"]);
     }
 
     pub fn block_size(&self) -> BlockSize {
         self.bs
+    }
+}
+
+/// Deletes the files `<id>.<ext>` of one entry, in the order given; a file already gone is not an error, any other
+/// failure is logged.
+fn remove_files(dir: &Path, id: &str, exts: &[&str]) {
+    for ext in exts {
+        let p = dir.join(format!("{id}.{ext}"));
+        if let Err(e) = std::fs::remove_file(&p) {
+            if e.kind() != io::ErrorKind::NotFound {
+                log::warn!("removing journal file {}: {e}", p.display());
+            }
+        }
     }
 }
 

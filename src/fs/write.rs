@@ -377,12 +377,12 @@ impl Fs {
         Ok(e.file.clone())
     }
 
-    /// The shared state of an open (or unsaved) inode, if any.
     /// True while a handle (or an operation) holds the open state of `ino`.
     pub(super) fn has_handles(&self, ino: u64) -> bool {
         lock(&self.open_files).get(&ino).is_some_and(|e| e.count > 0)
     }
 
+    /// The shared state of an open (or unsaved) inode, if any.
     pub(super) fn open_state(&self, ino: u64) -> Option<Arc<OpenFile>> {
         lock(&self.open_files).get(&ino).map(|e| e.file.clone())
     }

@@ -205,12 +205,19 @@ macro_rules! copy_source_sse_c {
 /// Sends a request with `$timeouts` (an `Option<TimeoutConfig>`) in place of the client's when given.
 macro_rules! send_with_timeouts {
     ($req:expr, $timeouts:expr) => {
+        send_customized!($req.customize(), $timeouts)
+    };
+}
+
+/// Sends an operation already being customized, with `$timeouts` (if any) in place of the client's.
+macro_rules! send_customized {
+    ($op:expr, $timeouts:expr) => {
         match $timeouts {
             Some(t) => {
                 let conf = aws_sdk_s3::config::Builder::default().timeout_config(t);
-                $req.customize().config_override(conf).send().await
+                $op.config_override(conf).send().await
             }
-            None => $req.send().await,
+            None => $op.send().await,
         }
     };
 }
@@ -223,16 +230,9 @@ macro_rules! send_with_timeouts {
 /// the client-side modes every block by its own authentication tag. The request itself (key, headers, the
 /// checksum) stays signed.
 macro_rules! send_upload {
-    ($store:expr, $req:expr, $len:expr) => {{
-        let req = $req.customize().disable_payload_signing();
-        match $store.upload_timeouts($len) {
-            Some(t) => {
-                let conf = aws_sdk_s3::config::Builder::default().timeout_config(t);
-                req.config_override(conf).send().await
-            }
-            None => req.send().await,
-        }
-    }};
+    ($store:expr, $req:expr, $len:expr) => {
+        send_customized!($req.customize().disable_payload_signing(), $store.upload_timeouts($len))
+    };
 }
 
 /// Applies a [`PutCondition`] to a request with `if_match` / `if_none_match`.
