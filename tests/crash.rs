@@ -12,6 +12,7 @@
 mod common;
 
 use common::mount::{close_checked, write_file, TestMount, Volume};
+use common::proxy::FaultProxy;
 use rand::{Rng, RngCore, SeedableRng};
 use s3crypt::keys::KeyMode;
 use std::collections::BTreeMap;
@@ -19,7 +20,7 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -1017,5 +1018,56 @@ fn files_unlinked_while_open_stay_gone_after_kill_9() {
         d.log_tail(20)
     );
     assert_eq!(fs::read_dir(mnt).unwrap().count(), 0);
+    assert!(d.stop().success());
+}
+
+/// A file written with write-behind gets its final attributes (here a chmod while it was written, and the last
+/// write's mtime) from a metadata copy once its data is committed. fsync() and close() do not wait for that copy;
+/// until it lands the attributes are in the journal, so a `kill -9` before it loses none of them.
+#[test]
+fn attributes_settled_after_a_write_behind_upload_survive_kill_9() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let vol = Volume::new(KeyMode::CseLocal);
+    let mnt_dir = tempfile::Builder::new().prefix("s3crypt-settle").tempdir().unwrap();
+    let mnt = mnt_dir.path();
+    let _logs = KeepLogs(vol.dir.path());
+    let proxy = FaultProxy::start(common::endpoint());
+    let is_copy = |r: &common::proxy::RequestHead| r.method == "PUT" && r.header("x-amz-copy-source").is_some();
+    // The copy that would settle the attributes never gets an answer.
+    proxy.blackhole_matching(is_copy);
+    let endpoint = format!("endpoint={}", proxy.endpoint());
+    let d = Daemon::start(
+        &vol,
+        mnt,
+        vol.dir.path().join("daemon.log"),
+        &[endpoint.as_str(), "upload_timeout=3s"],
+    );
+    let data = content(8, 40 * MIB);
+    let mut f = File::create(mnt.join("big")).unwrap();
+    for chunk in data.chunks(MIB) {
+        f.write_all(chunk).unwrap();
+    }
+    f.set_permissions(fs::Permissions::from_mode(0o600)).unwrap();
+    f.sync_all().expect("fsync: the data is in S3");
+    let mtime = f.metadata().unwrap().modified().unwrap();
+    close_checked(f).expect("close does not wait for the attributes' copy");
+    let start = Instant::now();
+    while !proxy.requests().iter().any(is_copy) {
+        assert!(start.elapsed() < Duration::from_secs(30), "no settling copy was sent");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(journal_manifests(&vol).len(), 1, "the attributes wait in the journal");
+    d.kill9();
+    detach(mnt);
+    let d = Daemon::start(&vol, mnt, vol.dir.path().join("daemon-2.log"), &[]);
+    let meta = fs::metadata(mnt.join("big")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "the chmod survived the kill");
+    assert_eq!(meta.modified().unwrap(), mtime, "the final mtime survived the kill");
+    assert!(read_object(mnt, "big") == Some(data), "the content is the one written");
+    assert_eq!(
+        journal_manifests(&vol),
+        Vec::<PathBuf>::new(),
+        "recovery saved the attributes"
+    );
     assert!(d.stop().success());
 }

@@ -622,9 +622,15 @@ impl Fs {
         }
         if stale_attrs {
             // One more round of this upload loop copies the final attributes onto the object. Those waiting for
-            // this generation (close) are told now; the state stays open (unsaved) until that round lands, so a
-            // reopen shares it and learns the new ETag.
+            // this generation (close, fsync) are told now; the state stays open (unsaved) until that round lands,
+            // so a reopen shares it and learns the new ETag. Until then the attributes are in the journal, as any
+            // attribute change is: a crash before the copy lands leaves it to the next mount.
             st.touch(false);
+            match self.ensure_journal(&mut st).and_then(|()| st.save_manifest()) {
+                Ok(()) => st.settling = st.generation,
+                // Then close and fsync wait for the copy.
+                Err(e) => log::warn!("{}: recording the attributes in the journal failed: {e}", snap.key),
+            }
             file.wanted
                 .fetch_max(st.generation, std::sync::atomic::Ordering::SeqCst);
         }

@@ -54,12 +54,19 @@ pub struct Recovery {
 impl Fs {
     /// Makes S3 hold what the file holds now, waiting at most `upload_timeout`.
     pub(super) async fn save(&self, file: &Arc<OpenFile>) -> FsResult<()> {
+        self.save_gen(file, false).await
+    }
+
+    /// `settle`: also wait for the copy that settles a write-behind upload's attributes.
+    async fn save_gen(&self, file: &Arc<OpenFile>, settle: bool) -> FsResult<()> {
         let (gen, key) = {
             let st = file.state.lock().await;
             if st.poisoned {
                 return Err(FsError::Poisoned);
             }
-            if !st.unsaved() {
+            // Nothing to save, or only the settling copy of attributes after a write-behind upload: the data is
+            // in S3 and the copy follows in the background.
+            if !st.unsaved() || (!settle && st.generation == st.settling) {
                 return Ok(());
             }
             (st.generation, st.key.clone())
@@ -72,7 +79,7 @@ impl Fs {
     /// A writer that keeps writing keeps it unsaved: after a few rounds, what was saved is what was asked for.
     pub(super) async fn save_all(&self, file: &Arc<OpenFile>) -> FsResult<()> {
         for _ in 0..3 {
-            self.save(file).await?;
+            self.save_gen(file, true).await?;
             if !file.state.lock().await.unsaved() {
                 break;
             }
@@ -414,6 +421,7 @@ impl Fs {
             wb: None,
             unlinked: false,
             poisoned: false,
+            settling: 0,
         };
         Ok(OpenFile::new(0, st))
     }

@@ -114,6 +114,9 @@ pub struct FileState {
     pub unlinked: bool,
     /// An upload failed for good (a conflict): writes and flushes fail until the file is reopened.
     pub poisoned: bool,
+    /// The generation whose only change is the metadata copy that settles a write-behind upload's attributes
+    /// (0: none). The data of that generation is in S3: close and fsync do not wait for the copy.
+    pub settling: u64,
 }
 
 impl FileState {
@@ -141,6 +144,7 @@ impl FileState {
             wb: None,
             unlinked: false,
             poisoned: false,
+            settling: 0,
         }
     }
 
@@ -325,6 +329,7 @@ impl Fs {
             wb: None,
             unlinked: false,
             poisoned: false,
+            settling: 0,
         };
         self.ensure_journal(&mut state)?;
         let file = OpenFile::new(ino, state);

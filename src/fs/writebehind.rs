@@ -27,8 +27,9 @@
 //! from the metadata the upload was created with, the round that completes the upload leaves the attributes
 //! unsaved and asks its upload loop for one more round: a metadata copy of the object onto itself, conditional on
 //! the ETag the completion returned (in parts, for an object over CopyObject's 5 GiB; see `store::bigcopy`).
-//! close() returns once the data is committed and does not wait for that copy; a rename, which copies the
-//! object, waits for it.
+//! close() and fsync() return once the data is committed and do not wait for that copy: until it lands, the final
+//! attributes are in the journal as any attribute change is, so a crash leaves the copy to the next mount. A
+//! rename, which copies the object, waits for it.
 use super::codec::Codec;
 use super::journal::new_token;
 use super::upload::{part_blocks, Snapshot, MAX_PARTS, SINGLE_PUT_MAX};
@@ -242,11 +243,20 @@ impl Fs {
             };
             (Snapshot::of(&st, Metadata::new(), String::new()), id, per_part)
         };
+        let t0 = std::time::Instant::now();
         let body = self.assemble(file, &snap, k * per_part..(k + 1) * per_part).await?;
+        let t1 = std::time::Instant::now();
         let part = self
             .store
             .upload_part(&snap.key, &upload_id, k as i32 + 1, body.into())
             .await?;
+        log::debug!(
+            "{}: write-behind part {} sent ({:?} reading the journal, {:?} uploading)",
+            snap.key,
+            k + 1,
+            t1 - t0,
+            t1.elapsed()
+        );
         Ok(Some((upload_id, part)))
     }
 

@@ -113,6 +113,8 @@ struct Shared {
     upstream: SocketAddr,
     mode: Mutex<Mode>,
     drop_next: Mutex<Option<Matcher>>,
+    /// Requests this accepts are blackholed, whatever the mode.
+    hold: Mutex<Option<Matcher>>,
     dropped: AtomicUsize,
     log: Mutex<Vec<RequestHead>>,
     /// Number of [`Mode::ResetFraction`] draws so far: the input of the next draw.
@@ -140,6 +142,7 @@ impl FaultProxy {
             upstream,
             mode: Mutex::new(Mode::Pass),
             drop_next: Mutex::new(None),
+            hold: Mutex::new(None),
             dropped: AtomicUsize::new(0),
             log: Mutex::new(Vec::new()),
             draws: AtomicU64::new(0),
@@ -180,6 +183,17 @@ impl FaultProxy {
     /// fired yet. Requests reset or blackholed by the [`Mode`] never reach the matcher.
     pub fn drop_response_once(&self, matcher: impl Fn(&RequestHead) -> bool + Send + Sync + 'static) {
         *lock(&self.shared.drop_next) = Some(Box::new(matcher));
+    }
+
+    /// Blackholes every request `matcher` accepts from now on (on new and open connections), until
+    /// [`release_held`](Self::release_held); other requests follow the [`Mode`]. Replaces an earlier matcher.
+    pub fn blackhole_matching(&self, matcher: impl Fn(&RequestHead) -> bool + Send + Sync + 'static) {
+        *lock(&self.shared.hold) = Some(Box::new(matcher));
+    }
+
+    /// Ends [`blackhole_matching`](Self::blackhole_matching) for requests read from now on.
+    pub fn release_held(&self) {
+        *lock(&self.shared.hold) = None;
     }
 
     /// How many responses [`drop_response_once`](Self::drop_response_once) has swallowed so far.
@@ -396,7 +410,9 @@ impl Conn {
         let head = parse_request(&raw_head)?;
         lock(&self.shared.log).push(head.clone());
         let body = request_body(&head.headers)?;
-        match self.shared.action() {
+        let held = lock(&self.shared.hold).as_ref().is_some_and(|m| m(&head));
+        let action = if held { Action::Blackhole } else { self.shared.action() };
+        match action {
             Action::Reset => {
                 copy_body(&mut self.client.io, body, &mut io::sink())?;
                 Ok(Next::Reset)
