@@ -13,15 +13,33 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// delay stays at mimalloc's default (10 ms): a freed part or GET buffer is handed to the next one instead of
 /// going back to the kernel and coming back as fresh pages that the kernel must zero. With the delay at 0 that
 /// zeroing led the profile (over the in-memory store a 1 GiB read ran at 1.3 GB/s, 1.5-1.8 with the delay; a
-/// 1 GiB write to S3 at 220 MB/s, 260 with it) for 5-15 MiB more peak RSS (10 GiB streamed either way: 143 MiB
-/// writing, 115 reading). Set before any thread starts; `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still
-/// wins.
+/// 1 GiB write to S3 at 220 MB/s, 260 with it).
+///
+/// Transparent huge pages are off for the process (mimalloc's `allow_thp`, which also sets
+/// `PR_SET_THP_DISABLE`). The daemon's large buffers live for milliseconds; a fresh 2 MiB page is zeroed whole
+/// on its first touch, and on the machine of docs/BENCHMARKS.md that zeroing was two thirds of the daemon's CPU
+/// in a write over the in-memory store (whose parts are all fresh memory). Without huge pages that write went
+/// from 350-420 to 550 MB/s, and a cold 1 GiB read from S3 peaked at 70-80 MiB RSS instead of 115-120, at the
+/// same speed.
+///
+/// Set before any thread starts; `MIMALLOC_ARENA_EAGER_COMMIT` and `MIMALLOC_ALLOW_THP` in the environment still
+/// win.
 fn tune_allocator() {
-    /// Index in mimalloc.h's `mi_option_t` (v2 and v3); the Rust bindings do not name it.
+    /// Indexes in mimalloc.h's `mi_option_t` (v3, the version libmimalloc-sys builds); the Rust bindings do not
+    /// name them.
     const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
     if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
         // SAFETY: sets a process-wide allocator option; no other thread exists yet.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+    }
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // SAFETY: as above. prctl(PR_SET_THP_DISABLE) takes no pointers; it covers mappings made before it too
+        // (mimalloc only sets it itself when the option is read at its start-up).
+        unsafe {
+            libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        }
     }
 }
 
