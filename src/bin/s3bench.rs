@@ -5,6 +5,10 @@
 //! single and multipart PUT, and small-object PUT/HEAD rates. It also does the set-up chores the benchmark script
 //! needs without an AWS CLI on the machine (create a bucket, create a KMS key, sum the bytes under a prefix).
 //!
+//! Two more time a mounted file system the way the raw client is timed, inside the process: `file-write` (open,
+//! 1 MiB writes, fsync, close) and `file-read` (open, 1 MiB reads to the end, close), so that a benchmark tool's
+//! own start-up and exit (about a quarter of a second for fio here) is not counted against the mount.
+//!
 //! Each measuring subcommand prints one JSON object on stdout, e.g.
 //! `{"op":"get_ranged","bytes":268435456,"seconds":0.71,"mb_per_s":378.1,"requests":32}`; MB is 10^6 bytes.
 //! The endpoint, region and credentials come from the usual AWS environment variables (`AWS_ENDPOINT_URL`,
@@ -35,6 +39,21 @@ enum Cmd {
     CreateBucket { bucket: String },
     /// Create a symmetric KMS key and print its ARN.
     KmsCreateKey,
+    /// Write SIZE_MIB to PATH (created or truncated) in BS_KIB writes of one random buffer, fsync and close it;
+    /// timed from open to the end of close.
+    FileWrite {
+        path: std::path::PathBuf,
+        #[arg(long)]
+        size_mib: u64,
+        #[arg(long, default_value_t = 1024)]
+        bs_kib: usize,
+    },
+    /// Read PATH to its end in BS_KIB reads and close it; timed from open to the end of close.
+    FileRead {
+        path: std::path::PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        bs_kib: usize,
+    },
     /// Upload SIZE_MIB of random bytes with one PutObject.
     Put {
         bucket: String,
@@ -95,6 +114,12 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The file timings touch no S3 client.
+    match cli.cmd {
+        Cmd::FileWrite { path, size_mib, bs_kib } => return file_write(&path, size_mib, bs_kib),
+        Cmd::FileRead { path, bs_kib } => return file_read(&path, bs_kib),
+        _ => {}
+    }
     let shared = aws_config::load_from_env().await;
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&shared)
@@ -133,7 +158,62 @@ async fn main() -> Result<()> {
             in_flight,
         } => small_head(&s3, &bucket, &prefix, count, in_flight).await,
         Cmd::Du { bucket, prefix } => du(&s3, &bucket, &prefix).await,
+        Cmd::FileWrite { .. } | Cmd::FileRead { .. } => unreachable!("handled above"),
     }
+}
+
+/// close(2) with its result: a file system reports a failed save at close, which dropping a `File` ignores.
+fn close_checked(f: std::fs::File, path: &std::path::Path) -> Result<()> {
+    use std::os::fd::IntoRawFd;
+    let fd = f.into_raw_fd();
+    // SAFETY: `fd` is the descriptor `f` owned, closed exactly once here.
+    if unsafe { libc::close(fd) } != 0 {
+        bail!("close {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn file_write(path: &std::path::Path, size_mib: u64, bs_kib: usize) -> Result<()> {
+    use std::io::Write;
+    if size_mib == 0 || bs_kib == 0 {
+        bail!("size and write size must be positive");
+    }
+    let buf = random_bytes(bs_kib * 1024);
+    let total = size_mib * MIB;
+    let start = Instant::now();
+    let mut f = std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let mut done = 0u64;
+    while done < total {
+        let n = (total - done).min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n])
+            .with_context(|| format!("write {}", path.display()))?;
+        done += n as u64;
+    }
+    f.sync_all().with_context(|| format!("fsync {}", path.display()))?;
+    close_checked(f, path)?;
+    report("file_write", total, start.elapsed().as_secs_f64(), 0);
+    Ok(())
+}
+
+fn file_read(path: &std::path::Path, bs_kib: usize) -> Result<()> {
+    use std::io::Read;
+    if bs_kib == 0 {
+        bail!("read size must be positive");
+    }
+    let mut buf = vec![0u8; bs_kib * 1024];
+    let start = Instant::now();
+    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    close_checked(f, path)?;
+    report("file_read", total, start.elapsed().as_secs_f64(), 0);
+    Ok(())
 }
 
 /// Prints one throughput record; `bytes` over `seconds` in MB/s (10^6).
