@@ -19,7 +19,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `PR_SET_THP_DISABLE`). The daemon's large buffers live for milliseconds; a fresh 2 MiB page is zeroed whole
 /// on its first touch, and on the machine of docs/BENCHMARKS.md that zeroing was two thirds of the daemon's CPU
 /// in a write over the in-memory store (whose parts are all fresh memory). Without huge pages that write went
-/// from 350-420 to 550 MB/s, and a cold 1 GiB read from S3 peaked at 70-80 MiB RSS instead of 115-120, at the
+/// from 350-420 to 540-550 MB/s, and a cold 1 GiB read from S3 peaked at 70-85 MiB RSS instead of 115-120, at the
 /// same speed.
 ///
 /// Set before any thread starts; `MIMALLOC_ARENA_EAGER_COMMIT` and `MIMALLOC_ALLOW_THP` in the environment still
