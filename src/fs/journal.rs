@@ -54,15 +54,6 @@ const SIZE_RECORD: usize = 16;
 /// Runs of at least this many blocks are sealed on two threads (a thread costs tens of microseconds; sealing
 /// eight 4 KiB blocks about as much).
 const PARALLEL_SEAL_BLOCKS: usize = 8;
-/// The largest sealing buffer a thread keeps for its next [`Journal::write_run`] (a 1 MiB write seals into a
-/// little more than 1 MiB); larger runs get a buffer of their own.
-const KEPT_SEAL_BUFFER: usize = 2 << 20;
-
-std::thread_local! {
-    /// The buffer this thread last sealed a run into: reused, so that sealing a write neither zeroes nor faults
-    /// in a fresh buffer (pwrite copies it into the page cache; nothing keeps it).
-    static SEAL_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 
 /// The journal directory of one volume and the key that seals journal blocks of files that have no key of their
 /// own (the SSE modes, and plaintext objects in a client-side mount with `allow_plaintext`).
@@ -503,10 +494,7 @@ impl Journal {
     /// are next to each other. A long run is sealed on two threads, so one writer uses both cores.
     pub fn write_run(&self, first: u64, plains: &[&[u8]]) -> io::Result<()> {
         let slot = self.stored_len as usize;
-        let len = plains.len() * slot;
-        let mut out = SEAL_BUFFER.with_borrow_mut(std::mem::take);
-        // Every byte is overwritten by the seal below: stale bytes of an earlier run never reach the file.
-        out.resize(len, 0);
+        let mut out = vec![0u8; plains.len() * slot];
         let seal = |first: u64, plains: &[&[u8]], out: &mut [u8]| {
             let mut rng = rand::thread_rng();
             for (k, (plain, slot_out)) in plains.iter().zip(out.chunks_mut(slot)).enumerate() {
@@ -516,19 +504,15 @@ impl Journal {
         };
         if plains.len() >= PARALLEL_SEAL_BLOCKS {
             let half = plains.len() / 2;
-            let (a, b) = out[..len].split_at_mut(half * slot);
+            let (a, b) = out.split_at_mut(half * slot);
             std::thread::scope(|s| {
                 s.spawn(|| seal(first + half as u64, &plains[half..], b));
                 seal(first, &plains[..half], a);
             });
         } else {
-            seal(first, plains, &mut out[..len]);
+            seal(first, plains, &mut out);
         }
-        let written = self.blocks.write_all_at(&out[..len], first * self.stored_len);
-        if out.capacity() <= KEPT_SEAL_BUFFER {
-            SEAL_BUFFER.with_borrow_mut(|kept| *kept = out);
-        }
-        written
+        self.blocks.write_all_at(&out, first * self.stored_len)
     }
 
     /// The plaintext of block `index`, or `None` when the slot does not authenticate (never written, cut, or torn
@@ -551,40 +535,19 @@ impl Journal {
     /// The sealed bytes of slots `first..first + count`, which lie next to each other in the blocks file (zeros
     /// past its end).
     pub fn read_sealed_run(&self, first: u64, count: u64) -> io::Result<Vec<u8>> {
-        use std::os::fd::AsRawFd;
-        let len = (count * self.stored_len) as usize;
-        let start = first * self.stored_len;
-        // Read into the buffer's spare capacity: a part's worth of zeros written only to be overwritten cost as
-        // much as the read itself.
-        let mut buf: Vec<u8> = Vec::with_capacity(len);
-        while buf.len() < len {
-            let (done, want) = (buf.len(), len - buf.len());
-            let spare = buf.spare_capacity_mut();
-            // SAFETY: pread(2) writes at most `want` bytes, no more than the spare capacity the Vec owns, and the
-            // length grows by exactly the number of bytes it wrote.
-            let n = unsafe {
-                libc::pread(
-                    self.blocks.as_raw_fd(),
-                    spare.as_mut_ptr().cast(),
-                    want.min(spare.len()),
-                    (start + done as u64) as libc::off_t,
-                )
-            };
-            if n > 0 {
-                // SAFETY: see above; the first `done + n` bytes are initialized.
-                unsafe { buf.set_len(done + n as usize) };
-                continue;
-            }
-            if n == 0 {
-                break;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+        let mut buf = vec![0u8; (count * self.stored_len) as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match self
+                .blocks
+                .read_at(&mut buf[done..], first * self.stored_len + done as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
-        // Past the end of the blocks file: zeros.
-        buf.resize(len, 0);
         Ok(buf)
     }
 
