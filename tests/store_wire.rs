@@ -73,6 +73,16 @@ impl Intercept for Sent {
     }
 }
 
+/// A client of the local server whose requests `seen` records as they are sent.
+async fn watched_client(seen: &Sent) -> aws_sdk_s3::Client {
+    let conf = sdk_config(None, Some(common::endpoint().to_string())).await;
+    let s3 = aws_sdk_s3::config::Builder::from(&conf)
+        .force_path_style(true)
+        .interceptor(seen.clone())
+        .build();
+    aws_sdk_s3::Client::from_conf(s3)
+}
+
 /// Uploads (PutObject, UploadPart) are not hashed into the signature, which cost a sixth of the daemon's CPU
 /// in a large write; the server checks each body against the CRC checksum sent with it instead, and stores it
 /// intact.
@@ -80,13 +90,7 @@ impl Intercept for Sent {
 async fn uploads_carry_a_checksum_instead_of_a_signed_payload_hash() {
     let bucket = common::create_bucket("wire").await;
     let seen = Sent::default();
-    let conf = sdk_config(None, Some(common::endpoint().to_string())).await;
-    let s3 = aws_sdk_s3::config::Builder::from(&conf)
-        .force_path_style(true)
-        .interceptor(seen.clone())
-        .build();
-    let client = aws_sdk_s3::Client::from_conf(s3);
-    let store = S3Store::new(client.clone(), bucket.clone(), Sse::None);
+    let store = S3Store::new(watched_client(&seen).await, bucket, Sse::None);
     let none = Metadata::new();
     let body: Vec<u8> = (0..3 * MIB).map(|i| (i * 7 % 251) as u8).collect();
     store
@@ -127,12 +131,7 @@ async fn uploads_carry_a_checksum_instead_of_a_signed_payload_hash() {
 async fn compound_writes_take_their_etag_from_their_own_response() {
     let bucket = common::create_bucket("wire").await;
     let methods = Sent::default();
-    let conf = sdk_config(None, Some(common::endpoint().to_string())).await;
-    let s3 = aws_sdk_s3::config::Builder::from(&conf)
-        .force_path_style(true)
-        .interceptor(methods.clone())
-        .build();
-    let store = S3Store::new(aws_sdk_s3::Client::from_conf(s3), bucket, Sse::None);
+    let store = S3Store::new(watched_client(&methods).await, bucket, Sse::None);
     let none = Metadata::new();
     store
         .put("src", Bytes::from_static(b"source"), &none, PutCondition::None)
