@@ -161,12 +161,16 @@ async fn rekey(
     };
     // Directory markers are listed too: one that holds extended attributes carries a data key of its own.
     let objects: Vec<(String, u64)> = crate::verify::list_volume(store.as_ref(), prefix).await?;
+    drop_indexes(store.as_ref(), prefix, dry_run).await?;
     let (store_ref, from_ref, to_ref) = (&store, &from, &to);
     let mut report = drive(bucket, objects, dry_run, |key| async move {
         let outcome = rekey_one(store_ref.as_ref(), from_ref.as_ref(), to_ref.as_ref(), &key, dry_run).await;
         (key, outcome)
     })
     .await;
+    if !report.interrupted {
+        drop_indexes(store.as_ref(), prefix, dry_run).await?;
+    }
     if !dry_run && !report.interrupted && report.failed.is_empty() {
         report.descriptor_resealed = reseal_descriptor(store.as_ref(), prefix, to.as_ref(), vol.block_size).await?;
     }
@@ -177,6 +181,19 @@ async fn rekey(
         .sum();
     report.failed.sort();
     Ok(report)
+}
+
+/// Deletes the volume's directory indexes, before the objects are done and again after: they hold copies of
+/// object metadata (wrapped data keys included) from before the rekey, and the mounts rebuild them.
+async fn drop_indexes(store: &dyn ObjectStore, prefix: &str, dry_run: bool) -> Result<()> {
+    if dry_run {
+        return Ok(());
+    }
+    let n = crate::verify::delete_indexes(store, prefix).await?;
+    if n > 0 {
+        log::info!("deleted {n} directory index(es); mounts rebuild them as they list");
+    }
+    Ok(())
 }
 
 /// Runs `one` over `keys`, [`PARALLEL_OBJECTS`] at a time, until all are done or Ctrl-C stops new work.
@@ -317,12 +334,16 @@ async fn rekey_sse(
     );
     crate::run::check_bucket(&from, bucket, prefix).await?;
     let objects = crate::verify::list_volume(&from, prefix).await?;
+    drop_indexes(&from, prefix, dry_run).await?;
     let (from_ref, to_ref, target) = (&from, &to, &new_keys.sse);
     let mut report = drive(bucket, objects, dry_run, |key| async move {
         let outcome = rekey_sse_one(from_ref, to_ref, target, &key, dry_run).await;
         (key, outcome)
     })
     .await;
+    if !report.interrupted {
+        drop_indexes(&from, prefix, dry_run).await?;
+    }
     report.failed.sort();
     Ok(report)
 }

@@ -155,9 +155,11 @@ async fn verify(bucket: &str, prefix: &str, opts: &MountOptions) -> Result<Repor
     Ok(report)
 }
 
-/// Every object under `prefix` but the volume descriptor, with its size.
+/// Every object under `prefix` but the volume descriptor and the directory indexes (a cache the mounts rebuild;
+/// see [`delete_indexes`]), with its size.
 pub(crate) async fn list_volume(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<(String, u64)>> {
     let descriptor = keys::volume_key(prefix);
+    let indexes = crate::fs::index_prefix(prefix);
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -168,7 +170,7 @@ pub(crate) async fn list_volume(store: &dyn ObjectStore, prefix: &str) -> Result
         out.extend(
             page.objects
                 .into_iter()
-                .filter(|o| o.key != descriptor)
+                .filter(|o| o.key != descriptor && !o.key.starts_with(&indexes))
                 .map(|o| (o.key, o.size)),
         );
         token = page.next_token;
@@ -299,4 +301,30 @@ async fn check_blocks(
         first = last;
     }
     Ok(())
+}
+
+/// Deletes the volume's directory indexes (after a rekey: they hold copies of object metadata, wrapped data keys
+/// included, from before it). Returns how many there were.
+pub(crate) async fn delete_indexes(store: &dyn ObjectStore, prefix: &str) -> Result<usize> {
+    let indexes = crate::fs::index_prefix(prefix);
+    let mut keys = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = store
+            .list(&indexes, None, token.as_deref(), None)
+            .await
+            .with_context(|| format!("listing {indexes}"))?;
+        keys.extend(page.objects.into_iter().map(|o| o.key));
+        token = page.next_token;
+        if token.is_none() {
+            break;
+        }
+    }
+    for chunk in keys.chunks(1000) {
+        store
+            .delete_many(chunk)
+            .await
+            .with_context(|| format!("deleting the directory indexes under {indexes}"))?;
+    }
+    Ok(keys.len())
 }

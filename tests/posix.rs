@@ -46,6 +46,8 @@ in_two_modes!(
     directory_xattrs_live_in_the_marker_and_survive_remount_chmod_and_rename,
     a_capability_query_costs_no_request,
     a_long_listing_costs_about_one_head_per_file,
+    a_long_listing_is_answered_by_the_directory_index,
+    names_that_hold_s3crypt_objects_are_reserved_at_the_root,
     an_open_file_outlives_its_name,
     an_open_file_replaced_by_rename_keeps_its_content,
     an_unlink_that_would_fill_the_staging_disk_keeps_only_what_the_mount_holds,
@@ -1033,17 +1035,23 @@ fn an_sse_bucket_reads_the_same_through_s3fs() {
     assert_eq!(getxattr(&m.path("g"), "user.from").unwrap(), b"s3fs");
 }
 
+/// A mount of `vol` with directory `d` of `n` files `f0000`.. of 0, 1, 2, .. bytes, `f0007` in mode 0600.
+fn listing_volume(vol: &Volume, n: usize) -> TestMount {
+    let m = TestMount::mount_with(vol, &["metadata_ttl=60s"]);
+    fs::create_dir(m.path("d")).unwrap();
+    for i in 0..n {
+        write_file(&m.path(&format!("d/f{i:04}")), &vec![b'x'; i]).unwrap();
+    }
+    fs::set_permissions(m.path("d/f0007"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    m
+}
+
 /// `ls -l` of a cold directory: one LIST per 1,000 names and about one HEAD per file (sent in parallel ahead of
 /// the lookups); `find -type f` only the LISTs. The attributes shown are the files' own.
 fn a_long_listing_costs_about_one_head_per_file(mode: KeyMode) {
     const N: usize = 300;
     let vol = Volume::new(mode);
-    let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
-    fs::create_dir(m.path("d")).unwrap();
-    for i in 0..N {
-        write_file(&m.path(&format!("d/f{i:04}")), &vec![b'x'; i]).unwrap();
-    }
-    fs::set_permissions(m.path("d/f0007"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let m = listing_volume(&vol, N);
     m.unmount();
 
     let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
@@ -1060,22 +1068,16 @@ fn a_long_listing_costs_about_one_head_per_file(mode: KeyMode) {
     assert!(s.count(OpKind::List) <= 3, "find: {} LISTs", s.count(OpKind::List));
     m.unmount();
 
+    // Without the directory's attribute index (as for a directory another client wrote): HEADs.
+    delete_object(&vol.bucket, &index_key("d/"));
     let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
     m.counter.reset();
-    let out = std::process::Command::new("ls")
-        .args(["-l", "--time-style=+%s"])
-        .arg(m.path("d"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let rows: Vec<&str> = text.lines().skip(1).collect();
+    let rows = long_listing(&m.path("d"));
     assert_eq!(rows.len(), N);
-    for (i, row) in rows.iter().enumerate() {
-        let cols: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cols[4], i.to_string(), "size of {row}");
+    for (i, cols) in rows.iter().enumerate() {
+        assert_eq!(cols[4], i.to_string(), "size of {cols:?}");
         let want = if i == 7 { "-rw-------" } else { "-rw-r--r--" };
-        assert_eq!(cols[0], want, "mode of {row}");
+        assert_eq!(cols[0], want, "mode of {cols:?}");
     }
     let s = m.counter.stats();
     let total: u64 = OpKind::ALL.iter().map(|op| s.count(*op)).sum();
@@ -1088,4 +1090,217 @@ fn a_long_listing_costs_about_one_head_per_file(mode: KeyMode) {
         s.count(OpKind::Head),
         s.count(OpKind::List)
     );
+    assert_eq!(m.fs.stats().lookups_indexed, 0);
+    // What those HEADs saw becomes the directory's index at unmount: the next cold long listing sends none.
+    m.unmount();
+    let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
+    m.counter.reset();
+    assert_eq!(long_listing(&m.path("d")).len(), N);
+    assert_eq!(m.fs.stats().lookups_indexed, N as u64);
+    // The directory's own lookup: a HEAD of the name (nothing), a LIST, a HEAD of its marker.
+    assert_eq!(m.counter.stats().count(OpKind::Head), 2, "no HEAD per file");
+}
+
+/// The key of the attribute index of the directory whose children have key prefix `dir` (docs/FORMAT.md).
+fn index_key(dir: &str) -> String {
+    use sha2::Digest;
+    format!(".s3crypt-index/{}", hex::encode(sha2::Sha256::digest(dir.as_bytes())))
+}
+
+fn delete_object(bucket: &str, key: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = common::s3_client().await;
+        c.delete_object().bucket(bucket).key(key).send().await.unwrap();
+    });
+}
+
+fn get_object(bucket: &str, key: &str) -> Vec<u8> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = common::s3_client().await;
+        let out = c.get_object().bucket(bucket).key(key).send().await.unwrap();
+        out.body.collect().await.unwrap().into_bytes().to_vec()
+    })
+}
+
+fn put_object(bucket: &str, key: &str, body: &[u8]) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = common::s3_client().await;
+        let body = aws_sdk_s3::primitives::ByteStream::from(body.to_vec());
+        c.put_object().bucket(bucket).key(key).body(body).send().await.unwrap();
+    });
+}
+
+/// A metadata-only change by another client, as s3fs's chmod makes it: a copy of the object onto itself with
+/// `mode` replaced and everything else kept.
+fn foreign_chmod(bucket: &str, key: &str, mode: u32) {
+    let mut meta = head_metadata(bucket, key);
+    meta.insert("mode".into(), mode.to_string());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = common::s3_client().await;
+        c.copy_object()
+            .bucket(bucket)
+            .key(key)
+            .copy_source(format!("{bucket}/{key}"))
+            .metadata_directive(aws_sdk_s3::types::MetadataDirective::Replace)
+            .set_metadata(Some(meta))
+            .send()
+            .await
+            .unwrap();
+    });
+}
+
+/// `ls -l --time-style=+%s` of `dir`: the columns of each row (mode, links, owner, group, size, mtime, name).
+fn long_listing(dir: &Path) -> Vec<Vec<String>> {
+    let out = std::process::Command::new("ls")
+        .args(["-l", "--time-style=+%s"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.lines()
+        .skip(1)
+        .map(|row| row.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
+
+/// A directory this mount wrote to keeps an attribute index: a cold `ls -l` costs its LIST and one GET, and shows
+/// the files' own modes, sizes and times. The index only answers for files whose listing entry it still matches:
+/// a file another client changed, a file gone, a malformed index cost HEADs, never a wrong attribute. In the
+/// client-side modes the index holds no extended attribute in clear.
+fn a_long_listing_is_answered_by_the_directory_index(mode: KeyMode) {
+    const N: usize = 64;
+    let vol = Volume::new(mode);
+    let m = listing_volume(&vol, N);
+    utimensat(&m.path("d/f0005"), ts(1_800_000_000, 0), ts(1_800_000_000, 5)).unwrap();
+    setxattr(&m.path("d/f0003"), "user.secret-label", b"TOPSECRETVALUE", 0).unwrap();
+    m.unmount();
+
+    let index = get_object(&vol.bucket, &index_key("d/"));
+    assert!(index.starts_with(b"s3cdirx1"), "the index object is there");
+    if mode.is_client_side() {
+        let text = String::from_utf8_lossy(&index);
+        for secret in ["secret-label", "TOPSECRETVALUE", "VE9QU0VDUkVUVkFMVUU"] {
+            assert!(!text.contains(secret), "{secret} in the index");
+        }
+    }
+    // `changed`: after the other client's chmod of f0010 and delete of f0012.
+    let check = |rows: &[Vec<String>], changed: bool| {
+        let want: Vec<usize> = (0..N).filter(|i| !(changed && *i == 12)).collect();
+        assert_eq!(rows.len(), want.len());
+        for (cols, i) in rows.iter().zip(want) {
+            assert_eq!(cols[6], format!("f{i:04}"));
+            assert_eq!(cols[4], i.to_string(), "size of {cols:?}");
+            let perm = match i {
+                7 => "-rw-------",
+                10 if changed => "-rw-r-----",
+                _ => "-rw-r--r--",
+            };
+            assert_eq!(cols[0], perm, "mode of {cols:?}");
+            if i == 5 {
+                assert_eq!(cols[5], "1800000000", "mtime of {cols:?}");
+            }
+        }
+    };
+    let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
+    m.counter.reset();
+    check(&long_listing(&m.path("d")), false);
+    let s = m.counter.stats();
+    // The directory's own lookup is a HEAD of the name, a LIST and a HEAD of its marker; then one LIST, one GET.
+    assert_eq!(
+        (s.count(OpKind::Head), s.count(OpKind::Get)),
+        (2, 1),
+        "no HEAD per file, one GET of the index"
+    );
+    assert_eq!(m.fs.stats().lookups_indexed, N as u64);
+    assert_eq!(
+        getxattr(&m.path("d/f0003"), "user.secret-label").unwrap(),
+        b"TOPSECRETVALUE"
+    );
+    m.unmount();
+
+    // Another client changes one file's mode (a second later, so that S3's time of it changes) and deletes
+    // another: the first is HEADed, the second is gone, the rest still come from the index.
+    std::thread::sleep(Duration::from_millis(1100));
+    foreign_chmod(&vol.bucket, "d/f0010", 0o100640);
+    delete_object(&vol.bucket, "d/f0012");
+    let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
+    m.counter.reset();
+    check(&long_listing(&m.path("d")), true);
+    assert_eq!(
+        m.counter.stats().count(OpKind::Head),
+        2 + 1,
+        "only the changed file is HEADed"
+    );
+    m.unmount();
+
+    // A malformed index is not used: every file is HEADed, and the HEADs make a new index at unmount.
+    put_object(&vol.bucket, &index_key("d/"), b"s3cdirx1 not an index");
+    let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
+    m.counter.reset();
+    check(&long_listing(&m.path("d")), true);
+    assert_eq!(m.counter.stats().count(OpKind::Head), 2 + (N as u64 - 1));
+    assert_eq!(m.fs.stats().lookups_indexed, 0);
+    m.unmount();
+    let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
+    m.counter.reset();
+    check(&long_listing(&m.path("d")), true);
+    assert_eq!(m.counter.stats().count(OpKind::Head), 2);
+}
+
+/// The volume descriptor and the directory indexes live at the mount's root under names no entry may take there:
+/// creating, making or renaming onto them is EPERM, and they never show. Below the root the names are ordinary.
+fn names_that_hold_s3crypt_objects_are_reserved_at_the_root(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    for i in 0..20 {
+        write_file(&m.path(&format!("f{i}")), b"x").unwrap();
+    }
+    for name in [".s3crypt-volume", ".s3crypt-index"] {
+        assert_eq!(errno_of(fs::File::create(m.path(name))), libc::EPERM, "create {name}");
+        assert_eq!(errno_of(fs::create_dir(m.path(name))), libc::EPERM, "mkdir {name}");
+        assert_eq!(
+            errno_of(std::os::unix::fs::symlink("f0", m.path(name))),
+            libc::EPERM,
+            "symlink {name}"
+        );
+        assert_eq!(
+            errno_of(mknod(&m.path(name), libc::S_IFIFO | 0o644, 0)),
+            libc::EPERM,
+            "mknod {name}"
+        );
+        assert_eq!(
+            errno_of(fs::rename(m.path("f0"), m.path(name))),
+            libc::EPERM,
+            "rename onto {name}"
+        );
+        assert_eq!(errno_of(fs::metadata(m.path(name))), libc::ENOENT, "stat {name}");
+    }
+    m.unmount();
+    assert!(
+        object_exists(&vol.bucket, &index_key("")),
+        "the root's index was written"
+    );
+    let m = TestMount::mount(&vol);
+    let names: Vec<String> = fs::read_dir(m.path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 20, "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with('f')), "{names:?}");
+    assert_eq!(errno_of(fs::remove_dir(m.path(".s3crypt-index"))), libc::ENOENT);
+    assert_eq!(errno_of(fs::remove_file(m.path(".s3crypt-volume"))), libc::ENOENT);
+    assert_eq!(fs::read(m.path("f0")).unwrap(), b"x");
+    // Below the root they are names like any other.
+    fs::create_dir(m.path("d")).unwrap();
+    write_file(&m.path("d/.s3crypt-volume"), b"mine").unwrap();
+    fs::create_dir(m.path("d/.s3crypt-index")).unwrap();
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    assert_eq!(fs::read(m.path("d/.s3crypt-volume")).unwrap(), b"mine");
+    assert!(fs::metadata(m.path("d/.s3crypt-index")).unwrap().is_dir());
 }

@@ -16,6 +16,8 @@
 //! - [`seal`]: [`BlockCipher`], sealing and opening one block; the associated-data bytes.
 //! - [`object`]: whole objects and runs of blocks (one ranged GET's worth).
 //! - [`header`]: [`ObjectHeader`], the object's `s3crypt-*` metadata.
+//! - [`dirindex`]: the encoding of a directory's attribute index object.
+pub mod dirindex;
 pub mod error;
 pub mod header;
 pub mod layout;
@@ -23,6 +25,7 @@ pub mod object;
 pub mod seal;
 mod types;
 
+pub use dirindex::{decode_dir_index, encode_dir_index, IndexEntry, DIR_INDEX_MAGIC};
 pub use error::FormatError;
 pub use header::{ObjectHeader, MAX_WRAPPED_KEY_LEN, META_BLOCK_SIZE, META_FILE_ID, META_KEY, META_MODE, META_VERSION};
 pub use layout::{

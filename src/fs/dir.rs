@@ -4,8 +4,9 @@
 //! or without a marker object). A name that is found to be missing is remembered for the metadata TTL, so the
 //! probes of shells and compilers cost one request per name per TTL. Keys longer than S3 accepts are refused with
 //! ENAMETOOLONG before any request.
+use super::dirindex::Listed;
 use super::inode::{attr_from_metadata, attr_to_metadata, check_name, join, Attr, Kind, Remote, ROOT_INO};
-use super::{lock, Fs, FsError, FsResult, VOLUME_OBJECT};
+use super::{lock, Fs, FsError, FsResult};
 use crate::store::{Metadata, ObjectInfo, PutCondition, StoreError};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -51,7 +52,7 @@ impl Fs {
             }
             return Ok(attr);
         }
-        if parent == ROOT_INO && name == VOLUME_OBJECT {
+        if parent == ROOT_INO && Self::is_reserved(name) {
             return Err(FsError::NotFound);
         }
         if lock(&self.inodes).known_missing(parent, name, self.cfg.metadata_ttl) {
@@ -59,13 +60,14 @@ impl Fs {
         }
         let path = join(&parent_path, name);
         self.check_key(&self.key_of(&path))?;
+        // The first lookup after a listing starts the prefetch, and can be answered by its index.
+        self.start_prefetch(parent);
         if let Some(info) = self.prefetched(parent, name).await {
             return self.record(parent, name, Found::Object(info), true);
         }
         if lock(&self.inodes).known_missing(parent, name, self.cfg.metadata_ttl) {
             return Err(FsError::NotFound);
         }
-        self.start_prefetch(parent);
         match self.find(&path).await {
             Ok(found) => self.record(parent, name, found, true),
             Err(FsError::NotFound) => {
@@ -193,6 +195,7 @@ impl Fs {
         let path = self.dir_path(ino)?;
         let prefix = self.dir_prefix(&path);
         let mut names: Vec<(String, Kind)> = Vec::new();
+        let mut files: Vec<Listed> = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let page = match self.store.list(&prefix, Some("/"), token.as_deref(), None).await {
@@ -208,16 +211,22 @@ impl Fs {
                 let Some(name) = o.key.strip_prefix(&prefix) else {
                     continue;
                 };
-                if name.is_empty() || (ino == ROOT_INO && name == VOLUME_OBJECT) || check_name(name).is_err() {
+                if name.is_empty() || (ino == ROOT_INO && Self::is_reserved(name)) || check_name(name).is_err() {
                     continue;
                 }
                 names.push((name.to_string(), Kind::File));
+                files.push(Listed {
+                    name: name.to_string(),
+                    etag: o.etag.clone(),
+                    size: o.size,
+                    modified: o.last_modified,
+                });
             }
             for p in &page.common_prefixes {
                 let Some(name) = p.strip_prefix(&prefix).map(|n| n.trim_end_matches('/')) else {
                     continue;
                 };
-                if check_name(name).is_ok() {
+                if check_name(name).is_ok() && !(ino == ROOT_INO && Self::is_reserved(name)) {
                     names.push((name.to_string(), Kind::Dir));
                 }
             }
@@ -232,11 +241,14 @@ impl Fs {
         // A name that is both an object and a prefix shows as the directory.
         names.sort_by(|a, b| a.0.cmp(&b.0).then((a.1 != Kind::Dir).cmp(&(b.1 != Kind::Dir))));
         names.dedup_by(|a, b| a.0 == b.0);
-        let files = names
+        // The listing's files (not the names that are also a prefix, shown as directories) are the candidates of
+        // a prefetch; files made here and not uploaded yet are answered from the inode table.
+        let dirs: std::collections::HashSet<&str> = names
             .iter()
-            .filter(|(_, k)| *k == Kind::File)
-            .map(|(n, _)| n.clone())
+            .filter(|(_, k)| *k == Kind::Dir)
+            .map(|(n, _)| n.as_str())
             .collect();
+        files.retain(|f| !dirs.contains(f.name.as_str()));
         self.note_listing(ino, files);
         let t = lock(&self.inodes);
         Ok(names
@@ -256,7 +268,7 @@ impl Fs {
 
     pub async fn mkdir(&self, parent: u64, name: &str, perm: u16, uid: u32, gid: u32) -> FsResult<Attr> {
         self.check_writable()?;
-        check_name(name)?;
+        self.check_new_name(parent, name)?;
         let path = join(&self.dir_path(parent)?, name);
         let marker = format!("{}/", self.key_of(&path));
         self.check_key(&marker)?;
@@ -285,6 +297,9 @@ impl Fs {
     pub async fn rmdir(&self, parent: u64, name: &str) -> FsResult<()> {
         self.check_writable()?;
         check_name(name)?;
+        if parent == ROOT_INO && Self::is_reserved(name) {
+            return Err(FsError::NotFound);
+        }
         let path = join(&self.dir_path(parent)?, name);
         match self.find(&path).await? {
             Found::Dir(_) => {}
@@ -356,7 +371,7 @@ impl Fs {
     /// Stores a symlink or a special file with `body` as its content, failing if the name exists.
     async fn make_node(&self, parent: u64, name: &str, attr: Attr, body: &[u8]) -> FsResult<Attr> {
         self.check_writable()?;
-        check_name(name)?;
+        self.check_new_name(parent, name)?;
         let path = join(&self.dir_path(parent)?, name);
         let key = self.key_of(&path);
         self.check_key(&key)?;
@@ -376,6 +391,7 @@ impl Fs {
                 StoreError::PreconditionFailed(_) => FsError::Exists,
                 e => e.into(),
             })?;
+        self.index_note_written(&key, &info.etag, info.size, &meta);
         let remote = Remote {
             etag: info.etag,
             object_size: info.size,
@@ -413,7 +429,7 @@ impl Fs {
     ) -> FsResult<()> {
         self.check_writable()?;
         check_name(name)?;
-        check_name(new_name)?;
+        self.check_new_name(new_parent, new_name)?;
         let src = self.lookup(parent, name).await?;
         lock(&self.inodes).forget(src.ino, 1);
         let dst_path = join(&self.dir_path(new_parent)?, new_name);
@@ -616,6 +632,7 @@ impl Fs {
             let etag = self
                 .copy_object(&key, &key, Some(&meta), cond, head.size, Some(&head.etag))
                 .await?;
+            self.index_note_written(&key, &etag, head.size, &meta);
             if let Some(n) = lock(&self.inodes).get_mut(ino) {
                 n.remote = Some(Remote {
                     etag,

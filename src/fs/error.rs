@@ -22,6 +22,9 @@ pub enum FsError {
     InvalidName,
     #[error("name too long")]
     NameTooLong,
+    /// A name at the mount's root that holds s3crypt's own objects.
+    #[error("{0} is reserved for s3crypt's own objects at the root of a mount")]
+    Reserved(String),
     #[error("read-only mount")]
     ReadOnly,
     #[error("bad file handle")]
@@ -79,6 +82,7 @@ impl FsError {
             FsError::Exists => libc::EEXIST,
             FsError::InvalidName => libc::EINVAL,
             FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Reserved(_) => libc::EPERM,
             FsError::NoAttribute => libc::ENODATA,
             FsError::Range => libc::ERANGE,
             FsError::NoSpace(_) => libc::ENOSPC,

@@ -28,6 +28,7 @@ mod blockcache;
 pub mod codec;
 mod content;
 mod dir;
+mod dirindex;
 mod error;
 pub mod inode;
 pub mod journal;
@@ -44,6 +45,7 @@ pub use read::CHUNK_BYTES;
 pub use upload::MAX_PARTS;
 
 pub use dir::{AttrChange, DirEntry};
+pub use dirindex::{index_prefix, INDEX_DIR};
 pub use error::{FsError, FsResult};
 pub use inode::{Attr, Kind, ROOT_INO};
 pub use stats::FsStats;
@@ -192,6 +194,8 @@ pub struct Fs {
     counters: Arc<stats::FsCounters>,
     /// Attributes fetched ahead for long listings.
     prefetch: prefetch::Prefetcher,
+    /// What this mount learned about directories' files, waiting to go into their attribute indexes.
+    dir_index: dirindex::DirIndexer,
     /// This file system, for the upload tasks it spawns.
     me: Weak<Fs>,
 }
@@ -227,6 +231,7 @@ impl Fs {
             recovered: Mutex::new(Vec::new()),
             counters: Default::default(),
             prefetch: Default::default(),
+            dir_index: Default::default(),
             me: me.clone(),
             cfg,
         }))
@@ -271,6 +276,21 @@ impl Fs {
             .get(ino)
             .map(|n| n.attr.clone())
             .ok_or(FsError::NotFound)
+    }
+
+    /// A name a new entry may take in `parent`: a valid name, and not one of the names at the mount's root that
+    /// hold s3crypt's own objects (the volume descriptor, the directory indexes).
+    fn check_new_name(&self, parent: u64, name: &str) -> FsResult<()> {
+        inode::check_name(name)?;
+        if parent == ROOT_INO && Self::is_reserved(name) {
+            return Err(FsError::Reserved(name.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Names at the mount's root that hold s3crypt's own objects.
+    fn is_reserved(name: &str) -> bool {
+        name == VOLUME_OBJECT || name == dirindex::INDEX_DIR
     }
 
     /// S3 keys are at most 1,024 bytes.

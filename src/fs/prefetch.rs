@@ -8,9 +8,15 @@
 //! (or wait for the HEAD already in flight) instead of asking again. `ls` and `find -type f` never look names up,
 //! so they cost only the listing (the entry types come from it).
 //!
+//! A directory of at least [`dirindex::MIN_FILES`] files first has its attribute index read (one GET, see
+//! `dirindex.rs`): the files whose listing entry it still matches are answered from it, and only the others are
+//! HEADed. Lookups wait for that GET rather than send HEADs of their own. What the HEADs see is noted for the
+//! directory's next index.
+//!
 //! Memory stays bounded whatever the directory holds: the names of at most [`RECENT_LISTINGS`] listings, at most
 //! [`MAX_NAMES`] of each, and at most [`READY_CAP`] answers waiting for their lookup (an LRU: an answer nobody
 //! takes is dropped, and its lookup asks S3 itself). Answers are used only within the metadata TTL.
+use super::dirindex::{self, Listed};
 use super::{lock, Fs};
 use crate::store::{ObjectInfo, StoreError};
 use futures::stream::{self, StreamExt};
@@ -35,7 +41,7 @@ type Name = (u64, String);
 struct Listing {
     dir: u64,
     at: Instant,
-    files: Vec<String>,
+    files: Vec<Listed>,
 }
 
 pub struct Prefetcher {
@@ -43,6 +49,8 @@ pub struct Prefetcher {
     ready: Mutex<LruCache<Name, (ObjectInfo, Instant)>>,
     /// Names whose HEAD is in flight: a lookup waits for it rather than sending its own.
     inflight: Mutex<HashMap<Name, watch::Receiver<bool>>>,
+    /// Directories whose attribute index is being read: their lookups wait for it.
+    loading: Mutex<HashMap<u64, watch::Receiver<bool>>>,
 }
 
 impl Default for Prefetcher {
@@ -51,13 +59,14 @@ impl Default for Prefetcher {
             listings: Mutex::new(VecDeque::new()),
             ready: Mutex::new(LruCache::new(NonZeroUsize::new(READY_CAP).expect("non-zero"))),
             inflight: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
         }
     }
 }
 
 impl Fs {
     /// Remembers the files a listing of `dir` showed (the candidates of a later prefetch).
-    pub(super) fn note_listing(&self, dir: u64, mut files: Vec<String>) {
+    pub(super) fn note_listing(&self, dir: u64, mut files: Vec<Listed>) {
         if self.cfg.metadata_ttl.is_zero() {
             return;
         }
@@ -77,6 +86,10 @@ impl Fs {
     /// What a prefetch learned about `name` in `parent`, waiting for its HEAD if one is in flight. `None`: ask S3.
     pub(super) async fn prefetched(&self, parent: u64, name: &str) -> Option<ObjectInfo> {
         let key = (parent, name.to_string());
+        let loading = lock(&self.prefetch.loading).get(&parent).cloned();
+        if let Some(mut rx) = loading {
+            let _ = rx.wait_for(|done| *done).await;
+        }
         let waiting = lock(&self.prefetch.inflight).get(&key).cloned();
         if let Some(mut rx) = waiting {
             let _ = rx.wait_for(|done| *done).await;
@@ -106,8 +119,25 @@ impl Fs {
         let (Some(me), Ok(dir)) = (self.me.upgrade(), self.dir_path(parent)) else {
             return;
         };
+        let loading = (files.len() >= dirindex::MIN_FILES).then(|| {
+            let (tx, rx) = watch::channel(false);
+            lock(&self.prefetch.loading).insert(parent, rx);
+            tx
+        });
         tokio::spawn(async move {
-            stream::iter(files)
+            if let Some(tx) = loading {
+                let found = me.indexed(&me.dir_prefix(&dir), &files).await;
+                me.counters.lookups_indexed(found.len() as u64);
+                let now = Instant::now();
+                let mut ready = lock(&me.prefetch.ready);
+                for (name, info) in found {
+                    ready.put((parent, name), (info, now));
+                }
+                drop(ready);
+                lock(&me.prefetch.loading).remove(&parent);
+                let _ = tx.send(true);
+            }
+            stream::iter(files.into_iter().map(|f| f.name))
                 .for_each_concurrent(PARALLELISM, |name| {
                     let me = me.clone();
                     let dir = dir.clone();
@@ -138,6 +168,7 @@ impl Fs {
         let object = self.key_of(&super::inode::join(dir, &key.1));
         match self.store.head(&object).await {
             Ok(info) => {
+                self.index_note_head(&info);
                 lock(&self.prefetch.ready).put(key.clone(), (info, Instant::now()));
             }
             Err(StoreError::NotFound(_)) => lock(&self.inodes).note_missing(parent, &key.1),

@@ -12,6 +12,7 @@ pub struct FsCounters {
     conflicts: AtomicU64,
     recovery_files: AtomicU64,
     lookups_prefetched: AtomicU64,
+    lookups_indexed: AtomicU64,
 }
 
 impl FsCounters {
@@ -29,6 +30,10 @@ impl FsCounters {
 
     pub(super) fn lookup_prefetched(&self) {
         self.lookups_prefetched.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn lookups_indexed(&self, n: u64) {
+        self.lookups_indexed.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -49,6 +54,8 @@ pub struct FsStats {
     pub recovery_files: u64,
     /// Lookups answered by attributes fetched ahead for a long listing.
     pub lookups_prefetched: u64,
+    /// Files of long listings whose attributes came from the directory's attribute index (no HEAD).
+    pub lookups_indexed: u64,
     /// Files with data S3 does not have yet (being written, being saved, or waiting to retry).
     pub uploads_pending: u64,
     /// Open files (inodes with at least one open handle).
@@ -77,6 +84,7 @@ impl Fs {
             conflicts: self.counters.conflicts.load(Ordering::Relaxed),
             recovery_files: self.counters.recovery_files.load(Ordering::Relaxed),
             lookups_prefetched: self.counters.lookups_prefetched.load(Ordering::Relaxed),
+            lookups_indexed: self.counters.lookups_indexed.load(Ordering::Relaxed),
             uploads_pending,
             open_files,
             journal_bytes: dir_bytes(self.journal.dir()),

@@ -646,6 +646,9 @@ impl Fs {
             s.permanent = false;
             s.attempts += 1;
         });
+        if let (Some(b), false) = (&st.base, st.unsaved()) {
+            self.index_note_written(&st.key, &b.etag, b.object_size, meta);
+        }
         if file.ino == 0 {
             return;
         }

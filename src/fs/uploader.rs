@@ -259,6 +259,13 @@ impl Fs {
                 failed += 1;
             }
         }
+        // The directory indexes are a cache: a few seconds at most, and their failure is only logged.
+        let indexes = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(10));
+        if tokio::time::timeout(indexes, self.flush_dir_indexes()).await.is_err() {
+            log::info!("directory indexes not all written at shutdown; the next long listings HEAD those files");
+        }
         failed
     }
 

@@ -287,7 +287,7 @@ impl Fs {
     /// Creates a new file; it exists here (and in the journal) until its first upload (at flush or close).
     pub async fn create(&self, parent: u64, name: &str, perm: u16, uid: u32, gid: u32) -> FsResult<(Attr, u64)> {
         self.check_writable()?;
-        super::inode::check_name(name)?;
+        self.check_new_name(parent, name)?;
         let parent_path = self.dir_path(parent)?;
         let key = self.key_of(&super::inode::join(&parent_path, name));
         self.check_key(&key)?;

@@ -321,7 +321,7 @@ fn encode_keys(enc: &mut DescriptorEncoder, keys: &KeyStats) -> std::fmt::Result
 
 fn encode_fs(enc: &mut DescriptorEncoder, s: &crate::fs::FsStats) -> std::fmt::Result {
     use MetricType::{Counter as C, Gauge as G};
-    let rows: [(&str, &str, Option<&Unit>, MetricType, u64); 10] = [
+    let rows: [(&str, &str, Option<&Unit>, MetricType, u64); 11] = [
         (
             "block_cache_hits",
             "Block reads served from the block cache",
@@ -370,6 +370,13 @@ fn encode_fs(enc: &mut DescriptorEncoder, s: &crate::fs::FsStats) -> std::fmt::R
             None,
             C,
             s.lookups_prefetched,
+        ),
+        (
+            "lookups_indexed",
+            "Files of long listings whose attributes came from the directory's attribute index (no HEAD)",
+            None,
+            C,
+            s.lookups_indexed,
         ),
         (
             "uploads_pending",

@@ -1,0 +1,361 @@
+//! Directory attribute indexes: a long listing of a cold directory without a HEAD per file.
+//!
+//! `ls -l` needs each file's mode, owner and times, which live in the object's metadata: a listing does not carry
+//! them, so a cold long listing costs one HEAD per file, and a server answers HEADs only so fast. The mount
+//! therefore keeps, for a directory with at least [`MIN_FILES`] files that it has written to or long-listed, one
+//! index object (`<prefix>.s3crypt-index/<sha256 of the directory's path>`, format in `format/dirindex.rs` and
+//! docs/FORMAT.md) recording what a HEAD of each file would say: ETag, object size, the second of its last
+//! modification, and its user metadata. A cold long listing then costs its LISTs plus one GET.
+//!
+//! **The index is a cache, checked against the listing.** An entry answers a lookup only while the listing that
+//! was just made shows the same ETag, size and modification second; a file written, copied, re-tagged or
+//! replaced by anyone since has a new ETag or time and is HEADed as before. Files the index does not know are
+//! HEADed too. Losing the index, or an index that is stale, malformed or unreadable, costs requests and nothing
+//! else; nothing is ever read from it that the listing does not vouch for. What the check cannot see is a
+//! metadata-only change (a chmod by another client) made within the same second as the version the index
+//! recorded, since S3 keeps an object's time in whole seconds and a metadata copy keeps a single-part object's
+//! ETag; such a change shows once the metadata TTL has passed, when the attributes are HEADed afresh.
+//!
+//! **Writing.** What this mount writes (uploads, metadata copies, renames) and what its long-listing HEADs see
+//! is noted in memory per directory. A background task, every [`FLUSH_DELAY`], and the unmount, rewrite the index
+//! of each directory with at least [`MIN_FILES`] new notes: one LIST of the directory, a GET of the old index, a
+//! PUT of the new one. Smaller batches wait, up to [`MAX_AGE`], for more. The new index holds, for each file the
+//! LIST shows, the newest note whose ETag and size match the listing (with the listing's time), or else the old
+//! index's entry if it still matches; files with neither are left out. Read-only mounts read indexes and never
+//! write them. Two mounts writing one index: the last PUT wins, and either one is correct by the rule above.
+//!
+//! Memory is bounded by constants: at most [`MAX_NOTED`] notes wait, an index holds at most [`MAX_ENTRIES`]
+//! files, and an index object over [`MAX_INDEX_BYTES`] is not read.
+use super::{lock, Fs};
+use crate::format::{decode_dir_index, encode_dir_index, IndexEntry};
+use crate::store::{ByteRange, Metadata, ObjectInfo, PutCondition, StoreError};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The folder, at the mount's root, that holds the index objects (hidden from the mount, reserved as a name).
+pub const INDEX_DIR: &str = ".s3crypt-index";
+/// A directory with fewer files is not worth an index: its long listing costs at most this many HEADs.
+pub(super) const MIN_FILES: usize = 16;
+/// How long notes gather before the background task writes the indexes that have enough.
+const FLUSH_DELAY: Duration = Duration::from_secs(10);
+/// Notes of a directory that never reaches [`MIN_FILES`] are dropped after this long.
+const MAX_AGE: Duration = Duration::from_secs(60);
+/// Notes waiting in memory, over all directories.
+const MAX_NOTED: usize = 65_536;
+/// Files one index holds (the first ones in listing order).
+const MAX_ENTRIES: usize = 20_000;
+/// An index object larger than this is ignored (about 800 bytes per file at [`MAX_ENTRIES`]).
+const MAX_INDEX_BYTES: u64 = 16 << 20;
+
+/// A file as a listing showed it.
+#[derive(Clone, Debug)]
+pub(super) struct Listed {
+    pub name: String,
+    pub etag: String,
+    pub size: u64,
+    pub modified: Option<SystemTime>,
+}
+
+/// What this mount knows S3 holds for one file.
+struct Noted {
+    etag: String,
+    object_size: u64,
+    metadata: Metadata,
+    /// The second a HEAD reported; `None` for what this mount wrote itself (its time comes from the listing).
+    modified: Option<i64>,
+}
+
+struct PendingDir {
+    since: Instant,
+    files: HashMap<String, Noted>,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// By the key prefix of the directory ("" or "a/b/").
+    dirs: HashMap<String, PendingDir>,
+    noted: usize,
+    flusher: bool,
+}
+
+/// Notes waiting to be written into indexes.
+#[derive(Default)]
+pub struct DirIndexer {
+    pending: Mutex<Pending>,
+}
+
+/// The key prefix under which the directory indexes of the volume at `prefix` live ("" or "a/b", with or
+/// without its trailing slash).
+pub fn index_prefix(prefix: &str) -> String {
+    if prefix.is_empty() || prefix.ends_with('/') {
+        format!("{prefix}{INDEX_DIR}/")
+    } else {
+        format!("{prefix}/{INDEX_DIR}/")
+    }
+}
+
+fn secs(t: SystemTime) -> Option<i64> {
+    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs() as i64)
+}
+
+/// The directory prefix and the name of a key.
+fn split_key(key: &str) -> (&str, &str) {
+    match key.rfind('/') {
+        Some(i) => (&key[..=i], &key[i + 1..]),
+        None => ("", key),
+    }
+}
+
+impl Fs {
+    /// The key of the index of the directory whose children have key prefix `dir`.
+    pub(super) fn index_key(&self, dir: &str) -> String {
+        let rel = dir.strip_prefix(self.cfg.prefix.as_str()).unwrap_or(dir);
+        format!(
+            "{}{}",
+            index_prefix(&self.cfg.prefix),
+            hex::encode(Sha256::digest(rel.as_bytes()))
+        )
+    }
+
+    /// This mount has just written `key` (an upload, a metadata copy, a rename's copy).
+    pub(super) fn index_note_written(&self, key: &str, etag: &str, object_size: u64, metadata: &Metadata) {
+        self.index_note(key, etag, object_size, metadata, None);
+    }
+
+    /// A long listing's HEAD saw `info`.
+    pub(super) fn index_note_head(&self, info: &ObjectInfo) {
+        if let Some(m) = info.last_modified.and_then(secs) {
+            self.index_note(&info.key, &info.etag, info.size, &info.metadata, Some(m));
+        }
+    }
+
+    fn index_note(&self, key: &str, etag: &str, object_size: u64, metadata: &Metadata, modified: Option<i64>) {
+        if self.cfg.read_only || self.cfg.metadata_ttl.is_zero() || !key.starts_with(self.cfg.prefix.as_str()) {
+            return;
+        }
+        let (dir, name) = split_key(key);
+        if name.is_empty() {
+            return;
+        }
+        let start_flusher = {
+            let mut p = lock(&self.dir_index.pending);
+            let known = p.dirs.get(dir).and_then(|d| d.files.get(name));
+            // What this mount wrote is newer than what a HEAD racing it saw.
+            if known.is_some_and(|n| n.modified.is_none() && modified.is_some()) {
+                return;
+            }
+            if known.is_none() && p.noted >= MAX_NOTED {
+                return;
+            }
+            let d = p.dirs.entry(dir.to_string()).or_insert_with(|| PendingDir {
+                since: Instant::now(),
+                files: HashMap::new(),
+            });
+            let note = Noted {
+                etag: etag.to_string(),
+                object_size,
+                metadata: metadata.clone(),
+                modified,
+            };
+            let added = d.files.insert(name.to_string(), note).is_none();
+            p.noted += added as usize;
+            !std::mem::replace(&mut p.flusher, true)
+        };
+        if start_flusher {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(Self::index_flusher(self.me.clone()));
+                }
+                Err(_) => lock(&self.dir_index.pending).flusher = false,
+            }
+        }
+    }
+
+    /// Writes the indexes that are due every [`FLUSH_DELAY`] while notes wait. It holds the file system only
+    /// while it writes, so that it never keeps a dropped one alive.
+    async fn index_flusher(me: Weak<Self>) {
+        loop {
+            tokio::time::sleep(FLUSH_DELAY).await;
+            let Some(fs) = me.upgrade() else { return };
+            for (dir, files) in fs.take_due(false) {
+                fs.write_index(&dir, files).await;
+            }
+            let mut p = lock(&fs.dir_index.pending);
+            if p.dirs.is_empty() {
+                p.flusher = false;
+                return;
+            }
+        }
+    }
+
+    /// Writes the index of every directory with enough notes and drops the other notes (unmount).
+    pub async fn flush_dir_indexes(&self) {
+        for (dir, files) in self.take_due(true) {
+            self.write_index(&dir, files).await;
+        }
+    }
+
+    /// Takes the directories whose index is worth writing now; drops notes too old or (`all`) too few to be.
+    fn take_due(&self, all: bool) -> Vec<(String, HashMap<String, Noted>)> {
+        let mut p = lock(&self.dir_index.pending);
+        let ready: Vec<String> = p
+            .dirs
+            .iter()
+            .filter(|(_, d)| all || d.files.len() >= MIN_FILES || d.since.elapsed() >= MAX_AGE)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut due = Vec::new();
+        for dir in ready {
+            let d = p.dirs.remove(&dir).expect("key from the map");
+            p.noted -= d.files.len();
+            if d.files.len() >= MIN_FILES {
+                due.push((dir, d.files));
+            }
+        }
+        due
+    }
+
+    /// Rebuilds the index of `dir` from a fresh listing, `noted` and the old index (see the module doc).
+    async fn write_index(&self, dir: &str, noted: HashMap<String, Noted>) {
+        let listed = match self.list_files(dir).await {
+            Ok(l) => l,
+            Err(e) => {
+                log::debug!("directory index of {dir:?}: listing failed ({e}); not written");
+                return;
+            }
+        };
+        let mut old = self.read_index(dir).await;
+        let mut entries = Vec::with_capacity(listed.len());
+        for f in listed {
+            let Some(second) = f.modified.and_then(secs) else {
+                continue;
+            };
+            let entry = match noted.get(&f.name) {
+                Some(n) if n.etag == f.etag && n.object_size == f.size && n.modified.unwrap_or(second) == second => {
+                    IndexEntry {
+                        name: f.name,
+                        etag: f.etag,
+                        object_size: f.size,
+                        modified_secs: second,
+                        metadata: n.metadata.clone(),
+                    }
+                }
+                _ => match old.remove(&f.name) {
+                    Some(o) if o.etag == f.etag && o.object_size == f.size && o.modified_secs == second => o,
+                    _ => continue,
+                },
+            };
+            entries.push(entry);
+        }
+        if entries.len() < MIN_FILES {
+            return;
+        }
+        let body = Bytes::from(encode_dir_index(&entries));
+        let key = self.index_key(dir);
+        match self.store.put(&key, body, &Metadata::new(), PutCondition::None).await {
+            Ok(_) => log::debug!("directory index of {dir:?}: {} files", entries.len()),
+            Err(e) => log::debug!("directory index of {dir:?}: not written ({e})"),
+        }
+    }
+
+    /// The files of `dir` as S3 lists them (at most [`MAX_ENTRIES`]).
+    async fn list_files(&self, dir: &str) -> Result<Vec<Listed>, StoreError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self.store.list(dir, Some("/"), token.as_deref(), None).await?;
+            for o in page.objects {
+                let Some(name) = o.key.strip_prefix(dir) else { continue };
+                if name.is_empty() || super::inode::check_name(name).is_err() {
+                    continue;
+                }
+                out.push(Listed {
+                    name: name.to_string(),
+                    etag: o.etag,
+                    size: o.size,
+                    modified: o.last_modified,
+                });
+                if out.len() >= MAX_ENTRIES {
+                    return Ok(out);
+                }
+            }
+            token = page.next_token;
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The entries of `dir`'s index by name; empty if there is none or it cannot be read (it is only a cache).
+    async fn read_index(&self, dir: &str) -> HashMap<String, IndexEntry> {
+        let key = self.index_key(dir);
+        let range = ByteRange::Range {
+            start: 0,
+            end: MAX_INDEX_BYTES + 1,
+        };
+        let body = match self.store.get(&key, Some(range), None).await {
+            Ok(out) if out.info.size <= MAX_INDEX_BYTES => out.data,
+            Ok(out) => {
+                log::warn!(
+                    "{key}: directory index of {} bytes is too large; not used",
+                    out.info.size
+                );
+                return HashMap::new();
+            }
+            Err(StoreError::NotFound(_)) => return HashMap::new(),
+            Err(e) => {
+                log::debug!("{key}: directory index not read ({e})");
+                return HashMap::new();
+            }
+        };
+        match decode_dir_index(&body) {
+            Ok(entries) => entries.into_iter().map(|e| (e.name.clone(), e)).collect(),
+            Err(e) => {
+                log::warn!("{key}: {e}; not used (the mount rewrites it)");
+                HashMap::new()
+            }
+        }
+    }
+
+    /// What `dir`'s index says about the files of a listing that it still matches, as a HEAD would say it.
+    pub(super) async fn indexed(&self, dir: &str, listed: &[Listed]) -> Vec<(String, ObjectInfo)> {
+        let mut index = self.read_index(dir).await;
+        let mut out = Vec::new();
+        for f in listed {
+            let Some(second) = f.modified.and_then(secs) else {
+                continue;
+            };
+            let Some(e) = index.remove(&f.name) else { continue };
+            if e.etag != f.etag || e.object_size != f.size || e.modified_secs != second {
+                continue;
+            }
+            let info = ObjectInfo {
+                key: format!("{dir}{}", f.name),
+                size: e.object_size,
+                etag: e.etag,
+                last_modified: f.modified,
+                metadata: e.metadata,
+                sse_algorithm: None,
+                sse_kms_key_id: None,
+                sse_customer_algorithm: None,
+            };
+            out.push((f.name.clone(), info));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_key;
+
+    #[test]
+    fn keys_split_into_directory_prefix_and_name() {
+        assert_eq!(split_key("a/b/c"), ("a/b/", "c"));
+        assert_eq!(split_key("c"), ("", "c"));
+        assert_eq!(split_key("a/"), ("a/", ""));
+    }
+}
