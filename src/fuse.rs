@@ -6,9 +6,9 @@
 use crate::fs::{Attr, Fs, FsError, Kind};
 use crate::metrics::Metrics;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -124,6 +124,9 @@ fn time(t: TimeOrNow) -> SystemTime {
     }
 }
 
+/// Listing entries a READDIRPLUS reply looks at, at most (a reply of a few pages holds fewer).
+const PLUS_WINDOW: usize = 512;
+
 /// A stable, non-zero stand-in inode number for listed names the kernel has not looked up yet.
 fn placeholder_ino(parent: u64, name: &str) -> u64 {
     use std::hash::{Hash, Hasher};
@@ -154,6 +157,12 @@ impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // READDIRPLUS where the kernel has it, in its adaptive form: the first reply of a directory, and the
+        // replies of a directory whose entries are being looked up (`ls -l`), are READDIRPLUS; the rest plain.
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO)
+        {
+            log::debug!("the kernel lacks {missing:?}: plain READDIR only");
+        }
         Ok(())
     }
 
@@ -422,6 +431,65 @@ impl Filesystem for FuseAdapter {
             }
         }
         reply.ok()
+    }
+
+    /// Entries with their attributes, for the names whose attributes are known without a request (fresh in the
+    /// inode table, or from the directory's attribute index, read here for a directory's first reply). The reply
+    /// stops before the first name that is not known (the kernel asks again from there, and looks that name up),
+    /// so that `find` and plain `ls` never wait for a HEAD; only a reply that would otherwise be empty (which
+    /// means the end of the directory) looks its first name up. An entry with inode 0 would spare that, but
+    /// shows as d_ino 0, which some programs (bash's globbing) skip as a deleted entry.
+    ///
+    /// Each entry sent counts as a kernel lookup of its inode, except "." and "..", which the kernel does not
+    /// link; an entry that does not fit the reply is not sent, and its count is taken back.
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        // A reply holds a page or a few of entries: a bounded window of the listing is enough.
+        let window: Vec<(u64, FileType, String)> = {
+            let dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(list) = dirs.get(&fh.0) else {
+                return reply.error(Errno::EBADF);
+            };
+            list.iter().skip(offset as usize).take(PLUS_WINDOW).cloned().collect()
+        };
+        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        self.rt.spawn(async move {
+            if offset == 0 {
+                fs.read_listed_index(ino.0).await;
+            }
+            let Some(dir) = fs.table_attr(ino.0) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let mut sent = 0;
+            for (i, (entry_ino, _, name)) in window.into_iter().enumerate() {
+                let next = offset + i as u64 + 1;
+                let dot = name == "." || name == "..";
+                let attr = if dot {
+                    Attr {
+                        ino: entry_ino,
+                        ..dir.clone()
+                    }
+                } else if let Some(a) = fs.known_entry(ino.0, &name) {
+                    a
+                } else if sent == 0 {
+                    match fs.lookup(ino.0, &name).await {
+                        Ok(a) => a,
+                        // Gone since the listing: leave it out.
+                        Err(FsError::NotFound) => continue,
+                        Err(e) => return reply.error(errno(&e)),
+                    }
+                } else {
+                    break;
+                };
+                if reply.add(INodeNo(attr.ino), next, &name, &ttl, &file_attr(&attr), Generation(0)) {
+                    if !dot {
+                        fs.forget(attr.ino, 1);
+                    }
+                    break;
+                }
+                sent += 1;
+            }
+            reply.ok()
+        });
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {

@@ -61,7 +61,7 @@ impl Fs {
         let path = join(&parent_path, name);
         self.check_key(&self.key_of(&path))?;
         // The first lookup after a listing starts the prefetch, and can be answered by its index.
-        self.start_prefetch(parent);
+        self.start_prefetch(parent, name);
         if let Some(info) = self.prefetched(parent, name).await {
             return self.record(parent, name, Found::Object(info), true);
         }
@@ -69,7 +69,12 @@ impl Fs {
             return Err(FsError::NotFound);
         }
         match self.find(&path).await {
-            Ok(found) => self.record(parent, name, found, true),
+            Ok(found) => {
+                if let Found::Object(info) = &found {
+                    self.index_note_head(info);
+                }
+                self.record(parent, name, found, true)
+            }
             Err(FsError::NotFound) => {
                 lock(&self.inodes).note_missing(parent, name);
                 Err(FsError::NotFound)
@@ -120,6 +125,11 @@ impl Fs {
             None
         };
         Ok(Found::Dir(marker))
+    }
+
+    /// Puts what a HEAD said about a file into the inode table, counting one kernel lookup reference.
+    pub(super) fn record_object(&self, parent: u64, name: &str, info: ObjectInfo) -> FsResult<Attr> {
+        self.record(parent, name, Found::Object(info), true)
     }
 
     /// Puts what `find` said into the inode table.
@@ -312,6 +322,7 @@ impl Fs {
             return Err(FsError::NotEmpty);
         }
         self.store.delete(&dir_prefix).await?;
+        self.forget_prefetched(parent, name);
         let mut t = lock(&self.inodes);
         if let Some(ino) = pending {
             t.detach(ino);
@@ -335,6 +346,7 @@ impl Fs {
             self.remove_if_unused(attr.ino, &file).await;
         }
         self.store.delete(&self.key_of(&path)).await?;
+        self.forget_prefetched(parent, name);
         let mut t = lock(&self.inodes);
         t.detach(attr.ino);
         t.touch_dir(parent);
@@ -469,6 +481,8 @@ impl Fs {
         } else {
             self.rename_object(src.ino, &src_path, &dst_path).await?;
         }
+        self.forget_prefetched(parent, name);
+        self.forget_prefetched(new_parent, new_name);
         let mut t = lock(&self.inodes);
         t.rename(src.ino, new_parent, new_name);
         t.touch_dir(parent);

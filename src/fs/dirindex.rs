@@ -17,9 +17,11 @@
 //! ETag; such a change shows once the metadata TTL has passed, when the attributes are HEADed afresh.
 //!
 //! **Writing.** What this mount writes (uploads, metadata copies, renames) and what its long-listing HEADs see
-//! is noted in memory per directory. A background task, every [`FLUSH_DELAY`], and the unmount, rewrite the index
-//! of each directory with at least [`MIN_FILES`] new notes: one LIST of the directory, a GET of the old index, a
-//! PUT of the new one. Smaller batches wait, up to [`MAX_AGE`], for more. The new index holds, for each file the
+//! is noted in memory per directory, and so is what single lookups' HEADs see. A background task, every
+//! [`FLUSH_DELAY`], and the unmount, rewrite the index of each directory with at least [`MIN_FILES`] new notes,
+//! or with any number if this mount has read or written that directory's index (so that an index does not decay
+//! one changed file at a time): one LIST of the directory, a GET of the old index, a PUT of the new one. Other
+//! small batches wait, up to [`MAX_AGE`], for more. The new index holds, for each file the
 //! LIST shows, the newest note whose ETag and size match the listing (with the listing's time), or else the old
 //! index's entry if it still matches; files with neither are left out. Read-only mounts read indexes and never
 //! write them. Two mounts writing one index: the last PUT wins, and either one is correct by the rule above.
@@ -31,7 +33,7 @@ use crate::format::{decode_dir_index, encode_dir_index, IndexEntry};
 use crate::store::{ByteRange, Metadata, ObjectInfo, PutCondition, StoreError};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -85,7 +87,13 @@ struct Pending {
 #[derive(Default)]
 pub struct DirIndexer {
     pending: Mutex<Pending>,
+    /// Directories (key prefixes) this mount has read or written an index of: kept up to date with any number
+    /// of notes, so that an index does not decay one changed file at a time. At most [`MAX_KNOWN`].
+    known: Mutex<HashSet<String>>,
 }
+
+/// Directories remembered as having an index (forgotten all at once beyond this).
+const MAX_KNOWN: usize = 4096;
 
 /// The key prefix under which the directory indexes of the volume at `prefix` live ("" or "a/b", with or
 /// without its trailing slash).
@@ -200,18 +208,20 @@ impl Fs {
 
     /// Takes the directories whose index is worth writing now; drops notes too old or (`all`) too few to be.
     fn take_due(&self, all: bool) -> Vec<(String, HashMap<String, Noted>)> {
+        let known = lock(&self.dir_index.known).clone();
+        let worth = |dir: &str, d: &PendingDir| d.files.len() >= MIN_FILES || known.contains(dir);
         let mut p = lock(&self.dir_index.pending);
         let ready: Vec<String> = p
             .dirs
             .iter()
-            .filter(|(_, d)| all || d.files.len() >= MIN_FILES || d.since.elapsed() >= MAX_AGE)
+            .filter(|(k, d)| all || worth(k, d) || d.since.elapsed() >= MAX_AGE)
             .map(|(k, _)| k.clone())
             .collect();
         let mut due = Vec::new();
         for dir in ready {
             let d = p.dirs.remove(&dir).expect("key from the map");
             p.noted -= d.files.len();
-            if d.files.len() >= MIN_FILES {
+            if worth(&dir, &d) {
                 due.push((dir, d.files));
             }
         }
@@ -256,9 +266,20 @@ impl Fs {
         let body = Bytes::from(encode_dir_index(&entries));
         let key = self.index_key(dir);
         match self.store.put(&key, body, &Metadata::new(), PutCondition::None).await {
-            Ok(_) => log::debug!("directory index of {dir:?}: {} files", entries.len()),
+            Ok(_) => {
+                self.known_indexed(dir);
+                log::debug!("directory index of {dir:?}: {} files", entries.len())
+            }
             Err(e) => log::debug!("directory index of {dir:?}: not written ({e})"),
         }
+    }
+
+    fn known_indexed(&self, dir: &str) {
+        let mut known = lock(&self.dir_index.known);
+        if known.len() >= MAX_KNOWN {
+            known.clear();
+        }
+        known.insert(dir.to_string());
     }
 
     /// The files of `dir` as S3 lists them (at most [`MAX_ENTRIES`]).
@@ -312,7 +333,10 @@ impl Fs {
             }
         };
         match decode_dir_index(&body) {
-            Ok(entries) => entries.into_iter().map(|e| (e.name.clone(), e)).collect(),
+            Ok(entries) => {
+                self.known_indexed(dir);
+                entries.into_iter().map(|e| (e.name.clone(), e)).collect()
+            }
             Err(e) => {
                 log::warn!("{key}: {e}; not used (the mount rewrites it)");
                 HashMap::new()

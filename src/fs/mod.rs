@@ -271,6 +271,11 @@ impl Fs {
             .ok_or(FsError::NotFound)
     }
 
+    /// The attributes the inode table holds for `ino` (no request).
+    pub fn table_attr(&self, ino: u64) -> Option<Attr> {
+        self.cached_attr(ino).ok()
+    }
+
     fn cached_attr(&self, ino: u64) -> FsResult<Attr> {
         lock(&self.inodes)
             .get(ino)

@@ -11,7 +11,8 @@
 //! A directory of at least [`dirindex::MIN_FILES`] files first has its attribute index read (one GET, see
 //! `dirindex.rs`): the files whose listing entry it still matches are answered from it, and only the others are
 //! HEADed. Lookups wait for that GET rather than send HEADs of their own. What the HEADs see is noted for the
-//! directory's next index.
+//! directory's next index. The kernel's first READDIRPLUS of a directory reads the index too (without HEADs), so
+//! that reply can carry the attributes of the files it answers for ([`Fs::known_entry`]).
 //!
 //! Memory stays bounded whatever the directory holds: the names of at most [`RECENT_LISTINGS`] listings, at most
 //! [`MAX_NAMES`] of each, and at most [`READY_CAP`] answers waiting for their lookup (an LRU: an answer nobody
@@ -42,6 +43,8 @@ struct Listing {
     dir: u64,
     at: Instant,
     files: Vec<Listed>,
+    /// The directory's attribute index was read for this listing already (by a READDIRPLUS).
+    index_read: bool,
 }
 
 pub struct Prefetcher {
@@ -80,6 +83,7 @@ impl Fs {
             dir,
             at: Instant::now(),
             files,
+            index_read: false,
         });
     }
 
@@ -102,10 +106,11 @@ impl Fs {
         fresh.then_some(info)
     }
 
-    /// A name in `parent` is being looked up: if `parent` was listed within the metadata TTL and not prefetched
-    /// since, HEAD its files in the background.
-    pub(super) fn start_prefetch(&self, parent: u64) {
-        let files = {
+    /// `name` in `parent` is being looked up: if `parent` was listed within the metadata TTL and not prefetched
+    /// since, HEAD its other files in the background (the lookup asks about `name` itself, unless the index
+    /// answers it).
+    pub(super) fn start_prefetch(&self, parent: u64, name: &str) {
+        let (files, index_read) = {
             let mut l = lock(&self.prefetch.listings);
             let Some(i) = l.iter().position(|x| x.dir == parent) else {
                 return;
@@ -114,30 +119,19 @@ impl Fs {
             if listing.at.elapsed() >= self.cfg.metadata_ttl || listing.files.len() < 2 {
                 return;
             }
-            listing.files
+            (listing.files, listing.index_read)
         };
         let (Some(me), Ok(dir)) = (self.me.upgrade(), self.dir_path(parent)) else {
             return;
         };
-        let loading = (files.len() >= dirindex::MIN_FILES).then(|| {
-            let (tx, rx) = watch::channel(false);
-            lock(&self.prefetch.loading).insert(parent, rx);
-            tx
-        });
+        let loading = (files.len() >= dirindex::MIN_FILES && !index_read).then(|| self.loading(parent));
+        let looked_up = name.to_string();
         tokio::spawn(async move {
             if let Some(tx) = loading {
-                let found = me.indexed(&me.dir_prefix(&dir), &files).await;
-                me.counters.lookups_indexed(found.len() as u64);
-                let now = Instant::now();
-                let mut ready = lock(&me.prefetch.ready);
-                for (name, info) in found {
-                    ready.put((parent, name), (info, now));
-                }
-                drop(ready);
-                lock(&me.prefetch.loading).remove(&parent);
-                let _ = tx.send(true);
+                me.fill_from_index(parent, &dir, &files).await;
+                me.loaded(parent, tx);
             }
-            stream::iter(files.into_iter().map(|f| f.name))
+            stream::iter(files.into_iter().map(|f| f.name).filter(|n| *n != looked_up))
                 .for_each_concurrent(PARALLELISM, |name| {
                     let me = me.clone();
                     let dir = dir.clone();
@@ -145,6 +139,98 @@ impl Fs {
                 })
                 .await;
         });
+    }
+
+    /// Reads the attribute index of `parent` into the answers waiting for lookups, if `parent` was listed within
+    /// the metadata TTL, has enough files for an index, and its index was not read for that listing yet. Sends
+    /// no HEAD. For READDIRPLUS, whose first reply of a directory the kernel always asks for: `find` and `ls`
+    /// get one GET per large directory, and `ls -l` its entries' attributes with the listing.
+    pub async fn read_listed_index(&self, parent: u64) {
+        let files = {
+            let mut l = lock(&self.prefetch.listings);
+            let Some(x) = l.iter_mut().find(|x| x.dir == parent) else {
+                return;
+            };
+            if x.index_read || x.at.elapsed() >= self.cfg.metadata_ttl || x.files.len() < dirindex::MIN_FILES {
+                return;
+            }
+            x.index_read = true;
+            x.files.clone()
+        };
+        let Ok(dir) = self.dir_path(parent) else { return };
+        let tx = self.loading(parent);
+        self.fill_from_index(parent, &dir, &files).await;
+        self.loaded(parent, tx);
+    }
+
+    /// `name` in `parent` was removed or replaced here: an answer fetched ahead for it is out of date.
+    pub(super) fn forget_prefetched(&self, parent: u64, name: &str) {
+        lock(&self.prefetch.ready).pop(&(parent, name.to_string()));
+    }
+
+    /// Marks `parent`'s index as being read: its lookups wait until [`Self::loaded`].
+    fn loading(&self, parent: u64) -> watch::Sender<bool> {
+        let (tx, rx) = watch::channel(false);
+        lock(&self.prefetch.loading).insert(parent, rx);
+        tx
+    }
+
+    fn loaded(&self, parent: u64, tx: watch::Sender<bool>) {
+        lock(&self.prefetch.loading).remove(&parent);
+        let _ = tx.send(true);
+    }
+
+    /// Puts what the index of directory `parent` (at `dir`) still says about `files` among the waiting answers.
+    async fn fill_from_index(&self, parent: u64, dir: &str, files: &[Listed]) {
+        let found = self.indexed(&self.dir_prefix(dir), files).await;
+        self.counters.lookups_indexed(found.len() as u64);
+        let now = Instant::now();
+        let mut ready = lock(&self.prefetch.ready);
+        for (name, info) in found {
+            ready.put((parent, name), (info, now));
+        }
+    }
+
+    /// The attributes of `name` in `parent` if they are known without asking S3 (fresh in the inode table, or a
+    /// waiting prefetch answer), counting one kernel lookup reference to the inode (a READDIRPLUS entry is a
+    /// lookup). `None` for an open file (its attributes come from its open state) and for anything unknown.
+    pub fn known_entry(&self, parent: u64, name: &str) -> Option<super::Attr> {
+        let child = {
+            let t = lock(&self.inodes);
+            t.child(parent, name).map(|c| {
+                (
+                    c.ino,
+                    c.open_count > 0 || c.pending,
+                    t.is_fresh(c.ino, self.cfg.metadata_ttl),
+                )
+            })
+        };
+        if let Some((ino, busy, fresh)) = child {
+            // An open or unsaved file's attributes are in its open state, which may be ahead of the table.
+            if busy || lock(&self.open_files).contains_key(&ino) {
+                return None;
+            }
+            if fresh {
+                let mut t = lock(&self.inodes);
+                let n = t.get_mut(ino)?;
+                n.lookups += 1;
+                self.counters.entry_plus();
+                return Some(n.attr.clone());
+            }
+        }
+        let key = (parent, name.to_string());
+        let mut ready = lock(&self.prefetch.ready);
+        if ready
+            .peek(&key)
+            .is_none_or(|(_, at)| at.elapsed() >= self.cfg.metadata_ttl)
+        {
+            return None;
+        }
+        let (info, _) = ready.pop(&key)?;
+        drop(ready);
+        let attr = self.record_object(parent, name, info).ok()?;
+        self.counters.entry_plus();
+        Some(attr)
     }
 
     async fn prefetch_one(self: &Arc<Self>, parent: u64, dir: &str, name: String) {

@@ -13,6 +13,7 @@ pub struct FsCounters {
     recovery_files: AtomicU64,
     lookups_prefetched: AtomicU64,
     lookups_indexed: AtomicU64,
+    entries_plus: AtomicU64,
 }
 
 impl FsCounters {
@@ -30,6 +31,10 @@ impl FsCounters {
 
     pub(super) fn lookup_prefetched(&self) {
         self.lookups_prefetched.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn entry_plus(&self) {
+        self.entries_plus.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn lookups_indexed(&self, n: u64) {
@@ -56,6 +61,8 @@ pub struct FsStats {
     pub lookups_prefetched: u64,
     /// Files of long listings whose attributes came from the directory's attribute index (no HEAD).
     pub lookups_indexed: u64,
+    /// Directory entries sent with their attributes (READDIRPLUS), sparing the kernel a lookup each.
+    pub entries_plus: u64,
     /// Files with data S3 does not have yet (being written, being saved, or waiting to retry).
     pub uploads_pending: u64,
     /// Open files (inodes with at least one open handle).
@@ -85,6 +92,7 @@ impl Fs {
             recovery_files: self.counters.recovery_files.load(Ordering::Relaxed),
             lookups_prefetched: self.counters.lookups_prefetched.load(Ordering::Relaxed),
             lookups_indexed: self.counters.lookups_indexed.load(Ordering::Relaxed),
+            entries_plus: self.counters.entries_plus.load(Ordering::Relaxed),
             uploads_pending,
             open_files,
             journal_bytes: dir_bytes(self.journal.dir()),

@@ -321,7 +321,7 @@ fn encode_keys(enc: &mut DescriptorEncoder, keys: &KeyStats) -> std::fmt::Result
 
 fn encode_fs(enc: &mut DescriptorEncoder, s: &crate::fs::FsStats) -> std::fmt::Result {
     use MetricType::{Counter as C, Gauge as G};
-    let rows: [(&str, &str, Option<&Unit>, MetricType, u64); 11] = [
+    let rows: [(&str, &str, Option<&Unit>, MetricType, u64); 12] = [
         (
             "block_cache_hits",
             "Block reads served from the block cache",
@@ -377,6 +377,13 @@ fn encode_fs(enc: &mut DescriptorEncoder, s: &crate::fs::FsStats) -> std::fmt::R
             None,
             C,
             s.lookups_indexed,
+        ),
+        (
+            "entries_plus",
+            "Directory entries sent with their attributes (READDIRPLUS), sparing the kernel a lookup each",
+            None,
+            C,
+            s.entries_plus,
         ),
         (
             "uploads_pending",
