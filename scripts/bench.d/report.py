@@ -45,6 +45,7 @@ COLUMNS = [
     ("ls -l req/file", "listing", "requests_per_file", 3),
     ("find s", "find_files", "time", 2),
     ("find req/file", "find_files", "requests_per_file", 3),
+    ("missing name req/lookup", "missing_lookup", "requests_per_lookup", 2),
     ("peak RSS MiB", "sequential", "peak_rss", 0),
     ("KMS calls/file", "small_files", "kms_calls_per_file", 2),
 ]
@@ -189,6 +190,12 @@ def targets(res):
         (
             "ls -l, cold: ≤ 1.05 requests per file",
             lambda s: check(res.get(s, "listing", "requests_per_file"), lambda v: v <= 1.05, lambda v: f"{v:.3f}"),
+        ),
+        (
+            "a repeated lookup of a missing name within the TTL: no request",
+            lambda s: check(
+                res.get(s, "missing_lookup", "requests_per_lookup"), lambda v: v == 0, lambda v: f"{v:.2f}/lookup"
+            ),
         ),
         (
             "daemon peak RSS ≤ 256 MiB",
