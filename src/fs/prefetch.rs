@@ -22,7 +22,7 @@ use super::{lock, Fs};
 use crate::store::{ObjectInfo, StoreError};
 use futures::stream::{self, StreamExt};
 use lru::LruCache;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -45,6 +45,8 @@ struct Listing {
     files: Vec<Listed>,
     /// The directory's attribute index was read for this listing already (by a READDIRPLUS).
     index_read: bool,
+    /// The names that index answered for: never HEADed by the prefetch, even once their answer is taken.
+    indexed: HashSet<String>,
 }
 
 pub struct Prefetcher {
@@ -84,6 +86,7 @@ impl Fs {
             at: Instant::now(),
             files,
             index_read: false,
+            indexed: HashSet::new(),
         });
     }
 
@@ -110,7 +113,7 @@ impl Fs {
     /// since, HEAD its other files in the background (the lookup asks about `name` itself, unless the index
     /// answers it).
     pub(super) fn start_prefetch(&self, parent: u64, name: &str) {
-        let (files, index_read) = {
+        let (files, index_read, mut skip) = {
             let mut l = lock(&self.prefetch.listings);
             let Some(i) = l.iter().position(|x| x.dir == parent) else {
                 return;
@@ -119,7 +122,7 @@ impl Fs {
             if listing.at.elapsed() >= self.cfg.metadata_ttl || listing.files.len() < 2 {
                 return;
             }
-            (listing.files, listing.index_read)
+            (listing.files, listing.index_read, listing.indexed)
         };
         let (Some(me), Ok(dir)) = (self.me.upgrade(), self.dir_path(parent)) else {
             return;
@@ -128,10 +131,13 @@ impl Fs {
         let looked_up = name.to_string();
         tokio::spawn(async move {
             if let Some(tx) = loading {
-                me.fill_from_index(parent, &dir, &files).await;
+                skip.extend(me.fill_from_index(parent, &dir, &files).await);
                 me.loaded(parent, tx);
             }
-            stream::iter(files.into_iter().map(|f| f.name).filter(|n| *n != looked_up))
+            // The index's answers are waiting for their lookups; a HEAD of one whose answer a lookup has just
+            // taken, and not yet put in the inode table, would ask again for nothing.
+            let names = files.into_iter().map(|f| f.name);
+            stream::iter(names.filter(|n| *n != looked_up && !skip.contains(n)))
                 .for_each_concurrent(PARALLELISM, |name| {
                     let me = me.clone();
                     let dir = dir.clone();
@@ -159,7 +165,10 @@ impl Fs {
         };
         let Ok(dir) = self.dir_path(parent) else { return };
         let tx = self.loading(parent);
-        self.fill_from_index(parent, &dir, &files).await;
+        let found = self.fill_from_index(parent, &dir, &files).await;
+        if let Some(x) = lock(&self.prefetch.listings).iter_mut().find(|x| x.dir == parent) {
+            x.indexed = found.into_iter().collect();
+        }
         self.loaded(parent, tx);
     }
 
@@ -181,14 +190,18 @@ impl Fs {
     }
 
     /// Puts what the index of directory `parent` (at `dir`) still says about `files` among the waiting answers.
-    async fn fill_from_index(&self, parent: u64, dir: &str, files: &[Listed]) {
+    /// Returns the names it answered for.
+    async fn fill_from_index(&self, parent: u64, dir: &str, files: &[Listed]) -> Vec<String> {
         let found = self.indexed(&self.dir_prefix(dir), files).await;
         self.counters.lookups_indexed(found.len() as u64);
         let now = Instant::now();
+        let mut names = Vec::with_capacity(found.len());
         let mut ready = lock(&self.prefetch.ready);
         for (name, info) in found {
+            names.push(name.clone());
             ready.put((parent, name), (info, now));
         }
+        names
     }
 
     /// The attributes of `name` in `parent` if they are known without asking S3 (fresh in the inode table, or a
