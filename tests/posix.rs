@@ -1053,7 +1053,8 @@ fn listing_volume(vol: &Volume, n: usize) -> TestMount {
 /// `ls -l` of a cold directory: one LIST per 1,000 names and about one HEAD per file (sent in parallel ahead of
 /// the lookups); `find -type f` only the LISTs. The attributes shown are the files' own.
 fn a_long_listing_costs_about_one_head_per_file(mode: KeyMode) {
-    const N: usize = 300;
+    // Enough names for several READDIRPLUS replies (a reply holds about 400 here).
+    const N: usize = 1000;
     let vol = Volume::new(mode);
     let m = listing_volume(&vol, N);
     m.unmount();

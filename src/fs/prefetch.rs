@@ -231,16 +231,13 @@ impl Fs {
                 return Some(n.attr.clone());
             }
         }
+        // The answer stays for a later lookup: an entry that does not fit the reply is taken back (and its
+        // inode dropped), and the kernel's next request starts with it.
         let key = (parent, name.to_string());
-        let mut ready = lock(&self.prefetch.ready);
-        if ready
-            .peek(&key)
-            .is_none_or(|(_, at)| at.elapsed() >= self.cfg.metadata_ttl)
-        {
-            return None;
-        }
-        let (info, _) = ready.pop(&key)?;
-        drop(ready);
+        let info = match lock(&self.prefetch.ready).peek(&key) {
+            Some((info, at)) if at.elapsed() < self.cfg.metadata_ttl => info.clone(),
+            _ => return None,
+        };
         let attr = self.record_object(parent, name, info).ok()?;
         self.counters.entry_plus();
         Some(attr)
