@@ -456,7 +456,7 @@ impl Filesystem for FuseAdapter {
             if offset == 0 {
                 fs.read_listed_index(ino.0).await;
             }
-            let Some(dir) = fs.table_attr(ino.0) else {
+            let Ok(dir) = fs.cached_attr(ino.0) else {
                 return reply.error(Errno::ENOENT);
             };
             let mut sent = 0;

@@ -160,6 +160,13 @@ async fn verify(bucket: &str, prefix: &str, opts: &MountOptions) -> Result<Repor
 pub(crate) async fn list_volume(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<(String, u64)>> {
     let descriptor = keys::volume_key(prefix);
     let indexes = crate::fs::index_prefix(prefix);
+    let mut all = list_all(store, prefix).await?;
+    all.retain(|(key, _)| *key != descriptor && !key.starts_with(&indexes));
+    Ok(all)
+}
+
+/// Every object under `prefix`, with its size.
+async fn list_all(store: &dyn ObjectStore, prefix: &str) -> Result<Vec<(String, u64)>> {
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -167,12 +174,7 @@ pub(crate) async fn list_volume(store: &dyn ObjectStore, prefix: &str) -> Result
             .list(prefix, None, token.as_deref(), None)
             .await
             .with_context(|| format!("listing {prefix}"))?;
-        out.extend(
-            page.objects
-                .into_iter()
-                .filter(|o| o.key != descriptor && !o.key.starts_with(&indexes))
-                .map(|o| (o.key, o.size)),
-        );
+        out.extend(page.objects.into_iter().map(|o| (o.key, o.size)));
         token = page.next_token;
         if token.is_none() {
             return Ok(out);
@@ -307,19 +309,7 @@ async fn check_blocks(
 /// included, from before it). Returns how many there were.
 pub(crate) async fn delete_indexes(store: &dyn ObjectStore, prefix: &str) -> Result<usize> {
     let indexes = crate::fs::index_prefix(prefix);
-    let mut keys = Vec::new();
-    let mut token: Option<String> = None;
-    loop {
-        let page = store
-            .list(&indexes, None, token.as_deref(), None)
-            .await
-            .with_context(|| format!("listing {indexes}"))?;
-        keys.extend(page.objects.into_iter().map(|o| o.key));
-        token = page.next_token;
-        if token.is_none() {
-            break;
-        }
-    }
+    let keys: Vec<String> = list_all(store, &indexes).await?.into_iter().map(|(k, _)| k).collect();
     for chunk in keys.chunks(1000) {
         store
             .delete_many(chunk)

@@ -217,20 +217,9 @@ impl Fs {
                 }
                 Err(e) => return Err(e.into()),
             };
-            for o in &page.objects {
-                let Some(name) = o.key.strip_prefix(&prefix) else {
-                    continue;
-                };
-                if name.is_empty() || (ino == ROOT_INO && Self::is_reserved(name)) || check_name(name).is_err() {
-                    continue;
-                }
-                names.push((name.to_string(), Kind::File));
-                files.push(Listed {
-                    name: name.to_string(),
-                    etag: o.etag.clone(),
-                    size: o.size,
-                    modified: o.last_modified,
-                });
+            for f in self.page_files(&prefix, &page) {
+                names.push((f.name.clone(), Kind::File));
+                files.push(f);
             }
             for p in &page.common_prefixes {
                 let Some(name) = p.strip_prefix(&prefix).map(|n| n.trim_end_matches('/')) else {

@@ -28,9 +28,10 @@
 //!
 //! Memory is bounded by constants: at most [`MAX_NOTED`] notes wait, an index holds at most [`MAX_ENTRIES`]
 //! files, and an index object over [`MAX_INDEX_BYTES`] is not read.
+use super::inode::check_name;
 use super::{lock, Fs};
 use crate::format::{decode_dir_index, encode_dir_index, IndexEntry};
-use crate::store::{ByteRange, Metadata, ObjectInfo, PutCondition, StoreError};
+use crate::store::{ByteRange, ListPage, Metadata, ObjectInfo, PutCondition, StoreError};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
@@ -208,7 +209,8 @@ impl Fs {
 
     /// Takes the directories whose index is worth writing now; drops notes too old or (`all`) too few to be.
     fn take_due(&self, all: bool) -> Vec<(String, HashMap<String, Noted>)> {
-        let known = lock(&self.dir_index.known).clone();
+        // The one place that holds both locks, always in this order.
+        let known = lock(&self.dir_index.known);
         let worth = |dir: &str, d: &PendingDir| d.files.len() >= MIN_FILES || known.contains(dir);
         let mut p = lock(&self.dir_index.pending);
         let ready: Vec<String> = p
@@ -282,23 +284,30 @@ impl Fs {
         known.insert(dir.to_string());
     }
 
+    /// The files of one listing page of directory prefix `dir`, without the names the mount does not show (the
+    /// directory itself, invalid names, and the reserved names at the mount's root).
+    pub(super) fn page_files<'a>(&'a self, dir: &'a str, page: &'a ListPage) -> impl Iterator<Item = Listed> + 'a {
+        let root = dir == self.cfg.prefix;
+        page.objects.iter().filter_map(move |o| {
+            let name = o.key.strip_prefix(dir)?;
+            let hidden = name.is_empty() || (root && Self::is_reserved(name)) || check_name(name).is_err();
+            (!hidden).then(|| Listed {
+                name: name.to_string(),
+                etag: o.etag.clone(),
+                size: o.size,
+                modified: o.last_modified,
+            })
+        })
+    }
+
     /// The files of `dir` as S3 lists them (at most [`MAX_ENTRIES`]).
     async fn list_files(&self, dir: &str) -> Result<Vec<Listed>, StoreError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let page = self.store.list(dir, Some("/"), token.as_deref(), None).await?;
-            for o in page.objects {
-                let Some(name) = o.key.strip_prefix(dir) else { continue };
-                if name.is_empty() || super::inode::check_name(name).is_err() {
-                    continue;
-                }
-                out.push(Listed {
-                    name: name.to_string(),
-                    etag: o.etag,
-                    size: o.size,
-                    modified: o.last_modified,
-                });
+            for f in self.page_files(dir, &page) {
+                out.push(f);
                 if out.len() >= MAX_ENTRIES {
                     return Ok(out);
                 }

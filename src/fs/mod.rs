@@ -272,11 +272,7 @@ impl Fs {
     }
 
     /// The attributes the inode table holds for `ino` (no request).
-    pub fn table_attr(&self, ino: u64) -> Option<Attr> {
-        self.cached_attr(ino).ok()
-    }
-
-    fn cached_attr(&self, ino: u64) -> FsResult<Attr> {
+    pub fn cached_attr(&self, ino: u64) -> FsResult<Attr> {
         lock(&self.inodes)
             .get(ino)
             .map(|n| n.attr.clone())
