@@ -36,6 +36,7 @@ in_two_modes!(
     utime_now_and_omit,
     entry_changes_update_the_parent_directory_times,
     names_and_keys_over_the_limits_are_enametoolong,
+    sizes_beyond_the_largest_file_are_efbig,
     hard_links_are_eperm_and_leave_nothing_behind,
     a_missing_name_is_asked_once_per_ttl,
     a_cold_file_lookup_is_one_head,
@@ -582,6 +583,24 @@ fn names_and_keys_over_the_limits_are_enametoolong(mode: KeyMode) {
     // Nothing was lost or half-made.
     assert_eq!(fs::read(&exact).unwrap(), b"at the limit");
     assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+}
+
+/// truncate(2) and write(2): EFBIG for a length or a write beyond the largest file (an S3 object holds at most
+/// 5 TiB); the file is untouched and the mount goes on.
+fn sizes_beyond_the_largest_file_are_efbig(mode: KeyMode) {
+    use std::os::unix::fs::FileExt;
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let p = m.path("f");
+    write_file(&p, b"abc").unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+    assert_eq!(errno_of(f.set_len(6 << 40)), libc::EFBIG, "ftruncate to 6 TiB");
+    assert_eq!(errno_of(f.write_all_at(b"x", 6 << 40)), libc::EFBIG, "pwrite at 6 TiB");
+    common::mount::close_checked(f).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"abc");
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"abc");
 }
 
 fn hard_links_are_eperm_and_leave_nothing_behind(mode: KeyMode) {
