@@ -307,9 +307,9 @@ impl Fs {
     ) -> FsResult<()> {
         self.ensure_journal(st)?;
         let b = st.bs.get();
-        st.changing_from(offset / b);
-        let bl = b as usize;
         let end = offset + data.len() as u64;
+        st.changing(offset / b, end.div_ceil(b));
+        let bl = b as usize;
         let mut ops: Vec<(u64, Start, usize, Vec<u8>)> = Vec::new();
         let mut pos = 0usize;
         while pos < data.len() {
@@ -335,9 +335,15 @@ impl Fs {
         let journal = st.journal.clone().ok_or(FsError::BadHandle)?;
         let grown = (end > st.size).then_some(end);
         let key = st.key.clone();
-        let written = tokio::task::spawn_blocking(move || seal_ops(&journal, ops, bl, grown, &key))
-            .await
-            .map_err(join_err)??;
+        let mut staging = st.wb.as_mut().and_then(|w| w.staging.take());
+        let (written, staging) = tokio::task::spawn_blocking(move || {
+            seal_ops(&journal, ops, bl, grown, &key, staging.as_mut()).map(|w| (w, staging))
+        })
+        .await
+        .map_err(join_err)??;
+        if let Some(w) = st.wb.as_mut() {
+            w.staging = staging;
+        }
         for (i, block) in written {
             st.dirty.insert(i);
             st.cache.insert(i, block);
@@ -358,6 +364,7 @@ fn seal_ops(
     bl: usize,
     grown: Option<u64>,
     key: &str,
+    mut staging: Option<&mut super::writebehind::Staging>,
 ) -> FsResult<Vec<(u64, Vec<u8>)>> {
     let mut out = Vec::with_capacity(ops.len());
     for (i, start, from, bytes) in ops {
@@ -385,7 +392,18 @@ fn seal_ops(
             run += 1;
         }
         let plains: Vec<&[u8]> = out[k..k + run].iter().map(|(_, b)| &b[..]).collect();
-        journal.write_run(out[k].0, &plains)?;
+        let sealed = journal.write_run(out[k].0, &plains)?;
+        if let Some(s) = staging.as_deref_mut() {
+            // The object's bytes of these blocks: the journal's slots where they are in the object's format,
+            // otherwise (the SSE modes) the plaintext.
+            let slot = sealed.len() / run;
+            for (j, (i, plain)) in out[k..k + run].iter().enumerate() {
+                match journal.is_object_format() {
+                    true => s.push(*i, &sealed[j * slot..(j + 1) * slot]),
+                    false => s.push(*i, plain),
+                }
+            }
+        }
         k += run;
     }
     if let Some(size) = grown {

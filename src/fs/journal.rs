@@ -487,12 +487,13 @@ impl Journal {
 
     /// Seals `plain` (a whole block, zero-padded) as block `index` and writes it.
     pub fn write_block(&self, index: u64, plain: &[u8]) -> io::Result<()> {
-        self.write_run(index, &[plain])
+        self.write_run(index, &[plain]).map(drop)
     }
 
     /// Seals `plains` (whole blocks, zero-padded) as blocks `first..` and writes them with one pwrite: their slots
-    /// are next to each other. A long run is sealed on two threads, so one writer uses both cores.
-    pub fn write_run(&self, first: u64, plains: &[&[u8]]) -> io::Result<()> {
+    /// are next to each other. A long run is sealed on two threads, so one writer uses both cores. Returns the
+    /// slots written.
+    pub fn write_run(&self, first: u64, plains: &[&[u8]]) -> io::Result<Vec<u8>> {
         let slot = self.stored_len as usize;
         let mut out = vec![0u8; plains.len() * slot];
         let seal = |first: u64, plains: &[&[u8]], out: &mut [u8]| {
@@ -512,7 +513,8 @@ impl Journal {
         } else {
             seal(first, plains, &mut out);
         }
-        self.blocks.write_all_at(&out, first * self.stored_len)
+        self.blocks.write_all_at(&out, first * self.stored_len)?;
+        Ok(out)
     }
 
     /// The plaintext of block `index`, or `None` when the slot does not authenticate (never written, cut, or torn

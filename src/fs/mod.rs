@@ -196,6 +196,8 @@ pub struct Fs {
     prefetch: prefetch::Prefetcher,
     /// What this mount learned about directories' files, waiting to go into their attribute indexes.
     dir_index: dirindex::DirIndexer,
+    /// The allowance for parts the write-behind keeps staged in memory.
+    staged: Arc<writebehind::StageBudget>,
     /// This file system, for the upload tasks it spawns.
     me: Weak<Fs>,
 }
@@ -232,6 +234,7 @@ impl Fs {
             counters: Default::default(),
             prefetch: Default::default(),
             dir_index: Default::default(),
+            staged: Default::default(),
             me: me.clone(),
             cfg,
         }))

@@ -522,7 +522,7 @@ impl Fs {
         let b = st.bs.get();
         let keep_blocks = size.div_ceil(b);
         // The new final block must lie beyond what the write-behind sent (sent blocks are sealed as not final).
-        st.changing_from(keep_blocks.saturating_sub(1));
+        st.changing(keep_blocks.saturating_sub(1), u64::MAX);
         st.dirty.retain(|i| *i < keep_blocks);
         st.cache.retain(|i, _| *i < keep_blocks);
         let journal = st.journal.clone().ok_or(FsError::BadHandle)?;

@@ -37,6 +37,7 @@ use super::write::{FileState, OpenFile};
 use super::{Fs, FsResult};
 use crate::store::{CompletedPart, Metadata, ObjectStore};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -45,6 +46,142 @@ use tokio::sync::watch;
 const MAX_FAILURES: u32 = 3;
 /// Parts of one file in flight at once (each holds one part's sealed bytes in memory).
 const IN_FLIGHT: usize = 4;
+/// Whole parts of one file kept staged while they wait for a slot in flight.
+const MAX_READY: usize = 2;
+/// Bytes of staged parts (being filled or waiting; not those in flight) one mount holds at most.
+pub const STAGE_BUDGET: u64 = 64 << 20;
+
+/// The mount-wide allowance for staged parts (see [`Staging`]).
+#[derive(Debug, Default)]
+pub struct StageBudget {
+    used: AtomicU64,
+    /// Parts sent from staged bytes (for tests and the debug log).
+    sent: AtomicU64,
+}
+
+/// Bytes taken from a [`StageBudget`], given back when dropped.
+struct Reservation {
+    budget: Arc<StageBudget>,
+    bytes: u64,
+}
+
+impl StageBudget {
+    fn reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + bytes <= STAGE_BUDGET).then_some(u + bytes)
+            })
+            .ok()?;
+        Some(Reservation {
+            budget: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Bytes held now (for tests).
+    #[cfg(test)]
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Parts sent from staged bytes so far (for tests).
+    #[cfg(test)]
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// The object bytes of parts the program wrote in order, kept as the write path produced them so that a part goes
+/// up without being read back from the journal (the journal still holds every block: this is only a copy).
+///
+/// The staged bytes of a block are always what the journal holds for it: every write and truncation that
+/// changes blocks first drops what is staged for them ([`Staging::forget`]), under the file's state lock, and
+/// only a block written in order after the staged ones is added ([`Staging::push`]). A part that cannot be staged
+/// (written out of order, or over the mount's [`STAGE_BUDGET`]) is read from the journal as before.
+pub struct Staging {
+    per_part: u64,
+    slot: usize,
+    /// The part being filled: its index, its first blocks' bytes, and their allowance.
+    fill: Option<(u64, Vec<u8>, Reservation)>,
+    /// Whole parts waiting to be sent.
+    ready: BTreeMap<u64, (Vec<u8>, Reservation)>,
+    budget: Arc<StageBudget>,
+}
+
+impl Staging {
+    fn new(per_part: u64, slot: u64, budget: Arc<StageBudget>) -> Staging {
+        Staging {
+            per_part,
+            slot: slot as usize,
+            fill: None,
+            ready: BTreeMap::new(),
+            budget,
+        }
+    }
+
+    fn part_bytes(&self) -> usize {
+        self.per_part as usize * self.slot
+    }
+
+    /// Blocks `from..to` are about to change: drops what is staged for them.
+    pub fn forget(&mut self, from: u64, to: u64) {
+        let pp = self.per_part;
+        self.ready.retain(|k, _| (k + 1) * pp <= from || k * pp >= to);
+        if let Some((k, bytes, _)) = &mut self.fill {
+            let start = *k * pp;
+            let end = start + (bytes.len() / self.slot) as u64;
+            if from < end && to > start {
+                bytes.truncate((from.max(start) - start) as usize * self.slot);
+            }
+        }
+    }
+
+    /// Block `i` now holds `stored` (its object bytes as a block that is not the file's last): staged if it
+    /// continues the part being filled, or starts a part.
+    pub fn push(&mut self, i: u64, stored: &[u8]) {
+        debug_assert_eq!(stored.len(), self.slot);
+        let pp = self.per_part;
+        let continues = self
+            .fill
+            .as_ref()
+            .is_some_and(|(k, bytes, _)| k * pp + (bytes.len() / self.slot) as u64 == i);
+        if !continues {
+            // A part that will not be completed in order is read from the journal instead.
+            self.fill = None;
+            if !i.is_multiple_of(pp) {
+                return;
+            }
+            let Some(r) = self.budget.reserve(self.part_bytes() as u64) else {
+                return;
+            };
+            self.fill = Some((i / pp, Vec::with_capacity(self.part_bytes()), r));
+        }
+        let whole = self.part_bytes();
+        let Some((k, bytes, _)) = self.fill.as_mut() else {
+            return;
+        };
+        bytes.extend_from_slice(stored);
+        if bytes.len() == whole {
+            let k = *k;
+            if let Some((_, bytes, r)) = self.fill.take() {
+                if self.ready.len() < MAX_READY {
+                    self.ready.insert(k, (bytes, r));
+                }
+            }
+        }
+    }
+
+    /// Part `k`'s bytes, if it was staged whole.
+    fn take(&mut self, k: u64) -> Option<Vec<u8>> {
+        self.ready.remove(&k).map(|(bytes, _)| bytes)
+    }
+}
 
 /// The write-behind of one file: its multipart upload and the parts it has sent.
 pub struct WriteBehind {
@@ -64,6 +201,9 @@ pub struct WriteBehind {
     next: u64,
     /// The create and the parts in flight, for the completing upload to wait on.
     pub busy: watch::Sender<usize>,
+    /// Parts staged by the write path, sent without a read of the journal (`None` while a write holds it, or
+    /// where the journal's blocks are neither the object's nor plaintext).
+    pub staging: Option<Staging>,
     failures: u32,
     store: Arc<dyn ObjectStore>,
 }
@@ -106,11 +246,15 @@ impl Drop for WriteBehind {
 }
 
 impl FileState {
-    /// Ends the write-behind if a change of blocks `from..` reaches what it sent.
-    pub fn changing_from(&mut self, from_block: u64) {
-        if self.wb.as_ref().is_some_and(|w| from_block < w.frontier()) {
+    /// Blocks `from..to` are about to change: ends the write-behind if they reach what it sent, and drops what it
+    /// staged of them.
+    pub fn changing(&mut self, from: u64, to: u64) {
+        if self.wb.as_ref().is_some_and(|w| from < w.frontier()) {
             log::debug!("{}: write-behind ends: a change reaches what was sent", self.key);
             self.wb = None;
+        }
+        if let Some(s) = self.wb.as_mut().and_then(|w| w.staging.as_mut()) {
+            s.forget(from, to);
         }
     }
 }
@@ -149,6 +293,11 @@ impl Fs {
                 parts: BTreeMap::new(),
                 next: 0,
                 busy: watch::channel(0).0,
+                staging: st
+                    .journal
+                    .as_ref()
+                    .is_some_and(|j| j.is_object_format() || !st.codec.is_sealed())
+                    .then(|| Staging::new(per_part, st.codec.stored_block_len(), self.staged.clone())),
                 failures: 0,
                 store: self.store.clone(),
             });
@@ -236,24 +385,42 @@ impl Fs {
     }
 
     async fn send_part_behind(&self, file: &Arc<OpenFile>, k: u64) -> FsResult<Option<(String, CompletedPart)>> {
-        let (snap, upload_id, per_part) = {
-            let st = file.state.lock().await;
-            let Some((id, per_part)) = st.wb.as_ref().and_then(|w| Some((w.upload_id.clone()?, w.per_part))) else {
+        let (snap, upload_id, per_part, staged, key) = {
+            let mut st = file.state.lock().await;
+            let Some(w) = st.wb.as_mut() else {
                 return Ok(None);
             };
-            (Snapshot::of(&st, Metadata::new(), String::new()), id, per_part)
+            let Some(id) = w.upload_id.clone() else {
+                return Ok(None);
+            };
+            let key = w.key.clone();
+            let (per_part, staged) = (w.per_part, w.staging.as_mut().and_then(|s| s.take(k)));
+            // The snapshot (a copy of the dirty set) only for a part read from the journal.
+            let snap = staged
+                .is_none()
+                .then(|| Snapshot::of(&st, Metadata::new(), String::new()));
+            (snap, id, per_part, staged, key)
         };
         let t0 = std::time::Instant::now();
-        let body = self.assemble(file, &snap, k * per_part..(k + 1) * per_part).await?;
+        let from_journal = staged.is_none();
+        if !from_journal {
+            self.staged.sent.fetch_add(1, Ordering::AcqRel);
+        }
+        let body = match (staged, &snap) {
+            (Some(bytes), _) => bytes,
+            (None, Some(snap)) => self.assemble(file, snap, k * per_part..(k + 1) * per_part).await?,
+            (None, None) => return Ok(None),
+        };
         let t1 = std::time::Instant::now();
         let part = self
             .store
-            .upload_part(&snap.key, &upload_id, k as i32 + 1, body.into())
+            .upload_part(&key, &upload_id, k as i32 + 1, body.into())
             .await?;
         log::debug!(
-            "{}: write-behind part {} sent ({:?} reading the journal, {:?} uploading)",
-            snap.key,
+            "{}: write-behind part {} sent ({}{:?} reading the journal, {:?} uploading)",
+            key,
             k + 1,
+            if from_journal { "" } else { "staged, " },
             t1 - t0,
             t1.elapsed()
         );
@@ -298,6 +465,7 @@ impl Fs {
 mod tests {
     use super::super::tests::{config, cse_keys, data, same};
     use super::super::*;
+    use super::{StageBudget, Staging, STAGE_BUDGET};
     use crate::store::failing::{FailingStore, FaultKind, OpKind, Rule, When};
     use crate::store::memory::MemoryStore;
     use std::time::Duration;
@@ -402,6 +570,104 @@ mod tests {
             same(&read_back(&fresh, "big").await, &content, &format!("{mode}"));
             no_upload_left(&store).await;
         }
+    }
+
+    /// Parts staged by the write path while the upload's create is held: pieces that rewrite each part's last
+    /// block, a rewrite inside a staged part, and a cut into the part being filled followed by a hole and more
+    /// writes. What goes up must be what the journal holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn staged_parts_hold_exactly_what_was_written() {
+        use crate::store::failing::Action;
+        for mode in [KeyMode::CseLocal, KeyMode::SseS3] {
+            let (_dir, store, fs) = setup(mode).await;
+            store.add_rule(Rule::new(
+                Some(OpKind::CreateMultipart),
+                When::Always,
+                Action::Delay(Duration::from_secs(2)),
+            ));
+            let mut content = data(28 * MIB, 11);
+            let (a, fh) = fs.create(ROOT_INO, "s", 0o644, 1, 1).await.unwrap();
+            // Pieces of 100,000 bytes: most blocks are written in two goes, the second rewriting the first.
+            let pieces = |fs: Arc<Fs>, from: usize, bytes: Vec<u8>| async move {
+                for (k, piece) in bytes.chunks(100_000).enumerate() {
+                    fs.write(fh, (from + k * 100_000) as u64, piece).await.unwrap();
+                }
+            };
+            pieces(fs.clone(), 0, content.clone()).await;
+            // The write-behind began in part 2 (of 8 MiB), so part 3 is being filled. A cut into it, a hole up
+            // to the old end, then more data: the hole must read as zeros, not as what was staged there.
+            let cut = 25 * MIB + 777;
+            fs.setattr(a.ino, Some(cut as u64), AttrChange::default())
+                .await
+                .unwrap();
+            fs.setattr(a.ino, Some(28 * MIB as u64), AttrChange::default())
+                .await
+                .unwrap();
+            content[cut..].fill(0);
+            let more = data(20 * MIB, 12);
+            pieces(fs.clone(), 28 * MIB, more.clone()).await;
+            content.extend_from_slice(&more);
+            assert!(fs.staged.used() > 0, "{mode}: parts were staged");
+            assert_eq!(
+                store.stats().count(OpKind::UploadPart),
+                0,
+                "{mode}: the create is still held"
+            );
+            // A rewrite inside a part staged whole.
+            fs.write(fh, (33 * MIB + 5) as u64, b"rewritten").await.unwrap();
+            content[33 * MIB + 5..33 * MIB + 14].copy_from_slice(b"rewritten");
+            // And on: the parts after it are staged again.
+            let tail = data(12 * MIB + 3, 13);
+            pieces(fs.clone(), 48 * MIB, tail.clone()).await;
+            content.extend_from_slice(&tail);
+            fs.release(fh).await.unwrap();
+            assert!(fs.staged.sent() > 0, "{mode}: some parts went up from staged bytes");
+            assert_eq!(fs.staged.used(), 0, "{mode}: nothing stays staged after close");
+            same(&read_back(&fs, "s").await, &content, &format!("{mode}: staged"));
+            let dir2 = tempfile::tempdir().unwrap();
+            let keys = mode.is_client_side().then(cse_keys);
+            let fresh = Fs::new(store.clone(), keys, config(dir2.path(), mode)).unwrap();
+            same(&read_back(&fresh, "s").await, &content, &format!("{mode}: fresh mount"));
+            no_upload_left(&store).await;
+        }
+    }
+
+    #[test]
+    fn staging_keeps_only_parts_written_in_order_and_within_the_budget() {
+        let budget = Arc::new(StageBudget::default());
+        let slot = 4usize;
+        let mut s = Staging::new(2, slot as u64, budget.clone());
+        let b = |v: u8| [v; 4];
+        // Part 0 in order: ready.
+        s.push(0, &b(1));
+        s.push(1, &b(2));
+        // Part 1 starts out of order (block 3 first): not staged.
+        s.push(3, &b(3));
+        s.push(2, &b(4));
+        s.push(3, &b(5));
+        assert_eq!(s.take(1).as_deref(), Some(&[4, 4, 4, 4, 5, 5, 5, 5][..]));
+        assert_eq!(s.take(0).as_deref(), Some(&[1, 1, 1, 1, 2, 2, 2, 2][..]));
+        // A rewrite of a block being filled: the fill is cut there and continues.
+        s.push(4, &b(6));
+        s.forget(4, 5);
+        s.push(4, &b(7));
+        s.push(5, &b(8));
+        // A change that touches a ready part drops it.
+        s.push(6, &b(9));
+        s.push(7, &b(9));
+        s.forget(7, 8);
+        assert_eq!(s.take(3), None);
+        assert_eq!(s.take(2).as_deref(), Some(&[7, 7, 7, 7, 8, 8, 8, 8][..]));
+        assert_eq!(budget.used(), 0);
+        // The budget bounds what is staged across files.
+        let per = STAGE_BUDGET / 2;
+        let mut big: Vec<Staging> = (0..3).map(|_| Staging::new(1, per, budget.clone())).collect();
+        for s in &mut big {
+            s.push(0, &vec![0u8; per as usize]);
+        }
+        assert_eq!(big.iter_mut().filter_map(|s| s.take(0)).count(), 2);
+        drop(big);
+        assert_eq!(budget.used(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
