@@ -2,8 +2,9 @@
 //!
 //! Without it, a file's data goes to S3 only when it is closed (or synced), so close() of a large file waits for
 //! the whole upload. With it, once a new file (or one truncated to zero) has a whole part of blocks behind its
-//! end (and is over one PUT's size), a multipart upload starts and that part is sealed from the journal and sent;
-//! part after part follows the writer, up to [`IN_FLIGHT`] at a time per file. A part that fails is left to
+//! end (and is over one PUT's size), a multipart upload starts and that part is sent; part after part follows the
+//! writer, up to [`IN_FLIGHT`] at a time per file. A part goes up from the bytes the write path staged for it (see
+//! [`Staging`]), or is read from the journal when it could not be staged. A part that fails is left to
 //! close(), which sends the parts that are missing, and completes the upload under exactly the conditions of an
 //! ordinary one (`If-None-Match: *` or `If-Match` the base's ETag), with the same token in the metadata (see
 //! `upload.rs`).
@@ -154,7 +155,9 @@ impl Staging {
         if !continues {
             // A part that will not be completed in order is read from the journal instead.
             self.fill = None;
-            if !i.is_multiple_of(pp) {
+            // Only at a part's first block, and not while the parts staged already wait: a part that could not
+            // be kept once full would be copied for nothing.
+            if !i.is_multiple_of(pp) || self.ready.len() >= MAX_READY {
                 return;
             }
             let Some(r) = self.budget.reserve(self.part_bytes() as u64) else {
@@ -170,9 +173,7 @@ impl Staging {
         if bytes.len() == whole {
             let k = *k;
             if let Some((_, bytes, r)) = self.fill.take() {
-                if self.ready.len() < MAX_READY {
-                    self.ready.insert(k, (bytes, r));
-                }
+                self.ready.insert(k, (bytes, r));
             }
         }
     }
