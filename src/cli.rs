@@ -178,7 +178,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("gid", "N", "mounting group", "group of every file and directory"),
     opt("umask", "OCTAL", "022", "permission bits to clear (e.g. 022, 0077)"),
     opt("block_cache_mib", "N", "64", "memory for decrypted blocks, MiB (0: no cache)"),
-    opt("read_ahead_kib", "N", "8192", "sequential read-ahead window, KiB (0: none)"),
+    opt("read_ahead_kib", "N", "32768", "sequential read-ahead window, KiB (0: none)"),
     opt("key_cache_size", "N", "1024", "unwrapped data keys kept (cse-* modes)"),
     opt("key_cache_ttl", "DURATION", "600s", "how long an unwrapped data key is kept (600, 600s, 10m, 1h)"),
     opt("metadata_ttl", "DURATION", "1s", "how long attributes and listings are cached (0: always ask S3)"),
@@ -330,7 +330,7 @@ impl Default for MountOptions {
             gid: None,
             umask: None,
             block_cache_mib: 64,
-            read_ahead_kib: 8192,
+            read_ahead_kib: 32768,
             key_cache_size: 1024,
             key_cache_ttl: Duration::from_secs(600),
             metadata_ttl: Duration::from_secs(1),
@@ -841,7 +841,7 @@ mod tests {
         assert_eq!(o.key_mode, KeyMode::SseS3);
         assert_eq!(
             (o.block_cache_mib, o.read_ahead_kib, o.key_cache_size),
-            (64, 8192, 1024)
+            (64, 32768, 1024)
         );
         assert_eq!(
             (o.key_cache_ttl, o.metadata_ttl),
