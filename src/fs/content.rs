@@ -396,9 +396,9 @@ fn seal_ops(
         if let Some(s) = staging.as_deref_mut() {
             // The object's bytes of these blocks: the journal's slots where they are in the object's format,
             // otherwise (the SSE modes) the plaintext.
-            let slot = sealed.len() / run;
+            let (slot, object_format) = (sealed.len() / run, journal.is_object_format());
             for (j, (i, plain)) in out[k..k + run].iter().enumerate() {
-                match journal.is_object_format() {
+                match object_format {
                     true => s.push(*i, &sealed[j * slot..(j + 1) * slot]),
                     false => s.push(*i, plain),
                 }

@@ -56,7 +56,7 @@ pub const STAGE_BUDGET: u64 = 64 << 20;
 #[derive(Debug, Default)]
 pub struct StageBudget {
     used: AtomicU64,
-    /// Parts sent from staged bytes (for tests and the debug log).
+    /// Parts sent from staged bytes (for tests).
     sent: AtomicU64,
 }
 
@@ -182,6 +182,13 @@ impl Staging {
     fn take(&mut self, k: u64) -> Option<Vec<u8>> {
         self.ready.remove(&k).map(|(bytes, _)| bytes)
     }
+}
+
+/// Where a write-behind part's bytes come from.
+enum PartFrom {
+    Staged(Vec<u8>),
+    /// Read from the journal: the file's snapshot and the part's blocks.
+    Journal(Box<Snapshot>, std::ops::Range<u64>),
 }
 
 /// The write-behind of one file: its multipart upload and the parts it has sent.
@@ -386,7 +393,7 @@ impl Fs {
     }
 
     async fn send_part_behind(&self, file: &Arc<OpenFile>, k: u64) -> FsResult<Option<(String, CompletedPart)>> {
-        let (snap, upload_id, per_part, staged, key) = {
+        let (part, upload_id, key) = {
             let mut st = file.state.lock().await;
             let Some(w) = st.wb.as_mut() else {
                 return Ok(None);
@@ -395,22 +402,23 @@ impl Fs {
                 return Ok(None);
             };
             let key = w.key.clone();
-            let (per_part, staged) = (w.per_part, w.staging.as_mut().and_then(|s| s.take(k)));
-            // The snapshot (a copy of the dirty set) only for a part read from the journal.
-            let snap = staged
-                .is_none()
-                .then(|| Snapshot::of(&st, Metadata::new(), String::new()));
-            (snap, id, per_part, staged, key)
+            let part = match w.staging.as_mut().and_then(|s| s.take(k)) {
+                Some(bytes) => PartFrom::Staged(bytes),
+                // The snapshot (a copy of the dirty set) only for a part read from the journal.
+                None => {
+                    let blocks = k * w.per_part..(k + 1) * w.per_part;
+                    PartFrom::Journal(Box::new(Snapshot::of(&st, Metadata::new(), String::new())), blocks)
+                }
+            };
+            (part, id, key)
         };
         let t0 = std::time::Instant::now();
-        let from_journal = staged.is_none();
-        if !from_journal {
-            self.staged.sent.fetch_add(1, Ordering::AcqRel);
-        }
-        let body = match (staged, &snap) {
-            (Some(bytes), _) => bytes,
-            (None, Some(snap)) => self.assemble(file, snap, k * per_part..(k + 1) * per_part).await?,
-            (None, None) => return Ok(None),
+        let (body, how) = match part {
+            PartFrom::Staged(bytes) => {
+                self.staged.sent.fetch_add(1, Ordering::AcqRel);
+                (bytes, "staged, ")
+            }
+            PartFrom::Journal(snap, blocks) => (self.assemble(file, &snap, blocks).await?, ""),
         };
         let t1 = std::time::Instant::now();
         let part = self
@@ -421,7 +429,7 @@ impl Fs {
             "{}: write-behind part {} sent ({}{:?} reading the journal, {:?} uploading)",
             key,
             k + 1,
-            if from_journal { "" } else { "staged, " },
+            how,
             t1 - t0,
             t1.elapsed()
         );
