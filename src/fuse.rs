@@ -3,7 +3,7 @@
 //! Each callback moves its `Reply*` into a task on the tokio runtime, calls the asynchronous core and answers
 //! with the result or the error's errno: exactly one answer per request on every path, and no callback blocks
 //! a FUSE thread on S3. Directory listings are taken once at `opendir` and served by offset from the handle.
-use crate::fs::{Attr, Fs, FsError, Kind};
+use crate::fs::{Attr, Fs, FsError, Kind, WriteData};
 use crate::metrics::Metrics;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
@@ -373,8 +373,9 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let data = data.to_vec();
-        run!(self, "write", reply, |fs| fs.write(fh.0, offset, &data), |n| reply
+        // The one copy of the request's bytes, cut at the mount's block boundaries (see `WriteData`).
+        let data = WriteData::cut(data, offset, self.fs.config().block_size.get());
+        run!(self, "write", reply, |fs| fs.write_data(fh.0, offset, data), |n| reply
             .written(n))
     }
 

@@ -66,6 +66,76 @@ fn base_block(src: &[u8], valid: usize, len: usize) -> Vec<u8> {
     block
 }
 
+/// A write's bytes, owned, in pieces cut at the file's block boundaries where the caller could: a piece that is
+/// exactly one whole block of the write becomes that block's cached plaintext as it is, without a copy. Any other
+/// cut (or none) is only slower: pieces are copied where they do not match a block.
+#[derive(Debug, Default)]
+pub struct WriteData {
+    pieces: Vec<Vec<u8>>,
+    /// Where each piece starts in the write.
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl WriteData {
+    /// `data`, written at `offset`, copied in pieces that end at multiples of `block` bytes in the file.
+    pub fn cut(data: &[u8], offset: u64, block: u64) -> WriteData {
+        let block = block.max(1);
+        let mut w = WriteData::default();
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let at = offset + pos as u64;
+            let n = ((block - at % block) as usize).min(data.len() - pos);
+            w.push(data[pos..pos + n].to_vec());
+            pos += n;
+        }
+        w
+    }
+
+    fn push(&mut self, piece: Vec<u8>) {
+        self.starts.push(self.len);
+        self.len += piece.len();
+        self.pieces.push(piece);
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes `pos..pos + n` of the write, owned: the piece itself when it is exactly that range (it is then empty
+    /// in `self`, so each range may be taken once), otherwise a copy.
+    fn take(&mut self, pos: usize, n: usize) -> Vec<u8> {
+        let k = self.starts.partition_point(|s| *s <= pos).saturating_sub(1);
+        if self.starts.get(k) == Some(&pos) && self.pieces[k].len() == n {
+            return std::mem::take(&mut self.pieces[k]);
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut k = k;
+        while out.len() < n {
+            let (start, piece) = (self.starts[k], &self.pieces[k]);
+            let from = pos + out.len() - start;
+            let m = (piece.len() - from).min(n - out.len());
+            out.extend_from_slice(&piece[from..from + m]);
+            k += 1;
+        }
+        out
+    }
+}
+
+impl From<&[u8]> for WriteData {
+    fn from(data: &[u8]) -> WriteData {
+        let mut w = WriteData::default();
+        if !data.is_empty() {
+            w.push(data.to_vec());
+        }
+        w
+    }
+}
+
 /// Bytes an unprivileged writer may still use on the file system that holds `dir`.
 fn free_bytes(dir: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -229,7 +299,7 @@ impl Fs {
     }
 
     /// Writes `data` at `offset`: every touched block is sealed into the journal before this returns.
-    pub(super) async fn write_at(&self, file: &Arc<OpenFile>, offset: u64, data: &[u8]) -> FsResult<()> {
+    pub(super) async fn write_at(&self, file: &Arc<OpenFile>, offset: u64, data: WriteData) -> FsResult<()> {
         let end = offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig)?;
         let mut stale_tries = 0;
         loop {
@@ -302,7 +372,7 @@ impl Fs {
         &self,
         st: &mut FileState,
         offset: u64,
-        data: &[u8],
+        mut data: WriteData,
         fetched: Vec<(u64, usize, Vec<u8>)>,
     ) -> FsResult<()> {
         self.ensure_journal(st)?;
@@ -329,12 +399,14 @@ impl Fs {
                     Source::Zeros => Start::Have(vec![0u8; bl]),
                 }
             };
-            ops.push((i, start, from, data[pos..pos + n].to_vec()));
+            ops.push((i, start, from, data.take(pos, n)));
             pos += n;
         }
         let journal = st.journal.clone().ok_or(FsError::BadHandle)?;
         let grown = (end > st.size).then_some(end);
         let key = st.key.clone();
+        // Taken for the sealing: a write that fails drops it (its blocks may be staged but not recorded), so the
+        // parts it held are read from the journal.
         let mut staging = st.wb.as_mut().and_then(|w| w.staging.take());
         let (written, staging) = tokio::task::spawn_blocking(move || {
             seal_ops(&journal, ops, bl, grown, &key, staging.as_mut()).map(|w| (w, staging))
@@ -355,6 +427,34 @@ impl Fs {
         st.touch(true);
         Ok(())
     }
+}
+
+/// Seals the consecutive blocks `first..` into the journal, part by part: into the part being staged where it takes
+/// them, into a buffer of their own otherwise.
+fn seal_staged(
+    journal: &super::journal::Journal,
+    s: &mut super::writebehind::Staging,
+    first: u64,
+    plains: &[&[u8]],
+) -> std::io::Result<()> {
+    let pp = s.per_part();
+    let mut j = 0;
+    while j < plains.len() {
+        let i = first + j as u64;
+        let n = (pp - i % pp).min((plains.len() - j) as u64);
+        let blocks = &plains[j..j + n as usize];
+        match s.sink(i, n) {
+            Some(part) => {
+                journal.write_run_into(i, blocks, part)?;
+                s.filled();
+            }
+            None => {
+                journal.write_run(i, blocks)?;
+            }
+        }
+        j += n as usize;
+    }
+    Ok(())
 }
 
 /// Builds each written block, seals them into the journal and records a new size; returns the plaintext blocks.
@@ -392,16 +492,18 @@ fn seal_ops(
             run += 1;
         }
         let plains: Vec<&[u8]> = out[k..k + run].iter().map(|(_, b)| &b[..]).collect();
-        let sealed = journal.write_run(out[k].0, &plains)?;
-        if let Some(s) = staging.as_deref_mut() {
-            // The object's bytes of these blocks: the journal's slots where they are in the object's format,
-            // otherwise (the SSE modes) the plaintext.
-            let (slot, object_format) = (sealed.len() / run, journal.is_object_format());
-            for (j, (i, plain)) in out[k..k + run].iter().enumerate() {
-                match object_format {
-                    true => s.push(*i, &sealed[j * slot..(j + 1) * slot]),
-                    false => s.push(*i, plain),
+        match staging.as_deref_mut() {
+            // The journal's slots are the object's bytes: sealed straight into the staged part where it takes them.
+            Some(s) if journal.is_object_format() => seal_staged(journal, s, out[k].0, &plains)?,
+            // The SSE modes: the object holds the plaintext.
+            Some(s) => {
+                journal.write_run(out[k].0, &plains)?;
+                for (i, plain) in &out[k..k + run] {
+                    s.push(*i, plain);
                 }
+            }
+            None => {
+                journal.write_run(out[k].0, &plains)?;
             }
         }
         k += run;
@@ -410,4 +512,52 @@ fn seal_ops(
         journal.record_size(size)?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod write_data_tests {
+    use super::WriteData;
+
+    fn bytes(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn cut_ends_pieces_at_block_boundaries() {
+        let data = bytes(10_000);
+        // Written at 1,000 in blocks of 4,096: 3,096 to the first boundary, one whole block, the rest.
+        let w = WriteData::cut(&data, 1_000, 4_096);
+        let lens: Vec<usize> = w.pieces.iter().map(Vec::len).collect();
+        assert_eq!(lens, vec![3_096, 4_096, 2_808]);
+        assert_eq!(w.len(), 10_000);
+        assert_eq!(w.pieces.concat(), data);
+    }
+
+    #[test]
+    fn take_hands_over_a_matching_piece_and_copies_any_other_range() {
+        let data = bytes(10_000);
+        let mut w = WriteData::cut(&data, 1_000, 4_096);
+        let whole = w.pieces[1].as_ptr();
+        let block = w.take(3_096, 4_096);
+        assert_eq!(block.as_ptr(), whole, "the whole block is the piece itself, not a copy");
+        assert_eq!(block, data[3_096..7_192]);
+        // Ranges that do not match a piece are copies, also across pieces.
+        assert_eq!(w.take(0, 100), data[..100]);
+        assert_eq!(w.take(100, 2_996), data[100..3_096]);
+        assert_eq!(w.take(7_192, 2_808), data[7_192..]);
+        let mut one: WriteData = data.as_slice().into();
+        assert_eq!(one.take(5_000, 4_096), data[5_000..9_096]);
+        let mut uneven = WriteData::cut(&data, 0, 3_000);
+        assert_eq!(
+            uneven.take(2_000, 7_000),
+            data[2_000..9_000],
+            "a range over three pieces"
+        );
+    }
+
+    #[test]
+    fn empty_writes_have_no_pieces() {
+        assert!(WriteData::cut(&[], 5, 4_096).is_empty());
+        assert!(WriteData::from(&[][..]).is_empty());
+    }
 }

@@ -494,8 +494,26 @@ impl Journal {
     /// are next to each other. A long run is sealed on two threads, so one writer uses both cores. Returns the
     /// slots written.
     pub fn write_run(&self, first: u64, plains: &[&[u8]]) -> io::Result<Vec<u8>> {
+        let mut out = vec![0u8; plains.len() * self.stored_len as usize];
+        self.seal_run(first, plains, &mut out);
+        self.blocks.write_all_at(&out, first * self.stored_len)?;
+        Ok(out)
+    }
+
+    /// [`write_run`](Self::write_run) that appends the slots to `out` instead of returning them (the write-behind
+    /// seals straight into the part it stages). On an error `out` is as it was.
+    pub fn write_run_into(&self, first: u64, plains: &[&[u8]], out: &mut Vec<u8>) -> io::Result<()> {
+        let start = out.len();
+        out.resize(start + plains.len() * self.stored_len as usize, 0);
+        self.seal_run(first, plains, &mut out[start..]);
+        self.blocks
+            .write_all_at(&out[start..], first * self.stored_len)
+            .inspect_err(|_| out.truncate(start))
+    }
+
+    /// Seals `plains` as blocks `first..` into `out`, one slot each.
+    fn seal_run(&self, first: u64, plains: &[&[u8]], out: &mut [u8]) {
         let slot = self.stored_len as usize;
-        let mut out = vec![0u8; plains.len() * slot];
         let seal = |first: u64, plains: &[&[u8]], out: &mut [u8]| {
             let mut rng = rand::thread_rng();
             for (k, (plain, slot_out)) in plains.iter().zip(out.chunks_mut(slot)).enumerate() {
@@ -511,10 +529,8 @@ impl Journal {
                 seal(first, &plains[..half], a);
             });
         } else {
-            seal(first, plains, &mut out);
+            seal(first, plains, out);
         }
-        self.blocks.write_all_at(&out, first * self.stored_len)?;
-        Ok(out)
     }
 
     /// The plaintext of block `index`, or `None` when the slot does not authenticate (never written, cut, or torn

@@ -14,6 +14,7 @@
 //! `saved_gen < generation` is dirty and stays in memory, with its journal, until an upload catches up, whatever
 //! happens to its handles (uploader.rs).
 use super::codec::{Codec, Version};
+use super::content::WriteData;
 use super::dir::AttrChange;
 use super::inode::{Attr, Kind};
 use super::journal::{Journal, Manifest, SealWith};
@@ -499,6 +500,12 @@ impl Fs {
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_data(fh, offset, data.into()).await
+    }
+
+    /// [`write`](Self::write) of bytes the caller already owns (the FUSE adapter cuts them at block boundaries
+    /// with [`WriteData::cut`], so whole blocks are kept without another copy).
+    pub async fn write_data(&self, fh: u64, offset: u64, data: WriteData) -> FsResult<u32> {
         let h = self.handle(fh)?;
         if !h.writable {
             return Err(FsError::BadHandle);
@@ -506,8 +513,9 @@ impl Fs {
         if data.is_empty() {
             return Ok(0);
         }
+        let n = data.len() as u32;
         self.write_at(&h.file, offset, data).await?;
-        Ok(data.len() as u32)
+        Ok(n)
     }
 
     /// Sets the size (truncate down or extend with zeros). Costs memory of at most one block, whatever the size.

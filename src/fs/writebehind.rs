@@ -147,7 +147,18 @@ impl Staging {
     /// continues the part being filled, or starts a part.
     pub fn push(&mut self, i: u64, stored: &[u8]) {
         debug_assert_eq!(stored.len(), self.slot);
+        if let Some(bytes) = self.sink(i, 1) {
+            bytes.extend_from_slice(stored);
+            self.filled();
+        }
+    }
+
+    /// Where the object bytes of blocks `i..i + n` (all in one part) are to be appended to be staged: the part
+    /// being filled, when they continue it or start a part; `None` when they are not staged. The caller appends
+    /// exactly `n` slots (the write path seals them straight into it), then calls [`filled`](Self::filled).
+    pub fn sink(&mut self, i: u64, n: u64) -> Option<&mut Vec<u8>> {
         let pp = self.per_part;
+        debug_assert!(n >= 1 && i % pp + n <= pp, "blocks {i}+{n} span parts of {pp}");
         let continues = self
             .fill
             .as_ref()
@@ -158,24 +169,27 @@ impl Staging {
             // Only at a part's first block, and not while the parts staged already wait: a part that could not
             // be kept once full would be copied for nothing.
             if !i.is_multiple_of(pp) || self.ready.len() >= MAX_READY {
-                return;
+                return None;
             }
-            let Some(r) = self.budget.reserve(self.part_bytes() as u64) else {
-                return;
-            };
+            let r = self.budget.reserve(self.part_bytes() as u64)?;
             self.fill = Some((i / pp, Vec::with_capacity(self.part_bytes()), r));
         }
+        self.fill.as_mut().map(|(_, bytes, _)| bytes)
+    }
+
+    /// Ends an append through [`sink`](Self::sink): a part that is now whole waits to be sent.
+    pub fn filled(&mut self) {
         let whole = self.part_bytes();
-        let Some((k, bytes, _)) = self.fill.as_mut() else {
-            return;
-        };
-        bytes.extend_from_slice(stored);
-        if bytes.len() == whole {
-            let k = *k;
-            if let Some((_, bytes, r)) = self.fill.take() {
+        if self.fill.as_ref().is_some_and(|(_, bytes, _)| bytes.len() == whole) {
+            if let Some((k, bytes, r)) = self.fill.take() {
                 self.ready.insert(k, (bytes, r));
             }
         }
+    }
+
+    /// Blocks per part.
+    pub fn per_part(&self) -> u64 {
+        self.per_part
     }
 
     /// Part `k`'s bytes, if it was staged whole.
