@@ -125,8 +125,11 @@ impl TestMount {
     }
 
     pub fn try_mount(vol: &Volume, extra: &[&str]) -> anyhow::Result<TestMount> {
-        // The daemon's log lines, shown with a failing test's output.
-        let _ = env_logger::builder().is_test(true).try_init();
+        // The daemon's log lines, shown with a failing test's output: warnings too unless RUST_LOG says otherwise,
+        // so that a failure under injected faults shows the retries and timeouts that led to it.
+        let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("s3crypt=warn"))
+            .is_test(true)
+            .try_init();
         let opts = vol.mount_options(extra);
         let rt = s3crypt::run::runtime()?;
         let metrics = Metrics::new(&vol.bucket, "");
