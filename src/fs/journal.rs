@@ -552,19 +552,35 @@ impl Journal {
 
     /// The sealed bytes of slots `first..first + count`, which lie next to each other in the blocks file (zeros
     /// past its end).
+    ///
+    /// The buffer is read into without being zeroed first (only the part past the end of the file is zeroed): a
+    /// write-behind part read back from the journal is 8 MiB, and zeroing it before the read was a twentieth of
+    /// the daemon's CPU in a large write.
     pub fn read_sealed_run(&self, first: u64, count: u64) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; (count * self.stored_len) as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            match self
-                .blocks
-                .read_at(&mut buf[done..], first * self.stored_len + done as u64)
-            {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+        let len = (count * self.stored_len) as usize;
+        let mut buf: Vec<u8> = Vec::with_capacity(len);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.blocks);
+        let mut done = 0usize;
+        while done < len {
+            let at = (first * self.stored_len + done as u64) as libc::off_t;
+            // SAFETY: pread(2) writes at most `len - done` bytes at `done` into `buf`'s allocation of `len`
+            // bytes; none of them is read before `set_len` below, once all `len` bytes are initialised.
+            let n = unsafe { libc::pread(fd, buf.as_mut_ptr().add(done).cast(), len - done, at) };
+            match n {
+                0 => break,
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
             }
+        }
+        // SAFETY: bytes `..done` were written by pread and `done..len` are zeroed here: all `len` are initialised.
+        unsafe {
+            buf.as_mut_ptr().add(done).write_bytes(0, len - done);
+            buf.set_len(len);
         }
         Ok(buf)
     }
@@ -867,6 +883,40 @@ mod tests {
         j.blocks.write_all_at(&slot, 7 * j.stored_len).unwrap();
         assert!(j.read_block(7).unwrap().is_none());
         assert_eq!(j.read_sealed_run(5, 2).unwrap()[j.stored_len as usize..], slot[..]);
+    }
+
+    #[test]
+    fn a_run_read_gives_the_slots_written_and_zeros_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        let blocks: Vec<Vec<u8>> = (0..4u8).map(|k| vec![k + 1; 4096]).collect();
+        let plains: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
+        let mut part = b"staged before".to_vec();
+        j.write_run_into(2, &plains, &mut part).unwrap();
+        let slots = &part[13..];
+        let slot = j.stored_len as usize;
+        // Blocks 2..6 are the file's last: a run over 1..8 is a zero slot, the four slots, then zeros.
+        let run = j.read_sealed_run(1, 7).unwrap();
+        assert_eq!(run.len(), 7 * slot);
+        assert!(run[..slot].iter().all(|b| *b == 0), "block 1 was never written");
+        assert_eq!(
+            &run[slot..5 * slot],
+            slots,
+            "the slots read are the ones written (and appended)"
+        );
+        assert!(
+            run[5 * slot..].iter().all(|b| *b == 0),
+            "past the end of the file: zeros"
+        );
+        assert_eq!(
+            j.read_sealed_run(40, 3).unwrap(),
+            vec![0u8; 3 * slot],
+            "wholly past the end"
+        );
+        for (k, b) in blocks.iter().enumerate() {
+            assert_eq!(j.read_block(2 + k as u64).unwrap().as_ref(), Some(b));
+        }
     }
 
     #[test]
