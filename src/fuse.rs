@@ -374,7 +374,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         // The one copy of the request's bytes, cut at the mount's block boundaries (see `WriteData`).
-        let data = WriteData::cut(data, offset, self.fs.config().block_size.get());
+        let data = WriteData::cut(data, offset, self.fs.config().block_size);
         run!(self, "write", reply, |fs| fs.write_data(fh.0, offset, data), |n| reply
             .written(n))
     }

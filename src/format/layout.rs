@@ -73,6 +73,24 @@ pub fn blocks_touching(offset: u64, len: u64, bs: BlockSize) -> Range<u64> {
     first..last + 1
 }
 
+/// How a write of `len` bytes at plaintext offset `offset` falls on blocks: for each block it touches, in order,
+/// the block's index, where in the block its piece starts, and which bytes of the write the piece is. A piece
+/// that covers its whole block starts at 0 and is `bs` bytes long.
+pub fn write_pieces(offset: u64, len: usize, bs: BlockSize) -> impl Iterator<Item = (u64, usize, Range<usize>)> {
+    let b = bs.get();
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        if pos >= len {
+            return None;
+        }
+        let at = offset + pos as u64;
+        let (index, from) = (at / b, (at % b) as usize);
+        let n = (b as usize - from).min(len - pos);
+        pos += n;
+        Some((index, from, pos - n..pos))
+    })
+}
+
 /// The object bytes one ranged GET must fetch to read the sealed blocks `blocks` of a file of `plain_size` bytes:
 /// whole sealed blocks, contiguous. Block indexes past the last block are dropped; if none remain the range is empty.
 pub fn cipher_range_for_blocks(blocks: Range<u64>, plain_size: u64, bs: BlockSize) -> Range<u64> {
@@ -97,6 +115,25 @@ mod tests {
 
     fn bs4k() -> BlockSize {
         BlockSize::new(4096).unwrap()
+    }
+
+    #[test]
+    fn write_pieces_end_at_block_boundaries() {
+        let pieces: Vec<_> = write_pieces(B4K - 10, 10 + 2 * 4096 + 5, bs4k()).collect();
+        assert_eq!(
+            pieces,
+            vec![
+                (0, 4086, 0..10),
+                (1, 0, 10..4106),
+                (2, 0, 4106..8202),
+                (3, 0, 8202..8207)
+            ]
+        );
+        assert_eq!(
+            write_pieces(8192, 4096, bs4k()).collect::<Vec<_>>(),
+            vec![(2, 0, 0..4096)]
+        );
+        assert_eq!(write_pieces(5, 0, bs4k()).count(), 0);
     }
 
     #[test]

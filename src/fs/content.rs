@@ -7,6 +7,7 @@
 //! lock again, that the block's source did not change meanwhile.
 use super::write::{FileState, OpenFile};
 use super::{Fs, FsError, FsResult};
+use crate::format::{self, BlockSize};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -78,16 +79,11 @@ pub struct WriteData {
 }
 
 impl WriteData {
-    /// `data`, written at `offset`, copied in pieces that end at multiples of `block` bytes in the file.
-    pub fn cut(data: &[u8], offset: u64, block: u64) -> WriteData {
-        let block = block.max(1);
+    /// `data`, written at `offset`, copied in pieces that end at the boundaries of blocks of `bs`.
+    pub fn cut(data: &[u8], offset: u64, bs: BlockSize) -> WriteData {
         let mut w = WriteData::default();
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let at = offset + pos as u64;
-            let n = ((block - at % block) as usize).min(data.len() - pos);
-            w.push(data[pos..pos + n].to_vec());
-            pos += n;
+        for (_, _, bytes) in format::write_pieces(offset, data.len(), bs) {
+            w.push(data[bytes].to_vec());
         }
         w
     }
@@ -381,12 +377,8 @@ impl Fs {
         st.changing(offset / b, end.div_ceil(b));
         let bl = b as usize;
         let mut ops: Vec<(u64, Start, usize, Vec<u8>)> = Vec::new();
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let off = offset + pos as u64;
-            let (i, from) = (off / b, (off % b) as usize);
-            let n = (bl - from).min(data.len() - pos);
-            let start = if n == bl {
+        for (i, from, bytes) in format::write_pieces(offset, data.len(), st.bs) {
+            let start = if bytes.len() == bl {
                 Start::Whole
             } else {
                 match st.source(i) {
@@ -399,8 +391,7 @@ impl Fs {
                     Source::Zeros => Start::Have(vec![0u8; bl]),
                 }
             };
-            ops.push((i, start, from, data.take(pos, n)));
-            pos += n;
+            ops.push((i, start, from, data.take(bytes.start, bytes.len())));
         }
         let journal = st.journal.clone().ok_or(FsError::BadHandle)?;
         let grown = (end > st.size).then_some(end);
@@ -495,15 +486,14 @@ fn seal_ops(
         match staging.as_deref_mut() {
             // The journal's slots are the object's bytes: sealed straight into the staged part where it takes them.
             Some(s) if journal.is_object_format() => seal_staged(journal, s, out[k].0, &plains)?,
-            // The SSE modes: the object holds the plaintext.
-            Some(s) => {
+            staging => {
                 journal.write_run(out[k].0, &plains)?;
-                for (i, plain) in &out[k..k + run] {
-                    s.push(*i, plain);
+                // The SSE modes stage the plaintext: the object holds it.
+                if let Some(s) = staging {
+                    for (i, plain) in &out[k..k + run] {
+                        s.push(*i, plain);
+                    }
                 }
-            }
-            None => {
-                journal.write_run(out[k].0, &plains)?;
             }
         }
         k += run;
@@ -517,6 +507,11 @@ fn seal_ops(
 #[cfg(test)]
 mod write_data_tests {
     use super::WriteData;
+    use crate::format::BlockSize;
+
+    fn bs4k() -> BlockSize {
+        BlockSize::new(4_096).unwrap()
+    }
 
     fn bytes(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 % 251) as u8).collect()
@@ -526,7 +521,7 @@ mod write_data_tests {
     fn cut_ends_pieces_at_block_boundaries() {
         let data = bytes(10_000);
         // Written at 1,000 in blocks of 4,096: 3,096 to the first boundary, one whole block, the rest.
-        let w = WriteData::cut(&data, 1_000, 4_096);
+        let w = WriteData::cut(&data, 1_000, bs4k());
         let lens: Vec<usize> = w.pieces.iter().map(Vec::len).collect();
         assert_eq!(lens, vec![3_096, 4_096, 2_808]);
         assert_eq!(w.len(), 10_000);
@@ -536,7 +531,7 @@ mod write_data_tests {
     #[test]
     fn take_hands_over_a_matching_piece_and_copies_any_other_range() {
         let data = bytes(10_000);
-        let mut w = WriteData::cut(&data, 1_000, 4_096);
+        let mut w = WriteData::cut(&data, 1_000, bs4k());
         let whole = w.pieces[1].as_ptr();
         let block = w.take(3_096, 4_096);
         assert_eq!(block.as_ptr(), whole, "the whole block is the piece itself, not a copy");
@@ -547,9 +542,9 @@ mod write_data_tests {
         assert_eq!(w.take(7_192, 2_808), data[7_192..]);
         let mut one: WriteData = data.as_slice().into();
         assert_eq!(one.take(5_000, 4_096), data[5_000..9_096]);
-        let mut uneven = WriteData::cut(&data, 0, 3_000);
+        let mut fresh = WriteData::cut(&data, 1_000, bs4k());
         assert_eq!(
-            uneven.take(2_000, 7_000),
+            fresh.take(2_000, 7_000),
             data[2_000..9_000],
             "a range over three pieces"
         );
@@ -557,7 +552,7 @@ mod write_data_tests {
 
     #[test]
     fn empty_writes_have_no_pieces() {
-        assert!(WriteData::cut(&[], 5, 4_096).is_empty());
+        assert!(WriteData::cut(&[], 5, bs4k()).is_empty());
         assert!(WriteData::from(&[][..]).is_empty());
     }
 }

@@ -487,17 +487,15 @@ impl Journal {
 
     /// Seals `plain` (a whole block, zero-padded) as block `index` and writes it.
     pub fn write_block(&self, index: u64, plain: &[u8]) -> io::Result<()> {
-        self.write_run(index, &[plain]).map(drop)
+        self.write_run(index, &[plain])
     }
 
     /// Seals `plains` (whole blocks, zero-padded) as blocks `first..` and writes them with one pwrite: their slots
-    /// are next to each other. A long run is sealed on two threads, so one writer uses both cores. Returns the
-    /// slots written.
-    pub fn write_run(&self, first: u64, plains: &[&[u8]]) -> io::Result<Vec<u8>> {
+    /// are next to each other. A long run is sealed on two threads, so one writer uses both cores.
+    pub fn write_run(&self, first: u64, plains: &[&[u8]]) -> io::Result<()> {
         let mut out = vec![0u8; plains.len() * self.stored_len as usize];
         self.seal_run(first, plains, &mut out);
-        self.blocks.write_all_at(&out, first * self.stored_len)?;
-        Ok(out)
+        self.blocks.write_all_at(&out, first * self.stored_len)
     }
 
     /// [`write_run`](Self::write_run) that appends the slots to `out` instead of returning them (the write-behind
