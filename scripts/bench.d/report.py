@@ -6,6 +6,7 @@ is typed in by hand. Run it again on an existing JSON with --from-json docs/benc
 import argparse
 import json
 import os
+import statistics
 import sys
 
 SYSTEMS = [
@@ -77,15 +78,38 @@ class Results:
     def ran(self, system):
         return any(r["system"] == system and r["value"] is not None for r in self.records)
 
-    def seq(self, system, kind):
-        """Sequential throughput; for the raw client, its best-suited variant (multipart PUT, ranged GET)."""
+    def samples(self, system, workload, metric):
+        """Every measured value of a metric recorded once per round, in the order of the rounds."""
+        return [
+            r["value"]
+            for r in self.records
+            if r["system"] == system and r["workload"] == workload and r["metric"] == metric and r["value"] is not None
+        ]
+
+    def seq_samples(self, system, kind):
+        """Sequential throughput of each round; for the raw client, its best-suited variant (multipart PUT, ranged
+        GET)."""
         if system == "raw":
-            return self.get("raw", "seq_write_multipart" if kind == "write" else "seq_read_ranged", "throughput")
-        return self.get(system, "seq_" + kind, "throughput")
+            wl = "seq_write_multipart" if kind == "write" else "seq_read_ranged"
+            return self.samples("raw", wl, "throughput")
+        return self.samples(system, "seq_" + kind, "throughput")
+
+    def near_samples(self, system, kind):
+        """The raw client's samples (multipart PUT, ranged GET) taken just before each of `system`'s own writes or
+        reads."""
+        return self.samples(system, "raw_reference", kind + "_throughput")
+
+    def seq(self, system, kind):
+        """Median sequential throughput over the rounds."""
+        return median(self.seq_samples(system, kind))
 
     def raw_next_to(self, system, kind):
-        """The raw client's sample (multipart PUT, ranged GET) taken just before `system`'s own write or read."""
-        return self.get(system, "raw_reference", kind + "_throughput")
+        """Median of the raw samples taken next to `system`'s rounds."""
+        return median(self.near_samples(system, kind))
+
+
+def median(values):
+    return statistics.median(values) if values else None
 
 
 def fmt(value, decimals=0):
@@ -140,6 +164,30 @@ def raw_table(res):
     return "\n".join(lines)
 
 
+def rounds_table(res):
+    """Each round's sequential figures: the system's, and the raw sample taken just before it."""
+    rows = []
+    for key, label in SYSTEMS:
+        if not res.ran(key) or res.not_run(key):
+            continue
+        for kind in ("write", "read"):
+            vals = res.seq_samples(key, kind)
+            if not vals:
+                continue
+            near = res.near_samples(key, kind)
+            cells = [fmt(v) + (f" ({fmt(n)})" if n is not None else "") for v, n in zip(vals, near + [None] * len(vals))]
+            spread = f"{fmt(min(vals))}–{fmt(max(vals))}"
+            near_med = fmt(median(near)) if near else "—"
+            rows.append((label, kind, cells, fmt(median(vals)), spread, near_med))
+    width = max((len(r[2]) for r in rows), default=0)
+    header = ["system", "", *[f"round {i + 1}" for i in range(width)], "median", "min–max", "raw next to it, median"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for label, kind, cells, med, spread, near_med in rows:
+        cells = cells + [""] * (width - len(cells))
+        lines.append(f"| {label} | {kind} | " + " | ".join(cells) + f" | {med} | {spread} | {near_med} |")
+    return "\n".join(lines)
+
+
 def ratio_table(res):
     peers = [("raw", "raw client"), ("s3fs-sse", "s3fs"), ("rclone-crypt", "rclone crypt")]
     header = ["system", "read ÷ raw next to it", "write ÷ raw next to it"]
@@ -190,10 +238,10 @@ def targets(res):
         return f
 
     rows = [
-        ("sequential read ≥ 0.9× raw parallel ranged GET (raw row / raw next to it)", raw_ratio("read", 0.9)),
+        ("sequential read ≥ 0.9× raw parallel ranged GET (medians: raw row / raw next to it)", raw_ratio("read", 0.9)),
         ("sequential read ≥ 2× s3fs", seq_ratio("read", "s3fs-sse", 2.0)),
         ("sequential read ≥ 3× rclone crypt", seq_ratio("read", "rclone-crypt", 3.0)),
-        ("sequential write ≥ 0.9× raw multipart PUT (raw row / raw next to it)", raw_ratio("write", 0.9)),
+        ("sequential write ≥ 0.9× raw multipart PUT (medians: raw row / raw next to it)", raw_ratio("write", 0.9)),
         (
             "4 KiB mid-file overwrite uploads ≤ 16 MiB",
             lambda s: check(res.get(s, "overwrite_4k", "bytes_uploaded"), lambda v: v <= 16, lambda v: f"{v:.1f} MiB"),
@@ -295,10 +343,23 @@ def chart(res, path):
     width = 0.4
     for offset, kind, color in ((-width / 2, "write", "#4c72b0"), (width / 2, "read", "#dd8452")):
         vals = [res.seq(k, kind) or 0 for k, _ in shown]
-        bars = ax1.bar([x + offset for x in xs], vals, width, label=f"sequential {kind}", color=color)
-        for bar, v in zip(bars, vals):
+        # Bars are medians over the rounds; the whiskers span the lowest and highest round.
+        lows = [v - min(res.seq_samples(k, kind) or [v]) for (k, _), v in zip(shown, vals)]
+        highs = [max(res.seq_samples(k, kind) or [v]) - v for (k, _), v in zip(shown, vals)]
+        bars = ax1.bar(
+            [x + offset for x in xs],
+            vals,
+            width,
+            label=f"sequential {kind}",
+            color=color,
+            yerr=[lows, highs],
+            error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#333333"},
+        )
+        for bar, v, high in zip(bars, vals, highs):
             if v:
-                ax1.annotate(f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+                ax1.annotate(
+                    f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v + high), ha="center", va="bottom", fontsize=7
+                )
         # The raw client's sample taken next to each system, as a mark over its bar.
         near = [(x + offset, res.raw_next_to(k, kind)) for x, (k, _) in zip(xs, shown)]
         near = [(x, v) for x, v in near if v]
@@ -318,7 +379,7 @@ def chart(res, path):
     ax1.set_xticks(list(xs))
     ax1.set_xticklabels(names, fontsize=7)
     ax1.set_ylabel("MB/s (10^6 bytes/s)")
-    ax1.set_title("Sequential throughput (raw client: multipart PUT / ranged GET)")
+    ax1.set_title("Sequential throughput, median of the rounds (raw client: multipart PUT / ranged GET)")
     ax1.legend()
     mounts = [(k, lbl) for k, lbl in shown if k != "raw"]
     iops = [res.get(k, "randread_4k", "iops") or 0 for k, _ in mounts]
@@ -357,26 +418,36 @@ def markdown(data):
         out.append(f"- {k}: {v.get(k) or 'unknown'}")
     out += [
         f"- sizes: sequential file {sz['seq_mib']} MiB; random reads {sz['randread_seconds']} s; "
-        f"{sz['small_files']} small files; listing of {sz['listing_files']} files",
+        f"{sz['small_files']} small files; listing of {sz['listing_files']} files; "
+        f"sequential write and read: {sz.get('seq_rounds', 1)} rounds per system",
         f"- page cache dropped before cold reads: {'yes' if meta.get('drop_caches') else 'no (not permitted here)'}",
         "",
         "## Results",
         "",
         absolute_table(res),
         "",
-        "MB/s is 10^6 bytes per second. For the raw client the sequential columns are its multipart PUT",
-        "(16 MiB parts, 4 in flight) and parallel ranged GET (8 MiB ranges, 8 in flight).",
+        "MB/s is 10^6 bytes per second. The sequential columns are medians over the rounds (see below). For the",
+        "raw client they are its multipart PUT (16 MiB parts, 4 in flight) and parallel ranged GET (8 MiB ranges,",
+        "8 in flight).",
         "",
         "### Raw client (the ceiling)",
         "",
         raw_table(res),
         "",
+        "### Sequential rounds",
+        "",
+        "Each round writes a new file and reads it back cold; in brackets, the raw client's sample of the same",
+        "size taken just before (systems on the S3 server only). Medians are what the ratios and targets use.",
+        "",
+        rounds_table(res),
+        "",
         "### Ratios",
         "",
-        "Sequential throughput of each mount divided by the raw client's (multipart PUT / ranged GET) and by",
-        "each peer's, in the same run. \"Raw next to it\" is a raw sample of the same size taken just before the",
-        "system's own write or read (systems on the S3 server only), against the server in the same state; the",
-        "raw row is the run's first sample. A target against the raw client is met only if both ratios meet it.",
+        "Median sequential throughput of each mount divided by the raw client's (multipart PUT / ranged GET) and",
+        "by each peer's, in the same run. \"Raw next to it\" is the median of the raw samples taken just before",
+        "the system's own writes or reads (systems on the S3 server only), against the server in the same state;",
+        "the raw row is the median of the raw client's rounds at the start of the run. A target against the raw",
+        "client is met only if both ratios meet it.",
         "",
         ratio_table(res),
         "",
@@ -399,7 +470,10 @@ def markdown(data):
         "  until loopback traffic settled. Sequential read: `s3bench file-read`, 1 MiB reads to the end, timed",
         "  the same way, started cold: the system is unmounted and mounted again (so no daemon cache holds the",
         "  file; not for the in-memory store) and the page cache is dropped. On this one machine that also drops",
-        "  the server's cached objects, so the raw client's GETs start after a page-cache drop too.",
+        "  the server's cached objects, so the raw client's GETs start after a page-cache drop too. The write and",
+        "  the read are repeated in rounds (each round a new file, with a raw PUT and a raw GET just before the",
+        "  system's write and read); the tables and the chart show medians, the chart's whiskers the lowest and",
+        "  highest round. The raw row's rounds run first, on the fresh server.",
         "- Random reads: fio `randread`, 4 KiB, psync, one job, `POSIX_FADV_RANDOM`, started cold as above;",
         "  IOPS and completion-latency percentiles from fio's JSON. Reads a daemon serves from its own cache",
         "  (repeats, or blocks fetched for a neighbouring read) need no GET, so GET/read can be below 1.",
