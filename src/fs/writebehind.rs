@@ -15,6 +15,14 @@
 //! the upload exists, so the next mount aborts what a killed daemon left (and uploads the journal's blocks the
 //! ordinary way).
 //!
+//! # Holding a writer
+//! A program that writes faster than its parts go up is held: a write that leaves more than [`PACE_PARTS`] whole
+//! parts that no upload has started waits (after it is in the journal, with no lock held) until a part ends, at
+//! most [`PACE_WAIT`]. The parts waiting then stay within what is staged in memory, and close() has little left
+//! to send, so a large file's close() does not outlast `upload_timeout` only because the writer ran ahead. A hold
+//! that runs out (a stalled upload, an outage) stops the holding until a part goes up again, and a failed part
+//! stops it for good: the journal takes the writes as before.
+//!
 //! # When it gives up
 //! Only blocks wholly behind the file's end are sent, so a sent block is never the final block of a file that
 //! keeps growing. Any write into a sent part (or one in flight), a truncation that reaches one, a rename, an
@@ -49,6 +57,13 @@ const MAX_FAILURES: u32 = 3;
 const IN_FLIGHT: usize = 4;
 /// Whole parts of one file kept staged while they wait for a slot in flight.
 const MAX_READY: usize = 2;
+/// Whole parts a writer may run ahead of the parts started: a write that leaves more waiting is held until a
+/// part ends, so the parts waiting stay within what is staged (no read of the journal) and close() has little
+/// left to send. Must stay below [`MAX_READY`].
+const PACE_PARTS: u64 = 1;
+/// The longest one write is held for a part to end. A hold that runs out stops the holding until a part goes up
+/// again, so a stalled or failing upload (an outage) costs a writer one such wait, not one per write.
+const PACE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 /// Bytes of staged parts (being filled or waiting; not those in flight) one mount holds at most.
 pub const STAGE_BUDGET: u64 = 64 << 20;
 
@@ -58,6 +73,9 @@ pub struct StageBudget {
     used: AtomicU64,
     /// Parts sent from staged bytes (for tests).
     sent: AtomicU64,
+    /// Writes held for a part to end, and holds that ran out (for tests).
+    held: AtomicU64,
+    held_out: AtomicU64,
 }
 
 /// Bytes taken from a [`StageBudget`], given back when dropped.
@@ -89,6 +107,12 @@ impl StageBudget {
     #[cfg(test)]
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Acquire)
+    }
+
+    /// Writes held so far, and holds that ran out (for tests).
+    #[cfg(test)]
+    pub fn held(&self) -> (u64, u64) {
+        (self.held.load(Ordering::Acquire), self.held_out.load(Ordering::Acquire))
     }
 }
 
@@ -263,6 +287,8 @@ pub struct WriteBehind {
     /// where the journal's blocks are neither the object's nor plaintext).
     pub staging: Option<Staging>,
     failures: u32,
+    /// A hold ran out ([`PACE_WAIT`]): writes are not held until a part goes up again.
+    unpaced: bool,
     store: Arc<dyn ObjectStore>,
 }
 
@@ -278,6 +304,15 @@ impl WriteBehind {
 
     fn set_in_flight(&self, n: usize) {
         self.busy.send_replace(n);
+    }
+
+    /// When the file, with `ready_blocks` whole blocks behind its end, has more than [`PACE_PARTS`] whole parts
+    /// that no upload has started, and the upload keeps going: a receiver that changes when a part ends, for the
+    /// write to wait on once the file's lock is released (see [`Fs::pace`]).
+    pub fn pace(&self, ready_blocks: u64) -> Option<watch::Receiver<usize>> {
+        let waiting = (ready_blocks.saturating_sub(1) / self.per_part).saturating_sub(self.next);
+        (self.upload_id.is_some() && !self.unpaced && self.failures == 0 && waiting > PACE_PARTS)
+            .then(|| self.busy.subscribe())
     }
 
     /// Hands the upload over to the completing upload: dropping `self` no longer aborts it.
@@ -357,6 +392,7 @@ impl Fs {
                     .is_some_and(|j| j.is_object_format() || !st.codec.is_sealed())
                     .then(|| Staging::new(per_part, st.codec.stored_block_len(), self.staged.clone())),
                 failures: 0,
+                unpaced: false,
                 store: self.store.clone(),
             });
         }
@@ -378,6 +414,23 @@ impl Fs {
             w.set_in_flight(w.in_flight() + 1);
             let (fs, file) = (fs.clone(), file.clone());
             tokio::spawn(async move { fs.send_behind(&file, k).await });
+        }
+    }
+
+    /// Holds a write until one of its file's parts ends (see [`WriteBehind::pace`]), at most [`PACE_WAIT`]; a hold
+    /// that runs out stops the holding until a part goes up again. No lock is held while it waits.
+    pub(super) async fn pace(&self, file: &OpenFile, mut part_ended: watch::Receiver<usize>) {
+        self.staged.held.fetch_add(1, Ordering::AcqRel);
+        if tokio::time::timeout(PACE_WAIT, part_ended.changed()).await.is_ok() {
+            return;
+        }
+        self.staged.held_out.fetch_add(1, Ordering::AcqRel);
+        if let Some(w) = file.state.lock().await.wb.as_mut() {
+            log::debug!(
+                "{}: no write-behind part ended within {PACE_WAIT:?}: writes are not held until one goes up",
+                w.key
+            );
+            w.unpaced = true;
         }
     }
 
@@ -423,6 +476,7 @@ impl Fs {
         match sent {
             Ok(Some((id, part))) if w.upload_id.as_deref() == Some(id.as_str()) => {
                 w.parts.insert(k, part);
+                w.unpaced = false;
             }
             Ok(_) => {}
             Err(e) => {
@@ -525,7 +579,7 @@ mod tests {
     use super::super::tests::{config, cse_keys, data, same};
     use super::super::*;
     use super::{StageBudget, Staging, STAGE_BUDGET};
-    use crate::store::failing::{FailingStore, FaultKind, OpKind, Rule, When};
+    use crate::store::failing::{Action, FailingStore, FaultKind, OpKind, Rule, When};
     use crate::store::memory::MemoryStore;
     use std::time::Duration;
 
@@ -771,6 +825,31 @@ mod tests {
             0,
             "a dropped staging's prepared buffer gives its allowance back"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_ahead_of_its_uploads_is_held_but_a_stalled_upload_holds_it_once() {
+        let (_dir, store, fs) = setup(KeyMode::CseLocal).await;
+        // Every part takes 1 s: the writer is soon more than a part ahead, and every hold runs out.
+        store.add_rule(Rule::new(
+            Some(OpKind::UploadPart),
+            When::Always,
+            Action::Delay(Duration::from_secs(1)),
+        ));
+        let content = data(80 * MIB, 9);
+        let (_, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+        write_mib(&fs, fh, &content, 0..80).await;
+        let (held, out) = fs.staged.held();
+        assert!(held >= 1, "the writer was held");
+        // A hold that runs out stops the holding until a part goes up: at most one per part, plus one.
+        let parts = store.stats().count(OpKind::UploadPart);
+        assert!(
+            out >= 1 && out <= parts + 1,
+            "{out} holds ran out, {parts} parts started"
+        );
+        fs.release(fh).await.unwrap();
+        same(&read_back(&fs, "f").await, &content, "held writes");
+        no_upload_left(&store).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
