@@ -310,9 +310,14 @@ impl WriteBehind {
     /// that no upload has started, and the upload keeps going: a receiver that changes when a part ends, for the
     /// write to wait on once the file's lock is released (see [`Fs::pace`]).
     pub fn pace(&self, ready_blocks: u64) -> Option<watch::Receiver<usize>> {
-        let waiting = (ready_blocks.saturating_sub(1) / self.per_part).saturating_sub(self.next);
-        (self.upload_id.is_some() && !self.unpaced && self.failures == 0 && waiting > PACE_PARTS)
+        (self.upload_id.is_some() && !self.unpaced && self.failures == 0 && self.waiting(ready_blocks) > PACE_PARTS)
             .then(|| self.busy.subscribe())
+    }
+
+    /// Whole parts, wholly behind the file's end (`ready_blocks` whole blocks), that no upload has started: part
+    /// `k` may go up once `(k + 1) * per_part < ready_blocks`: a block after it exists, so it is not the final one.
+    fn waiting(&self, ready_blocks: u64) -> u64 {
+        (ready_blocks.saturating_sub(1) / self.per_part).saturating_sub(self.next)
     }
 
     /// Hands the upload over to the completing upload: dropping `self` no longer aborts it.
@@ -408,7 +413,7 @@ impl Fs {
             return;
         }
         let Some(w) = st.wb.as_mut() else { return };
-        while w.in_flight() < IN_FLIGHT && (w.next + 1) * w.per_part < ready_blocks {
+        while w.in_flight() < IN_FLIGHT && w.waiting(ready_blocks) > 0 {
             let k = w.next;
             w.next += 1;
             w.set_in_flight(w.in_flight() + 1);
