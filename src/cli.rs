@@ -184,7 +184,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("metadata_ttl", "DURATION", "1s", "how long attributes and listings are cached (0: always ask S3)"),
     opt("staging_dir", "DIR", "STATE/staging", "write-back journal: unsaved data, sealed, until S3 has it (must persist)"),
     opt("recovery_dir", "DIR", "STATE/recovery", "where a file's data is saved (mode 0600) when another writer changed it first"),
-    opt("upload_timeout", "DURATION", "10s", "how long close/fsync wait for S3 before EIO (the upload goes on in the background)"),
+    opt("upload_timeout", "DURATION", "10s", "how long close/fsync wait for S3 to make progress (a part going up) before EIO; the upload goes on in the background"),
     opt("allow_plaintext", "", "off", "cse-* modes: read objects that have no s3crypt metadata as plain files"),
     opt("store", "s3|memory", "s3", "memory is for BENCHMARKS ONLY: nothing is stored, all data is lost at unmount"),
     opt("fuse_threads", "N", "4", "threads serving FUSE requests (>= 1)"),

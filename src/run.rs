@@ -371,13 +371,22 @@ fn mount_inner(source: &str, mountpoint: &Path, opts: MountOptions) -> Result<()
     if let Some(sig) = signal {
         log::info!("{sig}: saving open files, then unmounting");
     }
-    let failed = rt.block_on(fs.flush_all());
+    let left = rt.block_on(fs.flush_all());
     let unmounted = end_session(bg, &own);
     rt.shutdown_timeout(Duration::from_secs(5));
-    if failed > 0 {
+    if left.data > 0 {
         bail!(
-            "{failed} file(s) could not be saved to S3 before exit; their data is kept in the journal under {} \
+            "{} file(s) could not be saved to S3 before exit; their data is kept in the journal under {} \
              and the next mount of this volume uploads it (see the log)",
+            left.data,
+            journal_dir.display()
+        );
+    }
+    if left.attributes > 0 {
+        bail!(
+            "{} file(s) have their data in S3 but not yet their final attributes (mode, owner, times); those are \
+             kept in the journal under {} and the next mount of this volume applies them (see the log)",
+            left.attributes,
             journal_dir.display()
         );
     }

@@ -43,7 +43,8 @@ pub enum FsError {
     /// Beyond the largest file S3 and the format can hold (5 TiB per object).
     #[error("file too large (S3 objects hold at most 5 TiB)")]
     FileTooBig,
-    /// The data is not in S3 within `upload_timeout`; it is kept (journal) and retried in the background.
+    /// The data is not in S3 and its upload made no progress for `upload_timeout`; it is kept (journal) and
+    /// retried in the background.
     #[error("{key} is not in S3 yet ({cause}); the data is kept in the journal and the upload is retried")]
     NotSaved { key: String, cause: String },
     /// getxattr/removexattr of a name the file does not have.

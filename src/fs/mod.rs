@@ -50,7 +50,7 @@ pub use dirindex::{index_prefix, INDEX_DIR};
 pub use error::{FsError, FsResult};
 pub use inode::{Attr, Kind, ROOT_INO};
 pub use stats::FsStats;
-pub use uploader::Recovery;
+pub use uploader::{Recovery, Unsaved};
 pub use xattr::{XattrChange, META_XATTR_SEALED};
 
 use crate::format::{BlockCipher, BlockSize, DataKey, ObjectHeader, FORMAT_VERSION};

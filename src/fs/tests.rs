@@ -270,6 +270,84 @@ async fn an_outage_at_close_keeps_the_data_readable_and_saves_it_once_s3_is_back
     }
 }
 
+/// A client-side mount with no write-behind (close sends every part) and a short `upload_timeout` (700 ms), with
+/// a file of 80 MiB written (ten parts of 8 MiB and a small one) and not yet closed: the handle and the content.
+async fn ten_parts(dir: &std::path::Path, store: Arc<dyn ObjectStore>, name: &str) -> (Arc<Fs>, u64, Vec<u8>) {
+    let cfg = FsConfig {
+        write_behind: false,
+        ..quick(dir, KeyMode::CseLocal)
+    };
+    let fs = Fs::new(store, Some(cse_keys()), cfg).unwrap();
+    let (_, fh) = fs.create(ROOT_INO, name, 0o644, 1, 1).await.unwrap();
+    let content = data(80 << 20, 8);
+    for (k, chunk) in content.chunks(1 << 20).enumerate() {
+        fs.write(fh, (k << 20) as u64, chunk).await.unwrap();
+    }
+    (fs, fh, content)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_waits_for_an_upload_that_keeps_going_past_upload_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let (fs, fh, content) = ten_parts(dir.path(), store.clone(), "slow").await;
+    // A slow link: each part takes 400 ms (four at a time, so three rounds), and S3 takes 600 ms to assemble the
+    // object, each shorter than upload_timeout (700 ms), all of it together twice as long.
+    store.add_rule(Rule::new(
+        Some(OpKind::UploadPart),
+        When::Always,
+        Action::Delay(Duration::from_millis(400)),
+    ));
+    store.add_rule(Rule::new(
+        Some(OpKind::Complete),
+        When::Always,
+        Action::Delay(Duration::from_millis(600)),
+    ));
+    let started = std::time::Instant::now();
+    fs.flush(fh).await.unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited > Duration::from_millis(1400),
+        "the upload took {waited:?}: the wait outlasted upload_timeout only while parts went up"
+    );
+    assert!(
+        store.stats().count(OpKind::UploadPart) >= 10,
+        "every part went up at close"
+    );
+    fs.release(fh).await.unwrap();
+    assert!(store.head("vol/slow").await.is_ok(), "in S3 when close returned");
+    let attr = fs.lookup(ROOT_INO, "slow").await.unwrap();
+    same(&read_all(&fs, attr.ino).await, &content, "saved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_stops_going_up_ends_the_wait_one_upload_timeout_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let (failing, store) = flaky();
+    let (fs, fh, content) = ten_parts(dir.path(), store.clone(), "stalls").await;
+    // Three parts go up slowly, then the link is gone.
+    failing.add_rule(Rule::new(
+        Some(OpKind::UploadPart),
+        When::Always,
+        Action::Delay(Duration::from_millis(300)),
+    ));
+    failing.add_rule(Rule::fail(OpKind::UploadPart, When::From(4), FaultKind::Transient));
+    let started = std::time::Instant::now();
+    let err = fs.flush(fh).await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(matches!(err.root(), FsError::NotSaved { .. }), "{err}");
+    // The three parts went up after 300 ms, and upload_timeout (700 ms) runs from there.
+    assert!(
+        waited >= Duration::from_millis(1000) && waited < Duration::from_secs(20),
+        "the wait ended {waited:?} after the request"
+    );
+    failing.clear_rules();
+    fs.release(fh).await.ok();
+    wait_for_object(store.as_ref(), "vol/stalls").await;
+    let attr = fs.lookup(ROOT_INO, "stalls").await.unwrap();
+    same(&read_all(&fs, attr.ino).await, &content, "saved in the background");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_error_returns_at_once_and_a_later_flush_tries_again() {
     let dir = tempfile::tempdir().unwrap();

@@ -352,11 +352,13 @@ impl Fs {
             }
         };
         let result = match self.send_parts(file, snap, &upload_id, sent).await {
-            Ok(parts) => self
-                .store
-                .complete_multipart(key, &upload_id, parts, cond)
-                .await
-                .map_err(FsError::from),
+            Ok(parts) => {
+                let n = u32::try_from(parts.len()).unwrap_or(u32::MAX).max(1);
+                file.status.send_modify(|s| s.completing = n);
+                let done = self.store.complete_multipart(key, &upload_id, parts, cond).await;
+                file.status.send_modify(|s| s.completing = 0);
+                done.map_err(FsError::from)
+            }
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -429,11 +431,13 @@ impl Fs {
             while inflight.len() >= in_flight {
                 if let Some(r) = inflight.next().await {
                     done.push(r?);
+                    file.part_sent();
                 }
             }
         }
         while let Some(r) = inflight.next().await {
             done.push(r?);
+            file.part_sent();
         }
         done.sort_by_key(|p| p.part_number);
         Ok(done)

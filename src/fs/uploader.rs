@@ -1,8 +1,10 @@
 //! Saving in the background: uploads that outlive a failed close, retries, shutdown, and recovery at mount.
 //!
 //! Every upload runs in a task of its own, one per file at a time ([`Fs::kick`]); `flush`, `fsync` and `close`
-//! only ask for the file's current generation and wait for the task to report it saved, for at most
-//! `upload_timeout`. When that time runs out they fail with EIO, and nothing else happens to the data: the file
+//! only ask for the file's current generation and wait for the task to report it saved, for as long as the upload
+//! keeps going: `upload_timeout` from the request or from the last part that went up (a completion in flight gets
+//! more, by its parts). A large file on a slow link is waited for; a stalled upload or an outage ends the wait
+//! `upload_timeout` after the last progress. Then they fail with EIO, and nothing else happens to the data: the file
 //! keeps its state, stays listed and readable here with its new content, and its journal entry is synced to
 //! disk; the task goes on retrying with capped exponential backoff for as long as the mount lives. A conflict
 //! (someone else changed the object) ends the task: the data is in the recovery directory.
@@ -29,11 +31,25 @@ use tokio::time::Instant;
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// What a waiter adds to `upload_timeout` for each part of a completion in flight: S3 assembles the object before
+/// it answers (LocalStack here took about 0.9 s for 1 GiB and 22 s for 10 GiB, 17 ms per part of 8 MiB). A stalled
+/// completion of 10 GiB then holds close() for about a minute before EIO.
+pub const COMPLETE_WAIT_PER_PART: Duration = Duration::from_millis(40);
+
 /// The wait before retry number `failures` (1-based), with jitter in its upper half.
 fn backoff(failures: u32) -> Duration {
     let exp = RETRY_FIRST.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     let cap = exp.min(RETRY_MAX);
     cap / 2 + rand::thread_rng().gen_range(Duration::ZERO..=cap / 2)
+}
+
+/// What [`Fs::flush_all`] left in the journal at shutdown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unsaved {
+    /// Files whose data is not in S3.
+    pub data: usize,
+    /// Files whose data is in S3 but whose final attributes are not (a metadata copy of the object).
+    pub attributes: usize,
 }
 
 /// What [`Fs::recover`] did with the journal left by an earlier run.
@@ -52,7 +68,7 @@ pub struct Recovery {
 }
 
 impl Fs {
-    /// Makes S3 hold what the file holds now, waiting at most `upload_timeout`.
+    /// Makes S3 hold what the file holds now, waiting while the upload keeps going (see [`Self::wait_saved`]).
     pub(super) async fn save(&self, file: &Arc<OpenFile>) -> FsResult<()> {
         self.save_gen(file, false).await
     }
@@ -71,7 +87,7 @@ impl Fs {
             }
             (st.generation, st.key.clone())
         };
-        self.wait_saved(file, gen, &key, self.cfg.upload_timeout).await
+        self.wait_saved(file, gen, &key, self.cfg.upload_timeout, None).await
     }
 
     /// Saves until nothing is unsaved: also the round that follows a write-behind upload (its final attributes),
@@ -87,14 +103,27 @@ impl Fs {
         Ok(())
     }
 
-    /// Asks for generation `gen` to be saved and waits for it, for at most `limit`.
-    async fn wait_saved(&self, file: &Arc<OpenFile>, gen: u64, key: &str, limit: Duration) -> FsResult<()> {
+    /// Asks for generation `gen` to be saved and waits for it while the upload keeps going: at most `limit` from
+    /// the request or from the last part that went up, and while a completion is in flight, `limit` plus
+    /// [`COMPLETE_WAIT_PER_PART`] for each of its parts from its start; never past `until`.
+    async fn wait_saved(
+        &self,
+        file: &Arc<OpenFile>,
+        gen: u64,
+        key: &str,
+        limit: Duration,
+        until: Option<Instant>,
+    ) -> FsResult<()> {
         let mut rx = file.status.subscribe();
-        let asked_at = rx.borrow().attempts;
+        let (asked_at, mut parts_seen, mut completing) = {
+            let s = rx.borrow();
+            (s.attempts, s.parts_sent, s.completing)
+        };
         file.wanted.fetch_max(gen, Ordering::SeqCst);
         self.kick(file);
         file.wake.notify_one();
-        let deadline = Instant::now() + limit;
+        let cap = |t: Instant| until.map_or(t, |u| t.min(u));
+        let mut deadline = cap(Instant::now() + limit + COMPLETE_WAIT_PER_PART * completing);
         loop {
             {
                 let s = rx.borrow_and_update();
@@ -104,6 +133,12 @@ impl Fs {
                 if let (Some(e), true, true) = (&s.error, s.permanent, s.attempts > asked_at) {
                     return Err(FsError::Shared(e.clone()));
                 }
+                // Progress: a part went up, or a completion started (S3 joins its parts before it answers).
+                let started = s.completing > 0 && s.completing != completing;
+                if s.parts_sent != parts_seen || started {
+                    deadline = cap(Instant::now() + limit + COMPLETE_WAIT_PER_PART * s.completing);
+                }
+                (parts_seen, completing) = (s.parts_sent, s.completing);
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
@@ -112,9 +147,19 @@ impl Fs {
                     let cause = rx.borrow().error.as_ref().map(|e| e.to_string());
                     let journal = self.sync_journal(file).await;
                     let cause = cause.unwrap_or_else(|| "the upload is still running".into());
-                    log::error!(
-                        "{key}: not in S3 after {limit:?} ({cause}); the data is kept in {journal} and the upload is retried in the background"
-                    );
+                    let waited = match until {
+                        Some(u) if deadline >= u => "by the end of the wait".to_string(),
+                        _ => format!("and no part of it went up for {limit:?}"),
+                    };
+                    if file.state.lock().await.modified() {
+                        log::error!(
+                            "{key}: not in S3 {waited} ({cause}); the data is kept in {journal} and the upload is retried in the background"
+                        );
+                    } else {
+                        log::error!(
+                            "{key}: the data is in S3, its new attributes are not {waited} ({cause}); they are kept in {journal} and the metadata copy is retried in the background"
+                        );
+                    }
                     return Err(FsError::NotSaved {
                         key: key.to_string(),
                         cause,
@@ -236,12 +281,12 @@ impl Fs {
     }
 
     /// Saves every file with unsaved data (shutdown: SIGTERM, unmount), for at most [`Self::shutdown_limit`].
-    /// Returns how many are left in the journal (or, after a conflict, in the recovery directory).
-    pub async fn flush_all(&self) -> usize {
+    /// Returns what is left in the journal (or, after a conflict, in the recovery directory).
+    pub async fn flush_all(&self) -> Unsaved {
         let mut files: Vec<Arc<OpenFile>> = lock(&self.open_files).values().map(|e| e.file.clone()).collect();
         files.extend(lock(&self.recovered).iter().cloned());
         let deadline = Instant::now() + self.shutdown_limit();
-        let mut failed = 0;
+        let mut failed = Unsaved::default();
         for file in files {
             let (gen, key, unsaved, poisoned) = {
                 let st = file.state.lock().await;
@@ -254,9 +299,19 @@ impl Fs {
                 continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if let Err(e) = self.wait_saved(&file, gen, &key, left).await {
-                log::error!("{key}: not saved to S3 at shutdown: {e}");
-                failed += 1;
+            if let Err(e) = self.wait_saved(&file, gen, &key, left, Some(deadline)).await {
+                if file.state.lock().await.modified() {
+                    log::error!("{key}: not saved to S3 at shutdown: {e}");
+                    failed.data += 1;
+                } else {
+                    // The data is in S3; what is left is a metadata copy of the object (its final mode or times,
+                    // e.g. after a write-behind upload), which takes a while for a large object.
+                    log::error!(
+                        "{key}: its data is in S3, but its final attributes (mode, owner, times) are not yet: they \
+                         are kept in the journal and the next mount of this volume applies them"
+                    );
+                    failed.attributes += 1;
+                }
             }
         }
         // The directory indexes are a cache: a few seconds at most, and their failure is only logged.
@@ -297,9 +352,14 @@ impl Fs {
         if !files.is_empty() {
             log::info!("recovering {} file(s) with unsaved data from the journal", files.len());
         }
+        // The mount answers after this: a long upload goes on in the background.
+        let until = Instant::now() + self.cfg.upload_timeout;
         let waits = files.iter().map(|f| async move {
             let key = f.state.lock().await.key.clone();
-            (f, self.wait_saved(f, 1, &key, self.cfg.upload_timeout).await)
+            (
+                f,
+                self.wait_saved(f, 1, &key, self.cfg.upload_timeout, Some(until)).await,
+            )
         });
         for (f, r) in futures::future::join_all(waits).await {
             let key = f.state.lock().await.key.clone();

@@ -36,6 +36,12 @@ pub struct UploadStatus {
     pub permanent: bool,
     /// Upload attempts finished so far, so that a waiter heeds only errors of attempts made after it asked.
     pub attempts: u64,
+    /// Parts of the file's uploads that went up so far (write-behind and completing uploads alike): a waiter's
+    /// `upload_timeout` runs from the last one, so a large upload that keeps going is waited for.
+    pub parts_sent: u64,
+    /// The parts of the completion request in flight (0: none): S3 assembles them before it answers, so a waiter
+    /// gives it time by their number (see [`COMPLETE_WAIT_PER_PART`](super::uploader::COMPLETE_WAIT_PER_PART)).
+    pub completing: u32,
 }
 
 pub struct OpenFile {
@@ -66,6 +72,11 @@ impl OpenFile {
             .0,
             wake: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Tells those waiting for the file to be saved that one of its parts went up.
+    pub fn part_sent(&self) {
+        self.status.send_modify(|s| s.parts_sent += 1);
     }
 }
 

@@ -19,7 +19,8 @@
 //! A program that writes faster than its parts go up is held: a write that leaves more than [`PACE_PARTS`] whole
 //! parts that no upload has started waits (after it is in the journal, with no lock held) until a part ends, at
 //! most [`PACE_WAIT`]. The parts waiting then stay within what is staged in memory, and close() has little left
-//! to send, so a large file's close() does not outlast `upload_timeout` only because the writer ran ahead. A hold
+//! to send, so a large file's close() waits for a few parts and the completion, not for all the writer ran ahead
+//! by (close() waits while parts go up, see `uploader`; the holding keeps that wait short). A hold
 //! that runs out (a stalled upload, an outage) stops the holding until a part goes up again, and a failed part
 //! stops it for good: the journal takes the writes as before.
 //!
@@ -482,6 +483,7 @@ impl Fs {
             Ok(Some((id, part))) if w.upload_id.as_deref() == Some(id.as_str()) => {
                 w.parts.insert(k, part);
                 w.unpaced = false;
+                file.part_sent();
             }
             Ok(_) => {}
             Err(e) => {
@@ -855,6 +857,35 @@ mod tests {
         fs.release(fh).await.unwrap();
         same(&read_back(&fs, "f").await, &content, "held writes");
         no_upload_left(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shutdown_before_the_attributes_are_settled_says_the_data_is_in_s3() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingStore::new(MemoryStore::new()));
+        let cfg = FsConfig {
+            upload_timeout: Duration::from_millis(500),
+            ..config(dir.path(), KeyMode::CseLocal)
+        };
+        let fs = Fs::new(store.clone(), Some(cse_keys()), cfg).unwrap();
+        // The copy that settles the final mtime cannot go through; the data can.
+        store.add_rule(Rule::fail(OpKind::Copy, When::Always, FaultKind::Transient));
+        let content = data(40 * MIB, 10);
+        let (_, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+        write_mib(&fs, fh, &content, 0..40).await;
+        parts_sent(&store, 1).await;
+        fs.release(fh).await.unwrap();
+        assert!(store.stats().count(OpKind::Complete) >= 1, "the data was committed");
+        let left = fs.flush_all().await;
+        assert_eq!(left, Unsaved { data: 0, attributes: 1 });
+        // With data left unsaved too, it is counted as data.
+        store.add_rule(Rule::fail(OpKind::Put, When::Always, FaultKind::Transient));
+        let (_, fh) = fs.create(ROOT_INO, "g", 0o644, 1, 1).await.unwrap();
+        fs.write(fh, 0, b"small").await.unwrap();
+        assert!(fs.release(fh).await.is_err(), "S3 refuses the PUT");
+        assert_eq!(fs.flush_all().await, Unsaved { data: 1, attributes: 1 });
+        store.clear_rules();
+        same(&read_back(&fs, "f").await, &content, "data in S3");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
