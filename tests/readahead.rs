@@ -7,6 +7,7 @@ mod common;
 use common::mount::{pattern, write_file, TestMount, Volume};
 use common::proxy::{FaultProxy, Mode};
 use common::same;
+use s3crypt::fs::CHUNK_BYTES;
 use s3crypt::keys::KeyMode;
 use std::fs::File;
 use std::io::Read;
@@ -15,8 +16,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-/// Over two read-ahead chunks of 8 MiB and a few more, ending in a short block.
-const SIZE: usize = 21 * 1024 * 1024 + 12_345;
+/// Over two read-ahead chunks (`CHUNK_BYTES`, 16 MiB) and a few MiB more, ending in a short block.
+const SIZE: usize = 2 * CHUNK_BYTES as usize + 5 * 1024 * 1024 + 12_345;
 const B: u64 = 64 * 1024;
 
 /// Evicts the file's pages from the kernel's cache, so that the next reads go to the daemon.
@@ -54,9 +55,9 @@ fn check_at(f: &File, content: &[u8], offset: u64, len: usize) {
     same(&buf[..got], &content[start..end], &format!("{len} bytes at {offset}"));
 }
 
-/// Offsets around every interesting boundary: blocks, the 8 MiB chunks, the end.
+/// Offsets around every interesting boundary: blocks, the read-ahead chunks, the end.
 fn boundaries() -> Vec<u64> {
-    let chunk = 8 * 1024 * 1024;
+    let chunk = CHUNK_BYTES;
     let mut v = Vec::new();
     for base in [0, B, 2 * B, chunk, 2 * chunk, SIZE as u64 - 1, SIZE as u64] {
         for d in [-1i64, 0, 1] {

@@ -34,8 +34,10 @@ type BlockResult = Result<Block, Arc<FsError>>;
 type ChunkFuture = Shared<BoxFuture<'static, Result<Arc<FetchedRun>, Arc<FsError>>>>;
 
 /// Bytes per read-ahead chunk (one GET), at most: large enough that a GET's fixed cost is small against its
-/// transfer, small enough that the first chunks of a streak arrive quickly.
-pub const CHUNK_BYTES: u64 = 8 * 1024 * 1024;
+/// transfer, small enough that the first chunks of a streak arrive quickly. 16 MiB: on the local test server
+/// cold 1 GiB reads went from 248-284 MB/s with 8 MiB chunks to 301-347 with 16 MiB (same 32 MiB window, peak
+/// RSS 111 MiB against 103); the first read of a handle is not a streak and fetches only its own blocks.
+pub const CHUNK_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Blocks `first..first + blocks.len()` of one version, as one GET returned them.
 pub struct FetchedRun {
