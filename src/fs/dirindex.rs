@@ -24,7 +24,9 @@
 //! small batches wait, up to [`MAX_AGE`], for more. The new index holds, for each file the
 //! LIST shows, the newest note whose ETag and size match the listing (with the listing's time), or else the old
 //! index's entry if it still matches; files with neither are left out. Read-only mounts read indexes and never
-//! write them. Two mounts writing one index: the last PUT wins, and either one is correct by the rule above.
+//! write them. One mount's rounds never overlap: the unmount waits for a background round in progress, so that
+//! its GET of the old index sees that round's PUT. Two mounts writing one index: the last PUT wins, and either
+//! one is correct by the rule above.
 //!
 //! Memory is bounded by constants: at most [`MAX_NOTED`] notes wait, an index holds at most [`MAX_ENTRIES`]
 //! files, and an index object over [`MAX_INDEX_BYTES`] is not read.
@@ -88,6 +90,12 @@ struct Pending {
 #[derive(Default)]
 pub struct DirIndexer {
     pending: Mutex<Pending>,
+    /// Rounds of index writes in progress (the background task's, the unmount's). The unmount waits for the
+    /// background round to end before it starts its own: two writes of one index at once would race, and the
+    /// last PUT, the background one holding only the notes it took, would leave out the files noted since.
+    rounds: tokio::sync::watch::Sender<usize>,
+    /// The unmount has begun: the background task starts no more rounds.
+    closing: std::sync::atomic::AtomicBool,
     /// Directories (key prefixes) this mount has read or written an index of: kept up to date with any number
     /// of notes, so that an index does not decay one changed file at a time. At most [`MAX_KNOWN`].
     known: Mutex<HashSet<String>>,
@@ -189,8 +197,15 @@ impl Fs {
         loop {
             tokio::time::sleep(FLUSH_DELAY).await;
             let Some(fs) = me.upgrade() else { return };
-            for (dir, files) in fs.take_due(false) {
-                fs.write_index(&dir, files).await;
+            {
+                // Counted before the closing flag is read: the unmount sets the flag, then waits for the count.
+                let _round = fs.index_round();
+                if fs.dir_index.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                for (dir, files) in fs.take_due(false) {
+                    fs.write_index(&dir, files).await;
+                }
             }
             let mut p = lock(&fs.dir_index.pending);
             if p.dirs.is_empty() {
@@ -200,11 +215,28 @@ impl Fs {
         }
     }
 
-    /// Writes the index of every directory with enough notes and drops the other notes (unmount).
+    /// Writes the index of every directory with enough notes and drops the other notes (unmount), once a
+    /// background round in progress has ended; the background task starts no more rounds after this.
     pub async fn flush_dir_indexes(&self) {
+        self.dir_index.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut rounds = self.dir_index.rounds.subscribe();
+        let _ = rounds.wait_for(|n| *n == 0).await;
+        let _round = self.index_round();
         for (dir, files) in self.take_due(true) {
             self.write_index(&dir, files).await;
         }
+    }
+
+    /// Counts a round of index writes until dropped.
+    fn index_round(&self) -> impl Drop + '_ {
+        struct Round<'a>(&'a tokio::sync::watch::Sender<usize>);
+        impl Drop for Round<'_> {
+            fn drop(&mut self) {
+                self.0.send_modify(|n| *n -= 1);
+            }
+        }
+        self.dir_index.rounds.send_modify(|n| *n += 1);
+        Round(&self.dir_index.rounds)
     }
 
     /// Takes the directories whose index is worth writing now; drops notes too old or (`all`) too few to be.
@@ -383,7 +415,51 @@ impl Fs {
 
 #[cfg(test)]
 mod tests {
-    use super::split_key;
+    use super::super::tests::{config, data};
+    use super::super::*;
+    use super::{split_key, FLUSH_DELAY, MIN_FILES};
+    use crate::store::failing::{Action, FailingStore, OpKind, Rule, When};
+    use crate::store::memory::MemoryStore;
+    use std::time::Duration;
+
+    async fn write_files(fs: &Fs, names: std::ops::Range<usize>) {
+        for k in names {
+            let (_, fh) = fs.create(ROOT_INO, &format!("f{k}"), 0o644, 1, 1).await.unwrap();
+            fs.write(fh, 0, &data(100, k as u8)).await.unwrap();
+            fs.release(fh).await.unwrap();
+        }
+    }
+
+    /// The unmount's index write while the background task's is in progress (its LIST is slow): the index left
+    /// holds the files of both, not only the background round's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_unmount_waits_for_a_background_index_write_and_keeps_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingStore::new(MemoryStore::new()));
+        let fs = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+        let first = MIN_FILES + 4;
+        write_files(&fs, 0..first).await;
+        // The next LIST, the background round's (FLUSH_DELAY after the first note), takes 3 s.
+        let lists = store.stats().count(OpKind::List);
+        store.add_rule(Rule::new(
+            Some(OpKind::List),
+            When::Nth(1),
+            Action::Delay(Duration::from_secs(3)),
+        ));
+        let deadline = std::time::Instant::now() + FLUSH_DELAY * 2;
+        while store.stats().count(OpKind::List) == lists {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no background index write started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Files noted after the background round took its notes, then the unmount.
+        write_files(&fs, first..first + 5).await;
+        fs.flush_dir_indexes().await;
+        let index = fs.read_index("vol/").await;
+        assert_eq!(index.len(), first + 5, "every file is in the index: {:?}", index.keys());
+    }
 
     #[test]
     fn keys_split_into_directory_prefix_and_name() {
