@@ -157,7 +157,7 @@ impl Fs {
                         );
                     } else {
                         log::error!(
-                            "{key}: the data is in S3, its new attributes are not {waited} ({cause}); they are kept in {journal} and the metadata copy is retried in the background"
+                            "{key}: the data is in S3, but its new attributes are not yet ({cause}); they are kept in {journal} and the metadata copy is retried in the background"
                         );
                     }
                     return Err(FsError::NotSaved {
