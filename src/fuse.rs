@@ -6,9 +6,10 @@
 use crate::fs::{Attr, Fs, FsError, Kind, WriteData};
 use crate::metrics::Metrics;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -554,6 +555,24 @@ impl Filesystem for FuseAdapter {
         run!(self, "listxattr", reply, |fs| fs.listxattr(ino.0), |v| xattr_reply(
             reply, size, &v
         ))
+    }
+
+    /// No device controls here: every ioctl is ENOTTY, as on any regular file that has none (a program that
+    /// opens a file often asks TCGETS first, to learn whether it is a terminal). The kernel sends each one, so
+    /// this is answered without a log line.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        log::trace!("ioctl {cmd:#x}: not supported");
+        reply.error(Errno::from_i32(libc::ENOTTY));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {

@@ -1,6 +1,7 @@
 //! Crash safety through a real daemon process (`s3crypt mount -f`): `kill -9` at random moments while a program
 //! writes through the mount, then a fresh daemon on the same volume (same `staging_dir`), whose recovery of the
-//! write-back journal runs before the mount answers; and hostile truncates against the daemon's peak memory.
+//! write-back journal runs before the mount answers; hostile truncates against the daemon's peak memory; and the
+//! daemon's log under ordinary use (no warnings).
 //!
 //! The rules under test (the journal's promise, see `src/fs/journal.rs` and `src/fs/uploader.rs`):
 //! - after the next mount each object is its previous complete version or the new one, never a mix (torn);
@@ -1070,4 +1071,54 @@ fn attributes_settled_after_a_write_behind_upload_survive_kill_9() {
         "recovery saved the attributes"
     );
     assert!(d.stop().success());
+}
+
+/// The daemon's log at its default level stays free of warnings while programs do ordinary things: a warning
+/// is for something an operator should look at. Programs ask isatty(3) of the files they open (Python does for
+/// every `open`); each is an ioctl the kernel passes to the daemon, and a warning per file opened would bury
+/// the ones that matter.
+#[test]
+fn ordinary_use_leaves_no_warning_in_the_log() {
+    use std::os::fd::AsRawFd;
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let vol = Volume::new(KeyMode::CseLocal);
+    let mnt_dir = tempfile::Builder::new().prefix("s3crypt-quiet").tempdir().unwrap();
+    let mnt = mnt_dir.path();
+    let d = Daemon::start(&vol, mnt, vol.dir.path().join("daemon.log"), &[]);
+    fs::create_dir(mnt.join("d")).unwrap();
+    for i in 0..20 {
+        let p = mnt.join(format!("d/f{i}"));
+        let mut f = File::create(&p).unwrap();
+        assert_eq!(unsafe { libc::isatty(f.as_raw_fd()) }, 0);
+        f.write_all(&content(i, 10_000)).unwrap();
+        f.sync_all().unwrap();
+        close_checked(f).unwrap();
+        let f = File::open(&p).unwrap();
+        assert_eq!(unsafe { libc::isatty(f.as_raw_fd()) }, 0);
+        assert_eq!(fs::read(&p).unwrap(), content(i, 10_000));
+    }
+    let listed = fs::read_dir(mnt.join("d")).unwrap().count();
+    assert_eq!(listed, 20);
+    fs::set_permissions(mnt.join("d/f0"), fs::Permissions::from_mode(0o600)).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(mnt.join("d/f1"))
+        .unwrap()
+        .set_len(5)
+        .unwrap();
+    fs::rename(mnt.join("d/f2"), mnt.join("d/g2")).unwrap();
+    fs::remove_file(mnt.join("d/f3")).unwrap();
+    let log = d.log.clone();
+    assert!(d.stop().success());
+    let text = fs::read_to_string(&log).unwrap();
+    let loud: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "{} warnings or errors in the log:\n{}",
+        loud.len(),
+        loud.join("\n")
+    );
 }

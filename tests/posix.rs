@@ -46,6 +46,7 @@ in_two_modes!(
     xattrs_are_stored_as_the_mode_requires,
     directory_xattrs_live_in_the_marker_and_survive_remount_chmod_and_rename,
     a_capability_query_costs_no_request,
+    a_terminal_query_on_a_file_is_enotty,
     a_long_listing_costs_about_one_head_per_file,
     a_long_listing_is_answered_by_the_directory_index,
     names_that_hold_s3crypt_objects_are_reserved_at_the_root,
@@ -950,6 +951,32 @@ fn a_capability_query_costs_no_request(mode: KeyMode) {
     }
     asked("capability queries on an open file");
     common::mount::close_checked(f).unwrap();
+}
+
+/// isatty(3) asks TCGETS; a file that is no terminal answers ENOTTY ("Inappropriate ioctl for device"), as on
+/// any local file system, for a file and for a directory, open for reading or for writing.
+fn a_terminal_query_on_a_file_is_enotty(mode: KeyMode) {
+    use std::os::fd::AsRawFd;
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let p = m.path("f");
+    write_file(&p, b"data").unwrap();
+    fs::create_dir(m.path("d")).unwrap();
+    let tcgets = |f: &fs::File| {
+        let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, t.as_mut_ptr()) };
+        assert_eq!(r, -1, "TCGETS succeeded on a file of the mount");
+        std::io::Error::last_os_error().raw_os_error().unwrap()
+    };
+    let f = fs::File::open(&p).unwrap();
+    assert_eq!(tcgets(&f), libc::ENOTTY, "TCGETS on a file open for reading");
+    let w = fs::OpenOptions::new().append(true).open(&p).unwrap();
+    assert_eq!(tcgets(&w), libc::ENOTTY, "TCGETS on a file open for writing");
+    assert_eq!(unsafe { libc::isatty(w.as_raw_fd()) }, 0);
+    let d = fs::File::open(m.path("d")).unwrap();
+    assert_eq!(tcgets(&d), libc::ENOTTY, "TCGETS on a directory");
+    common::mount::close_checked(w).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"data");
 }
 
 /// s3fs on a bucket, in the foreground as a child process, unmounted on drop.
