@@ -40,6 +40,7 @@ in_two_modes!(
     hard_links_are_eperm_and_leave_nothing_behind,
     a_missing_name_is_asked_once_per_ttl,
     a_cold_file_lookup_is_one_head,
+    a_directory_in_use_is_asked_again_with_one_head,
     xattrs_get_set_list_remove_with_flags_and_errors,
     xattrs_survive_remount_chmod_rename_and_writes,
     xattrs_beyond_the_metadata_limit_are_refused_and_nothing_is_lost,
@@ -655,6 +656,43 @@ fn a_cold_file_lookup_is_one_head(mode: KeyMode) {
         (count(&m.counter, OpKind::Head), count(&m.counter, OpKind::List)),
         (1, 0),
         "a file is found with one HEAD and no LIST"
+    );
+}
+
+/// A directory in use is asked about again each time the metadata TTL (1 s) runs out: every path walk through it
+/// makes the kernel revalidate it (its entry, and its attributes for the search permission check). With a marker
+/// that is one HEAD; a directory without one costs the HEAD of the name and a LIST, as a first lookup does; and
+/// what another client made of the name meanwhile shows.
+fn a_directory_in_use_is_asked_again_with_one_head(mode: KeyMode) {
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let after_ttl = || std::thread::sleep(Duration::from_millis(1100));
+    let costs = |what: &str, path: &str, want: (u64, u64)| {
+        after_ttl();
+        m.counter.reset();
+        assert!(
+            fs::metadata(m.path(path)).unwrap().is_dir(),
+            "{what}: still a directory"
+        );
+        let got = (count(&m.counter, OpKind::Head), count(&m.counter, OpKind::List));
+        assert_eq!(got, want, "{what}: (HEADs, LISTs) to ask about {path} again");
+    };
+    fs::create_dir(m.path("d")).unwrap();
+    write_file(&m.path("d/f"), b"x").unwrap();
+    costs("a directory made here", "d", (1, 0));
+    costs("the same, one TTL later", "d", (1, 0));
+    put_object(&vol.bucket, "e/x", b"x");
+    assert!(fs::metadata(m.path("e")).unwrap().is_dir());
+    costs("a directory without a marker", "e", (1, 1));
+    // Another client removes the directory and puts a file in its place.
+    delete_object(&vol.bucket, "d/f");
+    delete_object(&vol.bucket, "d/");
+    put_object(&vol.bucket, "d", b"now a file");
+    after_ttl();
+    let md = fs::metadata(m.path("d")).unwrap();
+    assert!(
+        md.is_file() && md.len() == 10,
+        "d is the other client's file now: {md:?}"
     );
 }
 

@@ -1,7 +1,8 @@
 //! Names: lookup, getattr, readdir, mkdir, rmdir, unlink, rename, symlink, mknod, readlink and attribute changes.
 //!
 //! A lookup costs one HEAD for a file and a LIST only when the HEAD finds nothing (a directory is a prefix, with
-//! or without a marker object). A name that is found to be missing is remembered for the metadata TTL, so the
+//! or without a marker object); asking again about a directory seen with a marker (its metadata TTL ran out)
+//! costs one HEAD of the marker. A name that is found to be missing is remembered for the metadata TTL, so the
 //! probes of shells and compilers cost one request per name per TTL. Keys longer than S3 accepts are refused with
 //! ENAMETOOLONG before any request.
 use super::dirindex::Listed;
@@ -25,6 +26,23 @@ pub struct DirEntry {
     pub kind: Kind,
 }
 
+/// What a name was when last asked about.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    DirWithMarker,
+    Other,
+}
+
+impl Seen {
+    fn of(n: &super::inode::Inode) -> Seen {
+        if n.attr.kind == Kind::Dir && n.remote.is_some() {
+            Seen::DirWithMarker
+        } else {
+            Seen::Other
+        }
+    }
+}
+
 /// What S3 knows about a name.
 enum Found {
     Object(ObjectInfo),
@@ -36,11 +54,13 @@ impl Fs {
     pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
         check_name(name)?;
         let parent_path = self.dir_path(parent)?;
-        let known = {
+        let (known, was) = {
             let t = lock(&self.inodes);
-            t.child(parent, name)
+            let child = t.child(parent, name);
+            let known = child
                 .filter(|c| c.pending || c.open_count > 0 || t.is_fresh(c.ino, self.cfg.metadata_ttl))
-                .map(|c| c.ino)
+                .map(|c| c.ino);
+            (known, child.map(Seen::of))
         };
         if let Some(ino) = known {
             let attr = match self.open_attr(ino).await {
@@ -68,7 +88,7 @@ impl Fs {
         if lock(&self.inodes).known_missing(parent, name, self.cfg.metadata_ttl) {
             return Err(FsError::NotFound);
         }
-        match self.find(&path).await {
+        match self.refind(&path, was).await {
             Ok(found) => {
                 if let Found::Object(info) = &found {
                     self.index_note_head(info);
@@ -88,18 +108,34 @@ impl Fs {
         if let Some(attr) = self.open_attr(ino).await {
             return Ok(attr);
         }
-        let (fresh, parent, name, path) = {
+        let (fresh, parent, name, path, was) = {
             let t = lock(&self.inodes);
             let n = t.get(ino).ok_or(FsError::NotFound)?;
             let fresh = ino == ROOT_INO || n.pending || t.is_fresh(ino, self.cfg.metadata_ttl);
-            (fresh, n.parent, n.name.clone(), n.path.clone())
+            (fresh, n.parent, n.name.clone(), n.path.clone(), Seen::of(n))
         };
         if fresh {
             return self.cached_attr(ino);
         }
-        let found = self.find(&path).await?;
+        let found = self.refind(&path, Some(was)).await?;
         self.record(parent, &name, found, false)?;
         self.cached_attr(ino)
+    }
+
+    /// Asks S3 again what `path` is, last seen as `was`. A directory last seen with a marker is asked by its
+    /// marker first: one HEAD, where [`Self::find`] spends a HEAD of the file name and a LIST before it (three
+    /// requests each time the metadata TTL runs out on a directory in use, which every path walk through it
+    /// makes happen: the kernel checks the search permission of each directory it passes, the working directory
+    /// included). A name that is then both an object and a directory stays the directory, as a listing shows it.
+    async fn refind(&self, path: &str, was: Option<Seen>) -> FsResult<Found> {
+        if was == Some(Seen::DirWithMarker) {
+            match self.store.head(&format!("{}/", self.key_of(path))).await {
+                Ok(marker) => return Ok(Found::Dir(Some(marker))),
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.find(path).await
     }
 
     /// Asks S3 what `path` is: an object (HEAD) or a directory (a marker or any key below it).
@@ -280,15 +316,24 @@ impl Fs {
         let attr = Attr::made_now(Kind::Dir, 0, perm, uid, gid);
         let mut meta = Metadata::new();
         attr_to_metadata(&attr, &mut meta);
-        self.store
+        let put = self
+            .store
             .put(&marker, Bytes::new(), &meta, PutCondition::IfNoneMatch)
             .await
             .map_err(|e| match e {
                 StoreError::PreconditionFailed(_) => FsError::Exists,
                 e => e.into(),
             })?;
+        // The marker as S3 now holds it: the next question about this directory asks the marker first.
+        let remote = Remote {
+            etag: put.etag,
+            object_size: 0,
+            metadata: meta,
+        };
         let mut t = lock(&self.inodes);
-        let ino = t.upsert(parent, name, attr, None, true).ok_or(FsError::NotFound)?;
+        let ino = t
+            .upsert(parent, name, attr, Some(remote), true)
+            .ok_or(FsError::NotFound)?;
         t.touch_dir(parent);
         t.get(ino).map(|n| n.attr.clone()).ok_or(FsError::NotFound)
     }
