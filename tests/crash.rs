@@ -1111,9 +1111,11 @@ fn ordinary_use_leaves_no_warning_in_the_log() {
     let log = d.log.clone();
     assert!(d.stop().success());
     let text = fs::read_to_string(&log).unwrap();
+    // A retried transient error is worth a warning, but it comes from the server's state, not from the use.
     let loud: Vec<&str> = text
         .lines()
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .filter(|l| !l.contains("transient error"))
         .collect();
     assert!(
         loud.is_empty(),
