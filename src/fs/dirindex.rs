@@ -415,7 +415,7 @@ impl Fs {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{config, data};
+    use super::super::tests::{call_started, config, data};
     use super::super::*;
     use super::{split_key, FLUSH_DELAY, MIN_FILES};
     use crate::store::failing::{Action, FailingStore, OpKind, Rule, When};
@@ -446,14 +446,7 @@ mod tests {
             When::Nth(1),
             Action::Delay(Duration::from_secs(3)),
         ));
-        let deadline = std::time::Instant::now() + FLUSH_DELAY * 2;
-        while store.stats().count(OpKind::List) == lists {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no background index write started"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        call_started(&store, OpKind::List, lists, FLUSH_DELAY * 2).await;
         // Files noted after the background round took its notes, then the unmount.
         write_files(&fs, first..first + 5).await;
         fs.flush_dir_indexes().await;

@@ -543,17 +543,18 @@ async fn large_parts_are_streamed_from_a_file_and_round_trip() {
     assert!(left.is_empty(), "staged parts and the journal entry are gone: {left:?}");
 }
 
-/// Waits until the store has seen more than `n` calls of `op`, then a moment longer (the call reaches the inner
-/// store).
-async fn call_started(store: &FailingStore<MemoryStore>, op: OpKind, n: u64) {
-    for _ in 0..500 {
+/// Waits up to `within` until the store has seen more than `n` calls of `op`, then a moment longer (the call
+/// reaches the inner store).
+pub(super) async fn call_started(store: &FailingStore<MemoryStore>, op: OpKind, n: u64, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
         if store.stats().count(op) > n {
             tokio::time::sleep(Duration::from_millis(100)).await;
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("no {op:?} was sent");
+    panic!("no {op:?} was sent within {within:?}");
 }
 
 /// S3 has the new ETag of this mount's own upload (a metadata copy for a chmod, or a new version) a moment before
@@ -596,7 +597,7 @@ async fn reads_and_writes_follow_the_etag_of_an_upload_in_flight() {
         );
         let f2 = fs.clone();
         let flush = tokio::spawn(async move { f2.flush(fh).await });
-        call_started(&store, OpKind::Copy, copies).await;
+        call_started(&store, OpKind::Copy, copies, Duration::from_millis(2500)).await;
         // A write into the middle of block 1 needs the base's block 1.
         fs.write(fh, 4096 + 10, b"abc")
             .await
@@ -621,7 +622,7 @@ async fn reads_and_writes_follow_the_etag_of_an_upload_in_flight() {
         );
         let f2 = fs.clone();
         let flush = tokio::spawn(async move { f2.flush(fh).await });
-        call_started(&store, OpKind::Put, puts).await;
+        call_started(&store, OpKind::Put, puts, Duration::from_millis(2500)).await;
         let got = fs.read(fh, 2 * 4096 + 5, 100).await.expect("a read during the upload");
         same(&got, &want[2 * 4096 + 5..2 * 4096 + 105], "read during the upload");
         flush.await.unwrap().unwrap();
