@@ -26,21 +26,9 @@ pub struct DirEntry {
     pub kind: Kind,
 }
 
-/// What a name was when last asked about.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Seen {
-    DirWithMarker,
-    Other,
-}
-
-impl Seen {
-    fn of(n: &super::inode::Inode) -> Seen {
-        if n.attr.kind == Kind::Dir && n.remote.is_some() {
-            Seen::DirWithMarker
-        } else {
-            Seen::Other
-        }
-    }
+/// The inode was last seen as a directory with a marker object.
+fn dir_with_marker(n: &super::inode::Inode) -> bool {
+    n.attr.kind == Kind::Dir && n.remote.is_some()
 }
 
 /// What S3 knows about a name.
@@ -54,13 +42,13 @@ impl Fs {
     pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<Attr> {
         check_name(name)?;
         let parent_path = self.dir_path(parent)?;
-        let (known, was) = {
+        let (known, marker_seen) = {
             let t = lock(&self.inodes);
             let child = t.child(parent, name);
             let known = child
                 .filter(|c| c.pending || c.open_count > 0 || t.is_fresh(c.ino, self.cfg.metadata_ttl))
                 .map(|c| c.ino);
-            (known, child.map(Seen::of))
+            (known, child.is_some_and(dir_with_marker))
         };
         if let Some(ino) = known {
             let attr = match self.open_attr(ino).await {
@@ -88,7 +76,7 @@ impl Fs {
         if lock(&self.inodes).known_missing(parent, name, self.cfg.metadata_ttl) {
             return Err(FsError::NotFound);
         }
-        match self.refind(&path, was).await {
+        match self.refind(&path, marker_seen).await {
             Ok(found) => {
                 if let Found::Object(info) = &found {
                     self.index_note_head(info);
@@ -108,27 +96,27 @@ impl Fs {
         if let Some(attr) = self.open_attr(ino).await {
             return Ok(attr);
         }
-        let (fresh, parent, name, path, was) = {
+        let (fresh, parent, name, path, marker_seen) = {
             let t = lock(&self.inodes);
             let n = t.get(ino).ok_or(FsError::NotFound)?;
             let fresh = ino == ROOT_INO || n.pending || t.is_fresh(ino, self.cfg.metadata_ttl);
-            (fresh, n.parent, n.name.clone(), n.path.clone(), Seen::of(n))
+            (fresh, n.parent, n.name.clone(), n.path.clone(), dir_with_marker(n))
         };
         if fresh {
             return self.cached_attr(ino);
         }
-        let found = self.refind(&path, Some(was)).await?;
+        let found = self.refind(&path, marker_seen).await?;
         self.record(parent, &name, found, false)?;
         self.cached_attr(ino)
     }
 
-    /// Asks S3 again what `path` is, last seen as `was`. A directory last seen with a marker is asked by its
-    /// marker first: one HEAD, where [`Self::find`] spends a HEAD of the file name and a LIST before it (three
+    /// Asks S3 again what `path` is. A directory last seen with a marker (`marker_seen`) is asked by its marker
+    /// first: one HEAD, where [`Self::find`] spends a HEAD of the file name and a LIST before it (three
     /// requests each time the metadata TTL runs out on a directory in use, which every path walk through it
     /// makes happen: the kernel checks the search permission of each directory it passes, the working directory
     /// included). A name that is then both an object and a directory stays the directory, as a listing shows it.
-    async fn refind(&self, path: &str, was: Option<Seen>) -> FsResult<Found> {
-        if was == Some(Seen::DirWithMarker) {
+    async fn refind(&self, path: &str, marker_seen: bool) -> FsResult<Found> {
+        if marker_seen {
             match self.store.head(&format!("{}/", self.key_of(path))).await {
                 Ok(marker) => return Ok(Found::Dir(Some(marker))),
                 Err(StoreError::NotFound(_)) => {}
