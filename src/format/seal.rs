@@ -8,6 +8,7 @@
 //! [`BlockCipher`] keeps the AES key schedule of the file's data key, so sealing a block costs only GCM-SIV's
 //! per-nonce subkey derivation and one pass over the data; sealing and opening work in place in the output buffer.
 use super::{DataKey, FileId, FormatError, FILE_ID_LEN, FORMAT_VERSION, NONCE_LEN, TAG_LEN};
+use aes_gcm_siv::aead::inout::InOutBuf;
 use aes_gcm_siv::aead::{AeadInOut, KeyInit};
 use aes_gcm_siv::{Aes256GcmSiv, Key, Nonce, Tag};
 use std::fmt;
@@ -89,7 +90,9 @@ impl BlockCipher {
     }
 
     /// Like [`seal_into`](Self::seal_into), but into `out`, which must be exactly `plaintext.len() + 28` bytes
-    /// (one slot of a buffer of sealed blocks).
+    /// (one slot of a buffer of sealed blocks). The ciphertext is written from the plaintext straight into the
+    /// slot (AES-GCM-SIV authenticates the plaintext, then encrypts it out of place): no copy of the plaintext
+    /// first.
     pub fn seal_to_slice(
         &self,
         index: u64,
@@ -107,11 +110,11 @@ impl BlockCipher {
         let (nonce, rest) = out.split_at_mut(NONCE_LEN);
         rng.fill_bytes(nonce);
         let (body, tag_out) = rest.split_at_mut(plaintext.len());
-        body.copy_from_slice(plaintext);
         let nonce = Nonce::try_from(&nonce[..]).expect("NONCE_LEN bytes");
+        let inout = InOutBuf::new(plaintext, body).expect("a slot's body is as long as its plaintext");
         let tag = self
             .aead
-            .encrypt_inout_detached(&nonce, &ad, body.into())
+            .encrypt_inout_detached(&nonce, &ad, inout)
             // AES-GCM-SIV refuses only messages over 2^36 bytes; blocks are at most 1 MiB.
             .expect("block plaintext within AES-GCM-SIV's length limit");
         tag_out.copy_from_slice(&tag);
@@ -246,7 +249,8 @@ mod tests {
         let c = cipher(3, 4);
         for len in [0usize, 1, 4096] {
             let plain: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
-            let mut slot = vec![0u8; len + NONCE_LEN + TAG_LEN];
+            // Whatever the slot held before is overwritten, every byte of it.
+            let mut slot = vec![0xaau8; len + NONCE_LEN + TAG_LEN];
             c.seal_to_slice(
                 9,
                 true,
