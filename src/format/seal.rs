@@ -247,7 +247,8 @@ mod tests {
     #[test]
     fn sealing_into_a_slot_and_opening_in_place_match_the_allocating_forms() {
         let c = cipher(3, 4);
-        for len in [0usize, 1, 4096] {
+        // Empty, under one AES block, whole AES blocks, and many with a partial one at the end.
+        for len in [0usize, 1, 4096, 65_541] {
             let plain: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
             // Whatever the slot held before is overwritten, every byte of it.
             let mut slot = vec![0xaau8; len + NONCE_LEN + TAG_LEN];
