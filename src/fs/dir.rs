@@ -117,13 +117,20 @@ impl Fs {
     /// included). A name that is then both an object and a directory stays the directory, as a listing shows it.
     async fn refind(&self, path: &str, marker_seen: bool) -> FsResult<Found> {
         if marker_seen {
-            match self.store.head(&format!("{}/", self.key_of(path))).await {
-                Ok(marker) => return Ok(Found::Dir(Some(marker))),
-                Err(StoreError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
+            if let Some(marker) = self.head_marker(&self.dir_prefix(path)).await? {
+                return Ok(Found::Dir(Some(marker)));
             }
         }
         self.find(path).await
+    }
+
+    /// The directory marker `dir_prefix` (the directory's key and a slash), or `None` if S3 has none.
+    async fn head_marker(&self, dir_prefix: &str) -> FsResult<Option<ObjectInfo>> {
+        match self.store.head(dir_prefix).await {
+            Ok(info) => Ok(Some(info)),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Asks S3 what `path` is: an object (HEAD) or a directory (a marker or any key below it).
@@ -140,11 +147,7 @@ impl Fs {
             return Err(FsError::NotFound);
         }
         let marker = if page.objects.first().is_some_and(|o| o.key == dir_prefix) {
-            match self.store.head(&dir_prefix).await {
-                Ok(info) => Some(info),
-                Err(StoreError::NotFound(_)) => None,
-                Err(e) => return Err(e.into()),
-            }
+            self.head_marker(&dir_prefix).await?
         } else {
             None
         };
