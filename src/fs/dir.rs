@@ -296,7 +296,7 @@ impl Fs {
         self.check_writable()?;
         self.check_new_name(parent, name)?;
         let path = join(&self.dir_path(parent)?, name);
-        let marker = format!("{}/", self.key_of(&path));
+        let marker = self.dir_prefix(&path);
         self.check_key(&marker)?;
         match self.find(&path).await {
             Ok(_) => return Err(FsError::Exists),
@@ -340,7 +340,7 @@ impl Fs {
             Found::Dir(_) => {}
             Found::Object(_) => return Err(FsError::NotDir),
         }
-        let dir_prefix = format!("{}/", self.key_of(&path));
+        let dir_prefix = self.dir_prefix(&path);
         let pending = lock(&self.inodes).child(parent, name).map(|c| c.ino);
         let has_pending = pending.is_some_and(|ino| !lock(&self.inodes).pending_children(ino).is_empty());
         if has_pending || !self.dir_is_empty(&dir_prefix).await? {
@@ -484,7 +484,7 @@ impl Fs {
             (Kind::Dir, Some(Found::Object(_))) => return Err(FsError::NotDir),
             (k, Some(Found::Dir(_))) if k != Kind::Dir => return Err(FsError::IsDir),
             (Kind::Dir, Some(Found::Dir(_))) => {
-                let p = format!("{}/", self.key_of(&dst_path));
+                let p = self.dir_prefix(&dst_path);
                 if !self.dir_is_empty(&p).await? {
                     return Err(FsError::NotEmpty);
                 }
@@ -574,10 +574,7 @@ impl Fs {
 
     /// Copies every object below the directory to the new prefix, then deletes the old ones.
     async fn rename_dir(&self, src_path: &str, dst_path: &str) -> FsResult<()> {
-        let (src, dst) = (
-            format!("{}/", self.key_of(src_path)),
-            format!("{}/", self.key_of(dst_path)),
-        );
+        let (src, dst) = (self.dir_prefix(src_path), self.dir_prefix(dst_path));
         let open: Vec<_> = {
             let t = lock(&self.inodes);
             lock(&self.open_files)
@@ -647,7 +644,7 @@ impl Fs {
             }
             // The marker's other metadata (its extended attributes, and the header of the key that seals them)
             // stays.
-            let marker = format!("{}/", self.key_of(&path));
+            let marker = self.dir_prefix(&path);
             let mut meta = match self.store.head(&marker).await {
                 Ok(info) => info.metadata,
                 Err(StoreError::NotFound(_)) => Metadata::new(),

@@ -259,7 +259,7 @@ impl Fs {
         format!("{}{}", self.cfg.prefix, path)
     }
 
-    /// The key prefix of a directory's children.
+    /// The key prefix of a directory's children; for any directory but the root, also the key of its marker.
     fn dir_prefix(&self, path: &str) -> String {
         if path.is_empty() {
             self.cfg.prefix.clone()

@@ -321,7 +321,7 @@ impl Fs {
                 "extended attributes on the mount's root directory",
             ));
         }
-        let marker = format!("{}/", self.key_of(&self.path_of(ino)?));
+        let marker = self.dir_prefix(&self.path_of(ino)?);
         for _ in 0..3 {
             let head = match self.store.head(&marker).await {
                 Ok(info) => Some(info),
