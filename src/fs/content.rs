@@ -343,7 +343,7 @@ impl Fs {
             self.apply_write(&mut st, offset, data, fetched).await?;
             self.write_behind(file, &mut st);
             // A writer far ahead of its uploads waits for them here (the data is in the journal already).
-            let pace = st.wb.as_ref().and_then(|w| w.pace(st.size / st.bs.get()));
+            let pace = st.wb.as_ref().and_then(|w| w.pace(st.whole_blocks()));
             drop(st);
             if let Some(part_ended) = pace {
                 self.pace(file, part_ended).await;

@@ -72,6 +72,26 @@ pub(super) fn part_blocks(codec: &Codec, n: u64, max_parts: u64) -> u64 {
 type PartFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = crate::store::StoreResult<CompletedPart>> + Send + 'a>>;
 
+/// Waits for parts in flight until at most `keep` are left, adding each one sent to `done` and telling those
+/// waiting for the file that it went up. The first failure ends the wait with its error.
+async fn parts_sent_down_to<F>(
+    inflight: &mut FuturesUnordered<F>,
+    done: &mut Vec<CompletedPart>,
+    file: &OpenFile,
+    keep: usize,
+) -> FsResult<()>
+where
+    F: std::future::Future<Output = crate::store::StoreResult<CompletedPart>>,
+{
+    while inflight.len() > keep {
+        if let Some(r) = inflight.next().await {
+            done.push(r?);
+            file.part_sent();
+        }
+    }
+    Ok(())
+}
+
 /// What an upload works from: one generation of the file's state.
 pub(super) struct Snapshot {
     pub gen: u64,
@@ -428,17 +448,9 @@ impl Fs {
                 let part: PartFuture<'_> = self.store.upload_part(key, upload_id, part_number, body);
                 inflight.push(futures::future::Either::Right(part));
             }
-            while inflight.len() >= in_flight {
-                if let Some(r) = inflight.next().await {
-                    done.push(r?);
-                    file.part_sent();
-                }
-            }
+            parts_sent_down_to(&mut inflight, &mut done, file, in_flight - 1).await?;
         }
-        while let Some(r) = inflight.next().await {
-            done.push(r?);
-            file.part_sent();
-        }
+        parts_sent_down_to(&mut inflight, &mut done, file, 0).await?;
         done.sort_by_key(|p| p.part_number);
         Ok(done)
     }

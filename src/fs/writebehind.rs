@@ -356,6 +356,11 @@ impl FileState {
             s.forget(from, to);
         }
     }
+
+    /// Whole blocks behind the file's end: what a write-behind part may be made of (see [`WriteBehind::pace`]).
+    pub fn whole_blocks(&self) -> u64 {
+        self.size / self.bs.get()
+    }
 }
 
 impl Fs {
@@ -375,8 +380,7 @@ impl Fs {
             }
             return;
         }
-        let b = st.bs.get();
-        let ready_blocks = st.size / b;
+        let ready_blocks = st.whole_blocks();
         if st.wb.is_none() {
             // Not while an upload of this file is in flight, nor for what one PUT takes.
             if st.multipart.is_some() || object_size <= SINGLE_PUT_MAX || per_part >= ready_blocks {
