@@ -641,9 +641,13 @@ impl Fs {
             // this generation (close, fsync) are told now; the state stays open (unsaved) until that round lands,
             // so a reopen shares it and learns the new ETag. Until then the attributes are in the journal, as any
             // attribute change is: a crash before the copy lands leaves it to the next mount.
+            // Only when that round is the copy alone: content written since the snapshot is not in the object,
+            // and close and fsync wait for the round that uploads it.
+            let content_saved = st.content_gen <= snap.gen;
             st.touch(false);
             match self.ensure_journal(&mut st).and_then(|()| st.save_manifest()) {
-                Ok(()) => st.settling = st.generation,
+                Ok(()) if content_saved => st.settling = st.generation,
+                Ok(()) => {}
                 // Then close and fsync wait for the copy.
                 Err(e) => log::warn!("{}: recording the attributes in the journal failed: {e}", snap.key),
             }

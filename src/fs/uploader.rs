@@ -82,7 +82,7 @@ impl Fs {
             }
             // Nothing to save, or only the settling copy of attributes after a write-behind upload: the data is
             // in S3 and the copy follows in the background.
-            if !st.unsaved() || (!settle && st.generation == st.settling) {
+            if !st.unsaved() || (!settle && st.generation == st.settling && !st.modified()) {
                 return Ok(());
             }
             (st.generation, st.key.clone())

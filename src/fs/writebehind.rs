@@ -1004,4 +1004,62 @@ mod tests {
         same(&read_back(&second, "f").await, &content, "recovered");
         no_upload_left(&store).await;
     }
+
+    /// fsync() and close() say the data is in S3 only when it is. A write that lands while a write-behind upload
+    /// completes is not in the object it completes: the attribute round that follows is then not the metadata
+    /// copy alone, and a flush after the completion must wait for that write to go up (here, with S3 refusing
+    /// everything from then on, it fails) instead of answering at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_during_the_completion_is_not_taken_as_saved() {
+        let (_dir, store, fs) = setup(KeyMode::CseLocal).await;
+        let content = data(40 * MIB, 21);
+        let (_, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+        write_mib(&fs, fh, &content, 0..40).await;
+        parts_sent(&store, 1).await;
+        store.add_rule(Rule::new(
+            Some(OpKind::Complete),
+            When::Nth(1),
+            Action::Delay(Duration::from_secs(1)),
+        ));
+        let flushing = {
+            let fs = fs.clone();
+            tokio::spawn(async move { fs.flush(fh).await })
+        };
+        for _ in 0..500 {
+            if store.stats().count(OpKind::Complete) >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(store.stats().count(OpKind::Complete), 1, "the completion is under way");
+        // The 41st MiB, written after the flush took its snapshot, while the completion is held.
+        fs.write(fh, (40 * MIB) as u64, &[7u8; MIB]).await.unwrap();
+        for op in [
+            OpKind::CreateMultipart,
+            OpKind::Put,
+            OpKind::UploadPart,
+            OpKind::Complete,
+            OpKind::Copy,
+        ] {
+            store.add_rule(Rule::fail(op, When::Always, FaultKind::Transient));
+        }
+        flushing.await.unwrap().unwrap();
+        let second = fs.flush(fh).await;
+        store.clear_rules();
+        let dir2 = tempfile::tempdir().unwrap();
+        let fresh = Fs::new(store.clone(), Some(cse_keys()), config(dir2.path(), KeyMode::CseLocal)).unwrap();
+        let in_s3 = fresh.lookup(ROOT_INO, "f").await.unwrap().size;
+        assert!(
+            second.is_err(),
+            "the flush after the completion succeeded with S3 holding {in_s3} bytes of {}",
+            41 * MIB
+        );
+        // The write is not lost: the file's journal holds it, and the upload goes on once S3 takes data again.
+        fs.release(fh).await.unwrap();
+        let mut whole = content.clone();
+        whole.extend_from_slice(&[7u8; MIB]);
+        same(&read_back(&fs, "f").await, &whole, "after the release");
+        let fresh = Fs::new(store.clone(), Some(cse_keys()), config(dir2.path(), KeyMode::CseLocal)).unwrap();
+        same(&read_back(&fresh, "f").await, &whole, "in S3");
+    }
 }
