@@ -110,6 +110,10 @@ pub(super) struct Snapshot {
 impl Snapshot {
     /// The state as it is now, to be uploaded with `meta` (which carries `token`).
     pub fn of(st: &FileState, meta: Metadata, token: String) -> Snapshot {
+        Snapshot::of_with(st, meta, token, st.dirty.clone())
+    }
+
+    fn of_with(st: &FileState, meta: Metadata, token: String, dirty: BTreeSet<u64>) -> Snapshot {
         Snapshot {
             gen: st.generation,
             key: st.key.clone(),
@@ -119,10 +123,17 @@ impl Snapshot {
             codec: st.codec.clone(),
             header: st.header.clone(),
             meta,
-            dirty: st.dirty.clone(),
+            dirty,
             modified: st.modified(),
             token,
         }
+    }
+
+    /// A snapshot for assembling `blocks` alone (a write-behind part): of the dirty set, only the blocks in
+    /// that range, so that the copy does not grow with the file.
+    pub fn of_blocks(st: &FileState, blocks: Range<u64>) -> Snapshot {
+        let dirty = st.dirty.range(blocks).copied().collect();
+        Snapshot::of_with(st, Metadata::new(), String::new(), dirty)
     }
 
     /// Whether block `i` of the new version can be copied unchanged from the base object.

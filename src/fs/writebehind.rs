@@ -519,10 +519,10 @@ impl Fs {
             let key = w.key.clone();
             let part = match w.staging.as_mut().and_then(|s| s.take(k)) {
                 Some(bytes) => PartFrom::Staged(bytes),
-                // The snapshot (a copy of the dirty set) only for a part read from the journal.
+                // The snapshot (a copy of the part's share of the dirty set) only for a part read from the journal.
                 None => {
                     let blocks = k * w.per_part..(k + 1) * w.per_part;
-                    PartFrom::Journal(Box::new(Snapshot::of(&st, Metadata::new(), String::new())), blocks)
+                    PartFrom::Journal(Box::new(Snapshot::of_blocks(&st, blocks.clone())), blocks)
                 }
             };
             (part, id, key)
