@@ -412,8 +412,8 @@ impl Fs {
             if w.in_flight() == 0 {
                 w.set_in_flight(1);
                 let meta = st.object_metadata(st.xattr.as_deref(), &w.token);
-                let file = file.clone();
-                tokio::spawn(async move { fs.create_behind(&file, meta).await });
+                let (file, token) = (file.clone(), w.token.clone());
+                tokio::spawn(async move { fs.create_behind(&file, meta, token).await });
             }
             return;
         }
@@ -422,8 +422,8 @@ impl Fs {
             let k = w.next;
             w.next += 1;
             w.set_in_flight(w.in_flight() + 1);
-            let (fs, file) = (fs.clone(), file.clone());
-            tokio::spawn(async move { fs.send_behind(&file, k).await });
+            let (fs, file, token) = (fs.clone(), file.clone(), w.token.clone());
+            tokio::spawn(async move { fs.send_behind(&file, k, token).await });
         }
     }
 
@@ -444,10 +444,14 @@ impl Fs {
         }
     }
 
-    /// Creates the write-behind's multipart upload with the file's metadata of now, records its id in the
-    /// journal, and starts the parts that are ready.
-    async fn create_behind(self: Arc<Self>, file: &Arc<OpenFile>, meta: Metadata) {
-        let key = file.state.lock().await.wb.as_ref().map(|w| w.key.clone());
+    /// Creates the multipart upload of the write-behind with `token` with the file's metadata of now, records
+    /// its id in the journal, and starts the parts that are ready. Each step acts only on that write-behind: the
+    /// file may have ended it and started another meanwhile.
+    async fn create_behind(self: Arc<Self>, file: &Arc<OpenFile>, meta: Metadata, token: String) {
+        let key = {
+            let st = file.state.lock().await;
+            st.wb.as_ref().filter(|w| w.token == token).map(|w| w.key.clone())
+        };
         let Some(key) = key else { return };
         let created = self.store.create_multipart(&key, &meta).await;
         let mut st = file.state.lock().await;
@@ -455,11 +459,13 @@ impl Fs {
             Ok(id) => id,
             Err(e) => {
                 log::warn!("{key}: write-behind could not start (the file is uploaded at close): {e}");
-                st.wb = None;
+                if st.wb.as_ref().is_some_and(|w| w.token == token) {
+                    st.wb = None;
+                }
                 return;
             }
         };
-        let Some(w) = st.wb.as_mut().filter(|w| w.key == key) else {
+        let Some(w) = st.wb.as_mut().filter(|w| w.token == token && w.key == key) else {
             // Ended while the create was in flight: nothing may be left behind.
             drop(st);
             let _ = self.store.abort_multipart(&key, &id).await;
@@ -477,11 +483,14 @@ impl Fs {
         self.write_behind(file, &mut st);
     }
 
-    /// Sends part `k` of the file's write-behind, records it, and starts the next ones.
-    async fn send_behind(self: Arc<Self>, file: &Arc<OpenFile>, k: u64) {
-        let sent = self.send_part_behind(file, k).await;
+    /// Sends part `k` of the write-behind with `token`, records it, and starts the next ones. A part of a
+    /// write-behind that ended meanwhile is not counted against the file's next one.
+    async fn send_behind(self: Arc<Self>, file: &Arc<OpenFile>, k: u64, token: String) {
+        let sent = self.send_part_behind(file, k, &token).await;
         let mut st = file.state.lock().await;
-        let Some(w) = st.wb.as_mut() else { return };
+        let Some(w) = st.wb.as_mut().filter(|w| w.token == token) else {
+            return;
+        };
         w.set_in_flight(w.in_flight().saturating_sub(1));
         match sent {
             Ok(Some((id, part))) if w.upload_id.as_deref() == Some(id.as_str()) => {
@@ -507,10 +516,15 @@ impl Fs {
         self.write_behind(file, &mut st);
     }
 
-    async fn send_part_behind(&self, file: &Arc<OpenFile>, k: u64) -> FsResult<Option<(String, CompletedPart)>> {
+    async fn send_part_behind(
+        &self,
+        file: &Arc<OpenFile>,
+        k: u64,
+        token: &str,
+    ) -> FsResult<Option<(String, CompletedPart)>> {
         let (part, upload_id, key) = {
             let mut st = file.state.lock().await;
-            let Some(w) = st.wb.as_mut() else {
+            let Some(w) = st.wb.as_mut().filter(|w| w.token == token) else {
                 return Ok(None);
             };
             let Some(id) = w.upload_id.clone() else {
@@ -1061,5 +1075,56 @@ mod tests {
         same(&read_back(&fs, "f").await, &whole, "after the release");
         let fresh = Fs::new(store.clone(), Some(cse_keys()), config(dir2.path(), KeyMode::CseLocal)).unwrap();
         same(&read_back(&fresh, "f").await, &whole, "in S3");
+    }
+
+    /// A part of an ended write-behind that comes back after the file started another one (here: the first run
+    /// ended by a rewrite of its start, saved by fsync, cut to zero and written again) leaves the new one alone:
+    /// it does not count as the new one's create in flight, so no second create starts, no upload is left
+    /// behind, and close saves the new content.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_part_of_an_ended_write_behind_leaves_the_next_one_alone() {
+        let (_dir, store, fs) = setup(KeyMode::CseLocal).await;
+        let first = data(40 * MIB, 31);
+        let second = data(40 * MIB, 32);
+        let (attr, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+        // The first run's parts stay in flight for two seconds.
+        store.add_rule(Rule::new(
+            Some(OpKind::UploadPart),
+            When::Always,
+            Action::Delay(Duration::from_secs(2)),
+        ));
+        write_mib(&fs, fh, &first, 0..40).await;
+        for _ in 0..300 {
+            if store.stats().count(OpKind::UploadPart) >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            store.stats().count(OpKind::UploadPart) >= 1,
+            "parts of the first run are in flight"
+        );
+        store.clear_rules();
+        write_mib(&fs, fh, &first, 0..1).await;
+        fs.flush(fh).await.unwrap();
+        // The second run's create is held past the first run's parts.
+        store.add_rule(Rule::new(
+            Some(OpKind::CreateMultipart),
+            When::Nth(1),
+            Action::Delay(Duration::from_millis(2500)),
+        ));
+        fs.setattr(attr.ino, Some(0), AttrChange::default()).await.unwrap();
+        write_mib(&fs, fh, &second, 0..40).await;
+        fs.release(fh).await.unwrap();
+        same(&read_back(&fs, "f").await, &second, "read through the mount");
+        let dir2 = tempfile::tempdir().unwrap();
+        let fresh = Fs::new(store.clone(), Some(cse_keys()), config(dir2.path(), KeyMode::CseLocal)).unwrap();
+        same(&read_back(&fresh, "f").await, &second, "in S3");
+        assert_eq!(
+            store.stats().count(OpKind::CreateMultipart),
+            3,
+            "one create for each write-behind run and one for the fsync"
+        );
+        no_upload_left(&store).await;
     }
 }
