@@ -1,16 +1,16 @@
 //! A bounded cache of decrypted blocks, keyed by (object version, block index).
 //!
 //! Keys name a [`super::codec::Version`], not a path: a new upload is a new version, so stale blocks can never be
-//! served for new data; they simply age out. The bound is in blocks (bytes / block size), so memory stays
-//! bounded however large the files being read are.
+//! served for new data; they simply age out. The bound is in bytes of blocks held, whatever block size each file
+//! has (an object's header names its own, which need not be the mount's), so memory stays bounded however large
+//! the files being read are.
 //!
 //! A block is usually a slice of the plaintext buffer of the GET that fetched it (one buffer per GET, decrypted in
-//! place, no per-block allocation). Such a slice keeps its whole buffer alive, so a block that is read a second
-//! time from the cache is copied out of it: blocks that readers come back to stop pinning their neighbours, and
-//! the cache's memory stays within its bound plus the buffers of blocks not yet evicted in LRU order.
+//! place, no per-block allocation). Such a slice keeps its whole buffer alive, so a block found in the cache is
+//! copied out of it the first time: blocks that readers come back to stop pinning their neighbours, and the
+//! cache's memory stays within its bound plus the buffers of blocks not yet evicted in LRU order.
 use bytes::Bytes;
 use lru::LruCache;
-use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -78,14 +78,10 @@ impl std::fmt::Debug for Block {
     }
 }
 
-struct Entry {
-    block: Block,
-    /// Lookups that found it.
-    hits: u32,
-}
-
 pub struct BlockCache {
-    inner: Mutex<LruCache<(u64, u64), Entry>>,
+    inner: Mutex<LruCache<(u64, u64), Block>>,
+    /// Bytes of blocks held at most (at least 16 of the mount's blocks).
+    limit: u64,
     /// Lookups by [`BlockCache::get`] that found, and did not find, the block.
     hits: AtomicU64,
     misses: AtomicU64,
@@ -94,26 +90,25 @@ pub struct BlockCache {
 }
 
 impl BlockCache {
-    /// A cache of at most `bytes / block_len` blocks (at least 16).
+    /// A cache of at most `bytes` of blocks (at least 16 blocks of `block_len`).
     pub fn new(bytes: u64, block_len: u64) -> Self {
-        let n = (bytes / block_len.max(1)).max(16) as usize;
         BlockCache {
-            inner: Mutex::new(LruCache::new(NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN))),
+            inner: Mutex::new(LruCache::unbounded()),
+            limit: bytes.max(16 * block_len),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         }
     }
 
-    /// The block if cached; counted as a hit or a miss. A block found a second time is copied out of a shared
-    /// buffer (see the module comment).
+    /// The block if cached; counted as a hit or a miss. A block found is copied out of a shared buffer (see the
+    /// module comment).
     pub fn get(&self, version: u64, index: u64) -> Option<Block> {
-        let found = self.lock().get_mut(&(version, index)).map(|e| {
-            e.hits += 1;
-            if e.hits >= 2 && e.block.pins_more() {
-                e.block = Block::owned(e.block.to_vec());
+        let found = self.lock().get_mut(&(version, index)).map(|block| {
+            if block.pins_more() {
+                *block = Block::owned(block.to_vec());
             }
-            e.block.clone()
+            block.clone()
         });
         let counter = if found.is_some() { &self.hits } else { &self.misses };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -131,17 +126,23 @@ impl BlockCache {
     }
 
     pub fn insert(&self, version: u64, index: u64, block: Block) {
-        let added = block.len() as u64;
         let mut inner = self.lock();
-        // `push` returns the entry it replaced or evicted, whose bytes leave the cache.
-        let removed = inner
-            .push((version, index), Entry { block, hits: 0 })
-            .map_or(0, |(_, old)| old.block.len() as u64);
-        self.bytes.fetch_add(added, Ordering::Relaxed);
-        self.bytes.fetch_sub(removed, Ordering::Relaxed);
+        let mut held = self.bytes.load(Ordering::Relaxed) + block.len() as u64;
+        // `push` returns the entry it replaced, whose bytes leave the cache; then the least recently used go
+        // until the bytes held are within the limit.
+        if let Some((_, old)) = inner.push((version, index), block) {
+            held -= old.len() as u64;
+        }
+        while held > self.limit && inner.len() > 1 {
+            match inner.pop_lru() {
+                Some((_, old)) => held -= old.len() as u64,
+                None => break,
+            }
+        }
+        self.bytes.store(held, Ordering::Relaxed);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<(u64, u64), Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<(u64, u64), Block>> {
         // A poisoned lock only means another thread panicked while holding it; the cache is still consistent.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -177,15 +178,35 @@ mod tests {
     }
 
     #[test]
-    fn a_block_read_twice_stops_pinning_its_buffer() {
+    fn a_block_found_stops_pinning_its_buffer() {
         let buf = Bytes::from(vec![1u8, 2, 3, 4, 5, 6]);
         let c = BlockCache::new(16 * 3, 3);
         c.insert(1, 0, Block::slice(&buf, 0..3));
-        let first = c.get(1, 0).unwrap();
-        assert!(first.pins_more());
-        let second = c.get(1, 0).unwrap();
-        assert!(!second.pins_more());
-        assert_eq!(&second[..], &[1, 2, 3]);
+        let found = c.get(1, 0).unwrap();
+        assert!(
+            !found.pins_more(),
+            "copied out of the GET's buffer the first time it is found"
+        );
+        assert_eq!(&found[..], &[1, 2, 3]);
+        let again = c.get(1, 0).unwrap();
+        assert_eq!(again.as_ptr(), found.as_ptr(), "and not copied again");
+    }
+
+    #[test]
+    fn the_bound_is_in_bytes_whatever_a_file_s_block_size() {
+        // A mount of 4 KiB blocks with 64 KiB of cache, reading a file whose header names 64 KiB blocks.
+        let c = BlockCache::new(16 * 4096, 4096);
+        for i in 0..4 {
+            c.insert(7, i, Block::owned(vec![i as u8; 65_536]));
+        }
+        assert_eq!(c.stats().2, 65_536, "one block of 64 KiB, not 16");
+        assert!(c.contains(7, 3) && !c.contains(7, 2));
+        // Small blocks push the large one out as they come in.
+        for i in 0..16 {
+            c.insert(8, i, Block::owned(vec![0; 4096]));
+        }
+        assert!(!c.contains(7, 3));
+        assert_eq!(c.stats().2, 16 * 4096);
     }
 
     #[test]
