@@ -6,11 +6,14 @@
 //! read needs and a window of chunks after them are fetched, each chunk one GET of up to [`CHUNK_BYTES`] in its
 //! own task. The window starts at one chunk and doubles with every sequential read up to `read_ahead_kib`; a seek
 //! resets it, so a program that reads a header and jumps costs no more than the blocks it touched. Chunks are
-//! kept, fetched or in flight, in a mount-wide map until the reader passes them or the file's last handle closes,
-//! bounded by a budget of twice the largest window: a new chunk pushes out the oldest ones (readers that went
-//! away) to fit. Concurrent readers
-//! of one chunk share its fetch. Every GET is conditional on the version's ETag, so a changed object is never
-//! mixed in.
+//! kept, fetched or in flight, in a mount-wide map until every streaming handle of the file has passed them or
+//! the file's last handle closes, bounded by a budget of twice the largest window: a new chunk pushes out the
+//! oldest fetched ones (readers that went away) to fit. A chunk still in flight is never pushed out (its buffer
+//! lives until the GET ends, so dropping it would free nothing and fetch it again); when the budget holds
+//! nothing but chunks in flight, a read fetches just its own blocks and the window waits. So the chunks' memory
+//! stays within the budget however many files are read at once. Concurrent readers of one chunk share its
+//! fetch. A chunk is [`CHUNK_BYTES`] of the file's own blocks (its header's block size, which need not be the
+//! mount's). Every GET is conditional on the version's ETag, so a changed object is never mixed in.
 //!
 //! A GET's body is opened in place, on the blocking pool (so opening spreads over the cores and never stalls an
 //! async worker): each block's plaintext is packed to the front of the body's own buffer, and the blocks are
@@ -28,6 +31,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// One fetched block, or why it could not be had (shared by every reader waiting on the fetch).
 type BlockResult = Result<Block, Arc<FsError>>;
@@ -52,33 +56,98 @@ struct ChunkEntry {
     tick: u64,
 }
 
+impl ChunkEntry {
+    fn in_flight(&self) -> bool {
+        self.fut.peek().is_none()
+    }
+}
+
 #[derive(Default)]
 struct Chunks {
     map: HashMap<(u64, u64), ChunkEntry>,
     bytes: u64,
     tick: u64,
+    /// Each streaming handle's place, by handle: a chunk is passed once every streaming handle of its version is
+    /// beyond it. One entry per open handle that read sequentially, gone at its release.
+    readers: HashMap<u64, Reader>,
 }
 
+/// Where a streaming handle reads.
+struct Reader {
+    /// The version it reads.
+    id: u64,
+    /// The first chunk it may still read (the one before the chunk of its last read: see `passed`).
+    chunk: u64,
+    /// When it last read.
+    at: Instant,
+}
+
+impl Reader {
+    /// Whether it reads on: a handle idle for [`READER_IDLE`] no longer keeps chunks from being dropped.
+    fn active(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.at) < READER_IDLE
+    }
+}
+
+/// How long a streaming handle that stopped reading (but is still open) keeps the chunks ahead of it.
+const READER_IDLE: Duration = Duration::from_secs(2);
+
 impl Chunks {
+    /// Drops the chunks of version `id` before chunk `c`.
+    fn drop_before(&mut self, id: u64, c: u64) {
+        let old: Vec<(u64, u64)> = self.map.keys().filter(|k| k.0 == id && k.1 < c).copied().collect();
+        for k in old {
+            self.remove(&k);
+        }
+    }
+
     fn remove(&mut self, k: &(u64, u64)) {
         if let Some(e) = self.map.remove(k) {
             self.bytes -= e.bytes;
         }
     }
 
-    /// Drops the oldest chunks until `more` bytes fit in `budget` (or nothing is left to drop).
-    fn make_room(&mut self, more: u64, budget: u64) {
+    /// Whether an active streaming handle of chunk `k`'s version has yet to read it.
+    fn wanted(&self, k: (u64, u64), now: Instant) -> bool {
+        self.readers
+            .values()
+            .any(|r| r.id == k.0 && r.chunk <= k.1 && r.active(now))
+    }
+
+    /// Drops the oldest fetched chunks that no active reader has ahead of it until `more` bytes fit in `budget`;
+    /// false if they do not fit even then (the rest is in flight, or still to be read). Dropping a chunk a reader
+    /// is coming to would only fetch it again.
+    fn make_room(&mut self, more: u64, budget: u64) -> bool {
+        let now = Instant::now();
         while self.bytes + more > budget {
-            let Some(oldest) = self.map.iter().min_by_key(|(_, e)| e.tick).map(|(k, _)| *k) else {
-                return;
-            };
+            let oldest = self
+                .map
+                .iter()
+                .filter(|(k, e)| !e.in_flight() && !self.wanted(**k, now))
+                .min_by_key(|(_, e)| e.tick)
+                .map(|(k, _)| *k);
+            let Some(oldest) = oldest else { return false };
             self.remove(&oldest);
         }
+        true
     }
 }
 
+/// What [`Fs::ensure_chunk`] found or did.
+enum Chunk {
+    /// Held in the map (fetched, or in flight): wait on it.
+    Held(ChunkFuture),
+    /// Every block of it is in the block cache.
+    Cached,
+    /// The budget holds only chunks in flight: not started.
+    NoRoom,
+}
+
 pub struct ReadAhead {
-    chunk_blocks: u64,
+    /// Plaintext bytes per chunk: [`CHUNK_BYTES`] or less (see [`ReadAhead::chunk_blocks`]).
+    chunk_bytes: u64,
+    /// The largest window, in bytes.
+    window_bytes: u64,
     /// The largest window, in chunks (0: no read-ahead).
     max_window: u64,
     /// Bytes of chunks the map may hold, mount-wide.
@@ -93,7 +162,8 @@ impl ReadAhead {
         let chunk_blocks = (chunk_bytes / bs.get()).max(1);
         let max_window = window_bytes / (chunk_blocks * bs.get());
         ReadAhead {
-            chunk_blocks,
+            chunk_bytes: chunk_blocks * bs.get(),
+            window_bytes: max_window * chunk_blocks * bs.get(),
             max_window,
             // The window ahead twice over (a reader's next window starts while the last one is still held), and
             // the chunk behind the reader, whose last blocks the kernel's concurrent read-ahead requests may still
@@ -111,18 +181,35 @@ impl ReadAhead {
         }
     }
 
-    /// Drops the chunks of version `id` before chunk `c` (its reader has passed them).
-    fn passed(&self, id: u64, c: u64) {
+    /// Blocks per chunk of a file in blocks of `bs` (its own block size: a chunk is at least one block).
+    fn chunk_blocks(&self, bs: BlockSize) -> u64 {
+        (self.chunk_bytes / bs.get()).max(1)
+    }
+
+    /// Handle `fh` streams version `id` from chunk `c` on: drops the chunks of `id` that every active streaming
+    /// handle of it has passed.
+    fn passed(&self, fh: u64, id: u64, c: u64) {
         let mut chunks = lock(&self.chunks);
-        let old: Vec<(u64, u64)> = chunks.map.keys().filter(|k| k.0 == id && k.1 < c).copied().collect();
-        for k in old {
-            chunks.remove(&k);
-        }
+        let now = Instant::now();
+        chunks.readers.insert(fh, Reader { id, chunk: c, at: now });
+        let lowest = chunks
+            .readers
+            .values()
+            .filter(|r| r.id == id && r.active(now))
+            .map(|r| r.chunk)
+            .min()
+            .unwrap_or(c);
+        chunks.drop_before(id, lowest);
+    }
+
+    /// Handle `fh` is released: it no longer holds back the chunks it had not passed.
+    pub fn gone(&self, fh: u64) {
+        lock(&self.chunks).readers.remove(&fh);
     }
 
     /// Drops every chunk of version `id` (its file is no longer open).
     pub fn forget(&self, id: u64) {
-        self.passed(id, u64::MAX);
+        lock(&self.chunks).drop_before(id, u64::MAX);
     }
 
     /// Bytes held by fetched or fetching chunks.
@@ -198,7 +285,7 @@ impl Fs {
         let mut attempts = 0;
         loop {
             let seen = base_mark(&h.file).await;
-            match self.read_once(&h, offset, size, &mut window).await {
+            match self.read_once(&h, fh, offset, size, &mut window).await {
                 Err(e) if is_stale(&e) && attempts < STALE_RETRIES => {
                     attempts += 1;
                     self.await_base_move(&h.file, seen, e).await?;
@@ -210,7 +297,14 @@ impl Fs {
 
     /// One try of [`Self::read`]; `window`: the read-ahead for this read, worked out on the first try (the
     /// sequential streak counts each read once).
-    async fn read_once(&self, h: &Handle, offset: u64, size: u32, window: &mut Option<u64>) -> FsResult<Bytes> {
+    async fn read_once(
+        &self,
+        h: &Handle,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        window: &mut Option<u64>,
+    ) -> FsResult<Bytes> {
         let st = h.file.state.lock().await;
         let clean = st.dirty.is_empty()
             && st
@@ -233,7 +327,9 @@ impl Fs {
         let end = (offset + u64::from(size)).min(base.plain_size);
         let window = *window.get_or_insert_with(|| self.reader.window(h.streak(offset, end)));
         let blocks = format::blocks_touching(offset, end - offset, base.codec.block_size());
-        let got = self.blocks_of(&key, &base, blocks.clone(), window).await?;
+        let got = self
+            .blocks_of(&key, &base, blocks.clone(), (window > 0).then_some((fh, window)))
+            .await?;
         Ok(assemble(&got, blocks.start, base.codec.block_len(), offset, end))
     }
 
@@ -292,28 +388,43 @@ impl Fs {
 
     /// Blocks of the base version, from the cache or by GET (used by the write path).
     pub(super) async fn base_blocks(&self, key: &str, base: &Version, blocks: Range<u64>) -> FsResult<Vec<Block>> {
-        self.blocks_of(key, base, blocks, 0).await
+        self.blocks_of(key, base, blocks, None).await
     }
 
-    /// `blocks` of `v`: from the cache, from read-ahead chunks (with a `window` of chunks ahead started first), or
-    /// by one GET per run of missing blocks. Blocks fetched for this read alone enter the cache; read-ahead
-    /// chunks are held in their own map until the reader passes them.
-    async fn blocks_of(&self, key: &str, v: &Version, blocks: Range<u64>, window: u64) -> FsResult<Vec<Block>> {
+    /// `blocks` of `v`: from the cache, from read-ahead chunks (for a `stream`, handle `fh` reading
+    /// sequentially with a `window` of chunks ahead, started first), or by one GET per run of missing blocks.
+    /// Blocks fetched for this read alone enter the cache; read-ahead chunks are held in their own map until the
+    /// file's streaming handles pass them.
+    async fn blocks_of(
+        &self,
+        key: &str,
+        v: &Version,
+        blocks: Range<u64>,
+        stream: Option<(u64, u64)>,
+    ) -> FsResult<Vec<Block>> {
         let mut got: Vec<Option<Block>> = blocks.clone().map(|i| self.cache.get(v.id, i)).collect();
-        let cb = self.reader.chunk_blocks;
+        let cb = self.reader.chunk_blocks(v.codec.block_size());
         let mut chunks: HashMap<u64, ChunkFuture> = HashMap::new();
         let (first, needed) = (blocks.start / cb, (blocks.end - 1) / cb);
-        if window > 0 {
+        if let Some((fh, window)) = stream {
+            // In bytes too: a file of larger blocks than the mount's has larger chunks, so fewer of them.
+            let window = window.min(self.reader.window_bytes / (cb * v.codec.block_size().get()));
             let n = v.codec.block_count(v.plain_size);
             // The kernel's read-ahead sends reads concurrently and they arrive out of order: one just behind
             // this read may still need the previous chunk, which would otherwise be fetched again.
-            self.reader.passed(v.id, first.saturating_sub(1));
+            self.reader.passed(fh, v.id, first.saturating_sub(1));
             for c in first..=needed + window {
                 if c * cb >= n {
                     break;
                 }
-                if let Some(f) = self.ensure_chunk(key, v, c, n) {
-                    chunks.insert(c, f);
+                match self.ensure_chunk(key, v, c, n) {
+                    Chunk::Held(f) => {
+                        chunks.insert(c, f);
+                    }
+                    Chunk::Cached => {}
+                    // A chunk this read needs is fetched below, just its blocks; the window waits for room.
+                    Chunk::NoRoom if c <= needed => {}
+                    Chunk::NoRoom => break,
                 }
             }
         } else {
@@ -374,18 +485,22 @@ impl Fs {
         Ok(got.into_iter().flatten().collect())
     }
 
-    /// Starts fetching chunk `c` (from its first block not cached) unless it is cached or already held; returns
-    /// the fetch to wait on. A new chunk makes room for itself in the budget first.
-    fn ensure_chunk(&self, key: &str, v: &Version, c: u64, n: u64) -> Option<ChunkFuture> {
-        let cb = self.reader.chunk_blocks;
+    /// Starts fetching chunk `c` (from its first block not cached) unless it is cached or already held, if the
+    /// budget has room for it once fetched chunks are pushed out (see [`Chunks::make_room`]).
+    fn ensure_chunk(&self, key: &str, v: &Version, c: u64, n: u64) -> Chunk {
+        let cb = self.reader.chunk_blocks(v.codec.block_size());
         let mut chunks = lock(&self.reader.chunks);
         if let Some(e) = chunks.map.get(&(v.id, c)) {
-            return Some(e.fut.clone());
+            return Chunk::Held(e.fut.clone());
         }
         let end = ((c + 1) * cb).min(n);
-        let start = (c * cb..end).find(|&i| !self.cache.contains(v.id, i))?;
+        let Some(start) = (c * cb..end).find(|&i| !self.cache.contains(v.id, i)) else {
+            return Chunk::Cached;
+        };
         let bytes = (end - start) * v.codec.block_len();
-        chunks.make_room(bytes, self.reader.budget);
+        if !chunks.make_room(bytes, self.reader.budget) {
+            return Chunk::NoRoom;
+        }
         let (store, counters, key, v2) = (self.store.clone(), self.counters.clone(), key.to_string(), v.clone());
         let map = self.reader.chunks.clone();
         chunks.tick += 1;
@@ -415,7 +530,7 @@ impl Fs {
         );
         drop(chunks);
         tokio::spawn(fut.clone());
-        Some(fut)
+        Chunk::Held(fut)
     }
 }
 

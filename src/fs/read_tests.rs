@@ -254,3 +254,142 @@ async fn a_damaged_block_in_a_read_ahead_chunk_fails_only_its_own_reads() {
     assert_eq!(failed, vec![6, 6], "both reads of block 6, and nothing else, fail");
     fs.release(fh).await.unwrap();
 }
+
+/// Writes `n` files of `len` bytes (named `f0`, `f1`, ...) in blocks of `bs`, and returns a fresh file system
+/// over the same store with small read-ahead chunks (nothing cached) and their inode numbers.
+async fn files_for_reading(
+    dir: &std::path::Path,
+    store: &Arc<FailingStore<MemoryStore>>,
+    n: usize,
+    len: usize,
+    bs: u64,
+) -> (Arc<Fs>, Vec<u64>, Vec<u8>) {
+    let write_cfg = FsConfig {
+        block_size: BlockSize::new(bs as u32).unwrap(),
+        ..config(dir, KeyMode::CseLocal)
+    };
+    let fs = Fs::new(store.clone(), Some(cse_keys()), write_cfg).unwrap();
+    let content = data(len, 5);
+    for k in 0..n {
+        let (_attr, fh) = fs.create(ROOT_INO, &format!("f{k}"), 0o644, 1, 1).await.unwrap();
+        fs.write(fh, 0, &content).await.unwrap();
+        fs.release(fh).await.unwrap();
+    }
+    drop(fs);
+    let fs = Fs::new(store.clone(), Some(cse_keys()), small_chunks(dir, KeyMode::CseLocal)).unwrap();
+    let mut inos = Vec::new();
+    for k in 0..n {
+        inos.push(fs.lookup(ROOT_INO, &format!("f{k}")).await.unwrap().ino);
+    }
+    (fs, inos, content)
+}
+
+/// The object bytes of every file named `f*` in the store.
+async fn stored_bytes(store: &FailingStore<MemoryStore>) -> u64 {
+    let listed = store.inner().list("vol/f", None, None, None).await.unwrap();
+    listed.objects.iter().map(|o| o.size).sum()
+}
+
+/// Many files read sequentially at once, over a slow store: the chunks held (in flight or fetched) stay within
+/// the mount's budget, and a chunk in flight is never pushed out and fetched again, so each byte comes down
+/// about once, not once per reader that pushed it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streaming_readers_stay_in_the_budget_without_fetching_twice() {
+    use crate::store::failing::{Action, Rule, When};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let (fs, inos, content) = files_for_reading(dir.path(), &store, 32, 64 * B as usize, B).await;
+    let budget = 2 * 16 * B + 4 * B;
+    store.add_rule(Rule::new(
+        Some(OpKind::Get),
+        When::Always,
+        Action::Delay(std::time::Duration::from_millis(20)),
+    ));
+    let content = Arc::new(content);
+    let mut tasks = Vec::new();
+    for ino in inos {
+        let (fs, content) = (fs.clone(), content.clone());
+        tasks.push(tokio::spawn(async move {
+            let fh = fs.open(ino, false, false).await.unwrap();
+            let mut offset = 0u64;
+            loop {
+                let got = read_at(&fs, fh, offset, 8192).await;
+                expect(&content, offset, 8192, &got);
+                assert!(fs.reader.held() <= budget, "{} bytes held", fs.reader.held());
+                if got.is_empty() {
+                    break;
+                }
+                offset += got.len() as u64;
+            }
+            fs.release(fh).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (down, stored) = (store.stats().bytes_down(OpKind::Get), stored_bytes(&store).await);
+    assert!(
+        down <= stored + stored / 4,
+        "{down} bytes downloaded for {stored} stored ({} GETs)",
+        store.stats().count(OpKind::Get)
+    );
+}
+
+/// Two handles reading one file sequentially, one ahead of the other: the one ahead passing a chunk does not
+/// drop it under the one behind, which reads it from the chunk instead of fetching it (and its window) again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_streams_of_one_file_share_its_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let len = 256 * B as usize;
+    let (fs, inos, content) = files_for_reading(dir.path(), &store, 1, len, B).await;
+    let (a, b) = (
+        fs.open(inos[0], false, false).await.unwrap(),
+        fs.open(inos[0], false, false).await.unwrap(),
+    );
+    let half = (len / 2) as u64;
+    let mut at = [0u64, half];
+    while at[0] < half {
+        for (k, fh) in [a, b].into_iter().enumerate() {
+            let got = read_at(&fs, fh, at[k], 8192).await;
+            expect(&content, at[k], 8192, &got);
+            at[k] += got.len() as u64;
+        }
+    }
+    // B, ahead, goes on to the end; A reads what B read first, from the chunks B left for it.
+    let down = store.stats().bytes_down(OpKind::Get);
+    let stored = stored_bytes(&store).await;
+    assert!(
+        down <= stored + stored / 4,
+        "{down} bytes downloaded for {stored} stored ({} GETs)",
+        store.stats().count(OpKind::Get)
+    );
+    fs.release(a).await.unwrap();
+    fs.release(b).await.unwrap();
+    assert_eq!(fs.reader.held(), 0);
+}
+
+/// A file whose header names larger blocks than the mount's (64 KiB against 4 KiB): its chunks are counted in
+/// its own blocks, so a chunk's GET is not sixteen times the configured chunk and the budget holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_of_larger_blocks_than_the_mount_s_stays_in_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let (fs, inos, content) = files_for_reading(dir.path(), &store, 1, 1 << 20, 65_536).await;
+    let budget = 2 * 16 * B + 4 * B;
+    let fh = fs.open(inos[0], false, false).await.unwrap();
+    let mut offset = 0u64;
+    while offset < content.len() as u64 {
+        let got = read_at(&fs, fh, offset, 8192).await;
+        expect(&content, offset, 8192, &got);
+        assert!(fs.reader.held() <= budget, "{} bytes held", fs.reader.held());
+        offset += got.len() as u64;
+    }
+    let down = store.stats().bytes_down(OpKind::Get);
+    let stored = stored_bytes(&store).await;
+    assert!(
+        down <= stored + stored / 4,
+        "{down} bytes downloaded for {stored} stored"
+    );
+    fs.release(fh).await.unwrap();
+}

@@ -638,6 +638,7 @@ impl Fs {
         let Some(h) = lock(&self.handles).remove(&fh) else {
             return Err(FsError::BadHandle);
         };
+        self.reader.gone(fh);
         let flushed = self.save_for(&h).await;
         // After a failed save the upload goes on in the background; waiting a second time helps nobody.
         let last = self.let_go(h.ino, &h.file, h.writable && flushed.is_ok()).await;
