@@ -356,8 +356,10 @@ impl Fs {
         if snap.codec.object_size(snap.size) <= SINGLE_PUT_MAX {
             // A write-behind of a file cut back to one PUT's size: its upload is aborted.
             file.state.lock().await.wb = None;
+            let room = self.staged.send_room(snap.codec.object_size(snap.size)).await;
             let body = self.assemble(file, snap, 0..n).await?;
             let info = self.store.put(&snap.key, Bytes::from(body), &snap.meta, cond).await?;
+            drop(room);
             return Ok((info.etag, false));
         }
         self.upload_multipart(file, snap, cond).await
@@ -455,9 +457,25 @@ impl Fs {
                     r
                 }) as PartFuture<'_>));
             } else {
+                // Room in the mount's allowance first. This upload's own parts in flight hold room and move only
+                // while polled, so it waits for room only when none of them is left (see `parts_sent_down_to`).
+                let room = loop {
+                    if let Some(room) = self.staged.try_send(part_bytes) {
+                        break room;
+                    }
+                    if inflight.is_empty() {
+                        break self.staged.send_room(part_bytes).await;
+                    }
+                    let keep = inflight.len() - 1;
+                    parts_sent_down_to(&mut inflight, &mut done, file, keep).await?;
+                };
                 let body = Bytes::from(self.assemble(file, snap, blocks).await?);
-                let part: PartFuture<'_> = self.store.upload_part(key, upload_id, part_number, body);
-                inflight.push(futures::future::Either::Right(part));
+                let part = self.store.upload_part(key, upload_id, part_number, body);
+                inflight.push(futures::future::Either::Right(Box::pin(async move {
+                    let sent = part.await;
+                    drop(room);
+                    sent
+                }) as PartFuture<'_>));
             }
             parts_sent_down_to(&mut inflight, &mut done, file, in_flight - 1).await?;
         }

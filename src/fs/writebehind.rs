@@ -68,9 +68,16 @@ const PACE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 /// Bytes of staged parts (being filled or waiting; not those in flight) one mount holds at most.
 pub const STAGE_BUDGET: u64 = 64 << 20;
 
-/// The mount-wide allowance for staged parts (see [`Staging`]).
-#[derive(Debug, Default)]
+/// Bytes of upload bodies (parts and single PUTs) one mount holds at once while they are built and sent, for
+/// all its files together: how many files are written or closed at once does not change the memory uploads take.
+pub const SEND_BUDGET: u64 = 64 << 20;
+
+/// The mount-wide allowances for staged parts (see [`Staging`]) and for upload bodies in flight
+/// ([`SEND_BUDGET`]).
+#[derive(Debug)]
 pub struct StageBudget {
+    /// Upload bodies, in KiB.
+    send: Arc<tokio::sync::Semaphore>,
     used: AtomicU64,
     /// Parts sent from staged bytes (for tests).
     sent: AtomicU64,
@@ -85,7 +92,48 @@ struct Reservation {
     bytes: u64,
 }
 
+impl Default for StageBudget {
+    fn default() -> Self {
+        StageBudget {
+            send: Arc::new(tokio::sync::Semaphore::new((SEND_BUDGET >> 10) as usize)),
+            used: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            held_out: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Room for an upload body, given back when dropped.
+pub type SendRoom = tokio::sync::OwnedSemaphorePermit;
+
 impl StageBudget {
+    /// The allowance's share for a body of `bytes` (all of it, at most).
+    fn send_kib(bytes: u64) -> u32 {
+        bytes.div_ceil(1024).clamp(1, SEND_BUDGET >> 10) as u32
+    }
+
+    /// Room for an upload body of `bytes`, if there is some now.
+    pub fn try_send(&self, bytes: u64) -> Option<SendRoom> {
+        self.send.clone().try_acquire_many_owned(Self::send_kib(bytes)).ok()
+    }
+
+    /// Room for an upload body of `bytes`, once there is. Only for a caller that holds no other room while it
+    /// waits (see `send_parts`): rooms held by others are given back as their uploads end.
+    pub async fn send_room(&self, bytes: u64) -> SendRoom {
+        self.send
+            .clone()
+            .acquire_many_owned(Self::send_kib(bytes))
+            .await
+            .expect("the send allowance is never closed")
+    }
+
+    /// Bytes of upload bodies held now (for tests).
+    #[cfg(test)]
+    pub fn sending(&self) -> u64 {
+        SEND_BUDGET - ((self.send.available_permits() as u64) << 10)
+    }
+
     fn reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
@@ -417,13 +465,19 @@ impl Fs {
             }
             return;
         }
+        let part_bytes = per_part * st.codec.stored_block_len();
         let Some(w) = st.wb.as_mut() else { return };
         while w.in_flight() < IN_FLIGHT && w.waiting(ready_blocks) > 0 {
+            // Without room in the mount's allowance the part waits: the next write, or a part of this file
+            // that ends, starts it (and a part left waiting at close goes up with the rest).
+            let Some(room) = self.staged.try_send(part_bytes) else {
+                break;
+            };
             let k = w.next;
             w.next += 1;
             w.set_in_flight(w.in_flight() + 1);
             let (fs, file, token) = (fs.clone(), file.clone(), w.token.clone());
-            tokio::spawn(async move { fs.send_behind(&file, k, token).await });
+            tokio::spawn(async move { fs.send_behind(&file, k, token, room).await });
         }
     }
 
@@ -485,8 +539,9 @@ impl Fs {
 
     /// Sends part `k` of the write-behind with `token`, records it, and starts the next ones. A part of a
     /// write-behind that ended meanwhile is not counted against the file's next one.
-    async fn send_behind(self: Arc<Self>, file: &Arc<OpenFile>, k: u64, token: String) {
+    async fn send_behind(self: Arc<Self>, file: &Arc<OpenFile>, k: u64, token: String, room: SendRoom) {
         let sent = self.send_part_behind(file, k, &token).await;
+        drop(room);
         let mut st = file.state.lock().await;
         let Some(w) = st.wb.as_mut().filter(|w| w.token == token) else {
             return;
@@ -1125,6 +1180,63 @@ mod tests {
             3,
             "one create for each write-behind run and one for the fsync"
         );
+        no_upload_left(&store).await;
+    }
+
+    /// Many files written and closed at once, over a slow store: the upload bodies they hold together (parts going
+    /// up behind the writers, then the parts and PUTs of their completions) stay within the mount's
+    /// [`SEND_BUDGET`], not four parts per file, and every file is saved whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_of_many_files_at_once_stay_within_the_send_budget() {
+        use super::SEND_BUDGET;
+        let (_dir, store, fs) = setup(KeyMode::CseLocal).await;
+        store.add_rule(Rule::new(
+            Some(OpKind::UploadPart),
+            When::Always,
+            Action::Delay(Duration::from_millis(200)),
+        ));
+        store.add_rule(Rule::new(
+            Some(OpKind::Put),
+            When::Always,
+            Action::Delay(Duration::from_millis(200)),
+        ));
+        const FILES: u64 = 10;
+        // 25 MiB for write-behind and multipart; every third file is small, for single PUTs.
+        let size = |f: u64| if f % 3 == 2 { 3 * MIB } else { 25 * MIB };
+        let mib = |f: u64, k: usize| data(MIB, (f * 31 + k as u64) as u8);
+        let mut tasks = Vec::new();
+        for f in 0..FILES {
+            let fs = fs.clone();
+            tasks.push(tokio::spawn(async move {
+                let (_, fh) = fs.create(ROOT_INO, &format!("f{f}"), 0o644, 1, 1).await.unwrap();
+                for k in 0..size(f) / MIB {
+                    fs.write(fh, (k * MIB) as u64, &mib(f, k)).await.unwrap();
+                }
+                fs.release(fh).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let peak = store.peak_bytes_up_in_flight();
+        assert!(
+            peak <= SEND_BUDGET,
+            "{peak} bytes of upload bodies were in flight at once ({} parts, {} PUTs)",
+            store.stats().count(OpKind::UploadPart),
+            store.stats().count(OpKind::Put)
+        );
+        assert!(peak >= 2 * 8 * MIB as u64, "{peak}: uploads overlapped");
+        assert_eq!(fs.staged.sending(), 0, "every room is given back");
+        store.clear_rules();
+        let dir2 = tempfile::tempdir().unwrap();
+        let fresh = Fs::new(store.clone(), Some(cse_keys()), config(dir2.path(), KeyMode::CseLocal)).unwrap();
+        for f in 0..FILES {
+            let got = read_back(&fresh, &format!("f{f}")).await;
+            assert_eq!(got.len(), size(f), "f{f}");
+            for (k, piece) in got.chunks(MIB).enumerate() {
+                assert!(piece == &mib(f, k)[..], "f{f}: MiB {k} differs");
+            }
+        }
         no_upload_left(&store).await;
     }
 }

@@ -328,6 +328,9 @@ impl Stats {
 pub struct FailingStore<S> {
     inner: S,
     counters: [OpCounters; 12],
+    /// Body bytes of the uploads (PUT, UploadPart) inside a call now, and the most there ever were at once.
+    up_in_flight: Arc<AtomicU64>,
+    up_peak: Arc<AtomicU64>,
     has_rules: AtomicBool,
     rules: Mutex<Vec<RuleState>>,
     observer: OnceLock<Arc<dyn Observer>>,
@@ -339,6 +342,8 @@ impl<S: ObjectStore> FailingStore<S> {
         FailingStore {
             inner,
             counters: Default::default(),
+            up_in_flight: Default::default(),
+            up_peak: Default::default(),
             has_rules: AtomicBool::new(false),
             rules: Mutex::new(Vec::new()),
             observer: OnceLock::new(),
@@ -440,6 +445,7 @@ impl<S: ObjectStore> FailingStore<S> {
     {
         let c = &self.counters[op.index()];
         c.count.fetch_add(1, Ordering::Relaxed);
+        let _body = UpInFlight::new(self, bytes_up);
         let plan = self.plan(op, key);
         if !plan.delay.is_zero() {
             tokio::time::sleep(plan.delay).await;
@@ -469,6 +475,35 @@ impl<S: ObjectStore> FailingStore<S> {
 
     fn add(&self, op: OpKind, field: fn(&OpCounters) -> &AtomicU64, n: u64) {
         field(&self.counters[op.index()]).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The most body bytes of uploads (PUT, UploadPart) that were inside calls at once: what the caller held in
+    /// memory to send, at least.
+    pub fn peak_bytes_up_in_flight(&self) -> u64 {
+        self.up_peak.load(Ordering::Acquire)
+    }
+}
+
+/// An upload's body counted in flight for the length of its call (also one cancelled or failed).
+struct UpInFlight {
+    in_flight: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl UpInFlight {
+    fn new<S>(store: &FailingStore<S>, bytes: u64) -> UpInFlight {
+        let now = store.up_in_flight.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        store.up_peak.fetch_max(now, Ordering::AcqRel);
+        UpInFlight {
+            in_flight: store.up_in_flight.clone(),
+            bytes,
+        }
+    }
+}
+
+impl Drop for UpInFlight {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
