@@ -9,8 +9,9 @@
 //! kept, fetched or in flight, in a mount-wide map until every streaming handle of the file has passed them or
 //! the file's last handle closes, bounded by a budget of twice the largest window: a new chunk pushes out the
 //! oldest fetched ones (readers that went away) to fit. A chunk still in flight is never pushed out (its buffer
-//! lives until the GET ends, so dropping it would free nothing and fetch it again); when the budget holds
-//! nothing but chunks in flight, a read fetches just its own blocks and the window waits. So the chunks' memory
+//! lives until the GET ends, so dropping it would free nothing and fetch it again), nor one an active streaming
+//! handle has yet to read; when the budget holds nothing but such chunks, a read fetches just its own blocks
+//! and the window waits. So the chunks' memory
 //! stays within the budget however many files are read at once. Concurrent readers of one chunk share its
 //! fetch. A chunk is [`CHUNK_BYTES`] of the file's own blocks (its header's block size, which need not be the
 //! mount's). Every GET is conditional on the version's ETag, so a changed object is never mixed in.
@@ -139,15 +140,13 @@ enum Chunk {
     Held(ChunkFuture),
     /// Every block of it is in the block cache.
     Cached,
-    /// The budget holds only chunks in flight: not started.
+    /// The budget holds only chunks in flight or still to be read: not started.
     NoRoom,
 }
 
 pub struct ReadAhead {
     /// Plaintext bytes per chunk: [`CHUNK_BYTES`] or less (see [`ReadAhead::chunk_blocks`]).
     chunk_bytes: u64,
-    /// The largest window, in bytes.
-    window_bytes: u64,
     /// The largest window, in chunks (0: no read-ahead).
     max_window: u64,
     /// Bytes of chunks the map may hold, mount-wide.
@@ -163,7 +162,6 @@ impl ReadAhead {
         let max_window = window_bytes / (chunk_blocks * bs.get());
         ReadAhead {
             chunk_bytes: chunk_blocks * bs.get(),
-            window_bytes: max_window * chunk_blocks * bs.get(),
             max_window,
             // The window ahead twice over (a reader's next window starts while the last one is still held), and
             // the chunk behind the reader, whose last blocks the kernel's concurrent read-ahead requests may still
@@ -408,7 +406,8 @@ impl Fs {
         let (first, needed) = (blocks.start / cb, (blocks.end - 1) / cb);
         if let Some((fh, window)) = stream {
             // In bytes too: a file of larger blocks than the mount's has larger chunks, so fewer of them.
-            let window = window.min(self.reader.window_bytes / (cb * v.codec.block_size().get()));
+            let window_bytes = self.reader.max_window * self.reader.chunk_bytes;
+            let window = window.min(window_bytes / (cb * v.codec.block_size().get()));
             let n = v.codec.block_count(v.plain_size);
             // The kernel's read-ahead sends reads concurrently and they arrive out of order: one just behind
             // this read may still need the previous chunk, which would otherwise be fetched again.

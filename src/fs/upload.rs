@@ -353,10 +353,11 @@ impl Fs {
             None => PutCondition::IfNoneMatch,
         };
         let n = snap.codec.block_count(snap.size);
-        if snap.codec.object_size(snap.size) <= SINGLE_PUT_MAX {
+        let object_size = snap.codec.object_size(snap.size);
+        if object_size <= SINGLE_PUT_MAX {
             // A write-behind of a file cut back to one PUT's size: its upload is aborted.
             file.state.lock().await.wb = None;
-            let room = self.staged.send_room(snap.codec.object_size(snap.size)).await;
+            let room = self.staged.send_room(object_size).await;
             let body = self.assemble(file, snap, 0..n).await?;
             let info = self.store.put(&snap.key, Bytes::from(body), &snap.meta, cond).await?;
             drop(room);

@@ -405,6 +405,11 @@ impl FileState {
         }
     }
 
+    /// The file's write-behind if it is the one with `token` (a task of one that ended must leave the next alone).
+    fn behind(&mut self, token: &str) -> Option<&mut WriteBehind> {
+        self.wb.as_mut().filter(|w| w.token == token)
+    }
+
     /// Whole blocks behind the file's end: what a write-behind part may be made of (see [`WriteBehind::pace`]).
     pub fn whole_blocks(&self) -> u64 {
         self.size / self.bs.get()
@@ -502,10 +507,7 @@ impl Fs {
     /// its id in the journal, and starts the parts that are ready. Each step acts only on that write-behind: the
     /// file may have ended it and started another meanwhile.
     async fn create_behind(self: Arc<Self>, file: &Arc<OpenFile>, meta: Metadata, token: String) {
-        let key = {
-            let st = file.state.lock().await;
-            st.wb.as_ref().filter(|w| w.token == token).map(|w| w.key.clone())
-        };
+        let key = file.state.lock().await.behind(&token).map(|w| w.key.clone());
         let Some(key) = key else { return };
         let created = self.store.create_multipart(&key, &meta).await;
         let mut st = file.state.lock().await;
@@ -513,13 +515,13 @@ impl Fs {
             Ok(id) => id,
             Err(e) => {
                 log::warn!("{key}: write-behind could not start (the file is uploaded at close): {e}");
-                if st.wb.as_ref().is_some_and(|w| w.token == token) {
+                if st.behind(&token).is_some() {
                     st.wb = None;
                 }
                 return;
             }
         };
-        let Some(w) = st.wb.as_mut().filter(|w| w.token == token && w.key == key) else {
+        let Some(w) = st.behind(&token).filter(|w| w.key == key) else {
             // Ended while the create was in flight: nothing may be left behind.
             drop(st);
             let _ = self.store.abort_multipart(&key, &id).await;
@@ -543,9 +545,7 @@ impl Fs {
         let sent = self.send_part_behind(file, k, &token).await;
         drop(room);
         let mut st = file.state.lock().await;
-        let Some(w) = st.wb.as_mut().filter(|w| w.token == token) else {
-            return;
-        };
+        let Some(w) = st.behind(&token) else { return };
         w.set_in_flight(w.in_flight().saturating_sub(1));
         match sent {
             Ok(Some((id, part))) if w.upload_id.as_deref() == Some(id.as_str()) => {
@@ -579,7 +579,7 @@ impl Fs {
     ) -> FsResult<Option<(String, CompletedPart)>> {
         let (part, upload_id, key) = {
             let mut st = file.state.lock().await;
-            let Some(w) = st.wb.as_mut().filter(|w| w.token == token) else {
+            let Some(w) = st.behind(token) else {
                 return Ok(None);
             };
             let Some(id) = w.upload_id.clone() else {
@@ -1190,16 +1190,13 @@ mod tests {
     async fn uploads_of_many_files_at_once_stay_within_the_send_budget() {
         use super::SEND_BUDGET;
         let (_dir, store, fs) = setup(KeyMode::CseLocal).await;
-        store.add_rule(Rule::new(
-            Some(OpKind::UploadPart),
-            When::Always,
-            Action::Delay(Duration::from_millis(200)),
-        ));
-        store.add_rule(Rule::new(
-            Some(OpKind::Put),
-            When::Always,
-            Action::Delay(Duration::from_millis(200)),
-        ));
+        for op in [OpKind::UploadPart, OpKind::Put] {
+            store.add_rule(Rule::new(
+                Some(op),
+                When::Always,
+                Action::Delay(Duration::from_millis(200)),
+            ));
+        }
         const FILES: u64 = 10;
         // 25 MiB for write-behind and multipart; every third file is small, for single PUTs.
         let size = |f: u64| if f % 3 == 2 { 3 * MIB } else { 25 * MIB };

@@ -329,8 +329,8 @@ pub struct FailingStore<S> {
     inner: S,
     counters: [OpCounters; 12],
     /// Body bytes of the uploads (PUT, UploadPart) inside a call now, and the most there ever were at once.
-    up_in_flight: Arc<AtomicU64>,
-    up_peak: Arc<AtomicU64>,
+    up_in_flight: AtomicU64,
+    up_peak: AtomicU64,
     has_rules: AtomicBool,
     rules: Mutex<Vec<RuleState>>,
     observer: OnceLock<Arc<dyn Observer>>,
@@ -485,23 +485,23 @@ impl<S: ObjectStore> FailingStore<S> {
 }
 
 /// An upload's body counted in flight for the length of its call (also one cancelled or failed).
-struct UpInFlight {
-    in_flight: Arc<AtomicU64>,
+struct UpInFlight<'a> {
+    in_flight: &'a AtomicU64,
     bytes: u64,
 }
 
-impl UpInFlight {
-    fn new<S>(store: &FailingStore<S>, bytes: u64) -> UpInFlight {
+impl<'a> UpInFlight<'a> {
+    fn new<S>(store: &'a FailingStore<S>, bytes: u64) -> UpInFlight<'a> {
         let now = store.up_in_flight.fetch_add(bytes, Ordering::AcqRel) + bytes;
         store.up_peak.fetch_max(now, Ordering::AcqRel);
         UpInFlight {
-            in_flight: store.up_in_flight.clone(),
+            in_flight: &store.up_in_flight,
             bytes,
         }
     }
 }
 
-impl Drop for UpInFlight {
+impl Drop for UpInFlight<'_> {
     fn drop(&mut self) {
         self.in_flight.fetch_sub(self.bytes, Ordering::AcqRel);
     }
