@@ -281,12 +281,17 @@ fn journal_manifests(vol: &Volume) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Entries of the journal without a manifest (blocks or sizes files nothing refers to any more).
+/// Entries of the journal without a manifest (blocks, sizes or redo files nothing refers to any more).
 fn journal_orphans(vol: &Volume) -> Vec<PathBuf> {
     let files = journal_files(vol);
     files
         .iter()
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("blocks" | "sizes")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("blocks" | "sizes" | "redo")
+            )
+        })
         .filter(|p| !files.contains(&p.with_extension("manifest")))
         .cloned()
         .collect()

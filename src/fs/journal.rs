@@ -18,6 +18,9 @@
 //!   the token and upload id of an upload in flight. Written whole to a temporary file and renamed over.
 //! - `<id>.sizes`: appended 16-byte records `(manifest seq, size)`, one per write that grows the file, so that
 //!   appends do not rewrite the manifest. A record counts only if its seq is the manifest's.
+//! - `<id>.redo`: the new slots of the last write that replaced slots already in the blocks file: a 16-byte
+//!   header `(first block, count)`, little-endian, then the sealed slots as they go into the blocks file. See
+//!   Durability.
 //!
 //! The daemon that owns an entry holds an exclusive `flock` on its blocks file; the kernel drops it when the
 //! process ends, however it ends. A mount that recovers the journal skips entries it cannot lock: they belong to
@@ -28,14 +31,25 @@
 //! deletes them ([`JournalRoot::sweep_orphans`]).
 //!
 //! Which blocks are dirty is not recorded anywhere: a slot is dirty exactly when it authenticates. A hole reads as
-//! zeros and fails, and a truncation cuts the blocks file, so a stale slot cannot come back.
+//! zeros and fails, and a truncation cuts the blocks file (and empties the redo file), so a stale slot cannot come
+//! back.
 //!
 //! # Durability
 //! Every write reaches the blocks file (and, when it grows the file, the sizes file) before it returns: a kill of
-//! the daemon loses nothing a program was told was written. [`Journal::sync`] (fsync of all three files and the
+//! the daemon loses nothing a program was told was written. [`Journal::sync`] (fsync of the files and the
 //! directory) runs when the data has to outlive a power loss: when an upload fails at close or fsync, and at
-//! unmount. A block that was being rewritten at the very moment of a crash can fail authentication; it then reads
-//! as its content at the last successful upload (the log names it at recovery).
+//! unmount.
+//!
+//! A write that replaces slots already in the blocks file (a rewrite of a block, the growing last block of a file
+//! written in small pieces) would otherwise overwrite the only copy of data a program was told was written, and a
+//! kill inside that pwrite tears the slot: the kernel copies a write page by page and a fatal signal can stop it
+//! between two pages. Such a write therefore goes to the redo file whole first, and only then over the slots. At
+//! recovery ([`Journal::scan`]) a slot that authenticates is taken as it is (the old content, or the new one if
+//! the write finished); one that does not, but whose copy in the redo file does, was torn in that second pwrite
+//! and is restored from the copy, which is complete because it was written before. A slot that fails with no
+//! copy to restore it from is one that was being written for the first time, whose write never returned: the log
+//! names it, and the block reads as before that write. Writes into a journal are serialised, so the redo file only
+//! ever needs the last one.
 use crate::format::{self, BlockCipher, BlockSize, DataKey, FileId};
 use crate::store::Metadata;
 use rand::RngCore;
@@ -51,6 +65,8 @@ const MANIFEST_VERSION: u32 = 1;
 const ORPHAN_MIN_AGE: Duration = Duration::from_secs(60);
 /// Bytes per record of the sizes file.
 const SIZE_RECORD: usize = 16;
+/// Bytes of the redo file's header: the first block and the count of slots that follow.
+const REDO_HEADER: usize = 16;
 /// Runs of at least this many blocks are sealed on two threads (a thread costs tens of microseconds; sealing
 /// eight 4 KiB blocks about as much).
 const PARALLEL_SEAL_BLOCKS: usize = 8;
@@ -179,7 +195,7 @@ impl JournalRoot {
             if lock_exclusive(&f).is_err() || self.dir.join(format!("{id}.manifest")).exists() {
                 continue;
             }
-            remove_files(&self.dir, id, &["sizes", "blocks"]);
+            remove_files(&self.dir, id, &["sizes", "redo", "blocks"]);
             swept += 1;
         }
         swept
@@ -424,6 +440,13 @@ pub struct Journal {
     bs: BlockSize,
     stored_len: u64,
     seq: std::sync::atomic::AtomicU64,
+    /// The redo file: the slots of the last write that replaced slots already in the blocks file.
+    redo: File,
+    /// How many slots the blocks file may hold (its length in slots, at most): a write below this may replace a
+    /// slot that authenticates and goes through the redo file. Only changed under `writing`.
+    slots: std::sync::atomic::AtomicU64,
+    /// Serialises writes into the blocks file with their redo copies, and the cut.
+    writing: std::sync::Mutex<()>,
     /// The file was unlinked: the manifest is gone and is not written again (see [`Journal::orphan`]).
     orphaned: std::sync::atomic::AtomicBool,
 }
@@ -461,16 +484,30 @@ impl Journal {
             }
             _ => e,
         })?;
+        let stored_len = format::sealed_block_len(bs);
+        let slots = blocks.metadata()?.len().div_ceil(stored_len);
+        // Entries written before the redo file existed have none: made here, whether new or not. Never truncated
+        // at open: a recovery needs what a killed daemon left in it.
+        let redo = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(dir.join(format!("{id}.redo")))?;
         Ok(Journal {
             dir: dir.to_path_buf(),
             id: id.to_string(),
             blocks,
             sizes: open("sizes", true)?,
+            redo,
+            slots: std::sync::atomic::AtomicU64::new(slots),
+            writing: std::sync::Mutex::new(()),
             cipher,
             object_format,
             journal_file_id,
             bs,
-            stored_len: format::sealed_block_len(bs),
+            stored_len,
             seq: std::sync::atomic::AtomicU64::new(0),
             orphaned: std::sync::atomic::AtomicBool::new(false),
         })
@@ -495,7 +532,7 @@ impl Journal {
     pub fn write_run(&self, first: u64, plains: &[&[u8]]) -> io::Result<()> {
         let mut out = vec![0u8; plains.len() * self.stored_len as usize];
         self.seal_run(first, plains, &mut out);
-        self.blocks.write_all_at(&out, first * self.stored_len)
+        self.put_slots(first, &out)
     }
 
     /// [`write_run`](Self::write_run) that appends the slots to `out` instead of returning them (the write-behind
@@ -504,9 +541,47 @@ impl Journal {
         let start = out.len();
         out.resize(start + plains.len() * self.stored_len as usize, 0);
         self.seal_run(first, plains, &mut out[start..]);
-        self.blocks
-            .write_all_at(&out[start..], first * self.stored_len)
+        self.put_slots(first, &out[start..])
             .inspect_err(|_| out.truncate(start))
+    }
+
+    /// Writes sealed slots from block `first` on into the blocks file. When they may replace slots already there,
+    /// they go whole into the redo file first (see the module's Durability section).
+    fn put_slots(&self, first: u64, sealed: &[u8]) -> io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let count = sealed.len() as u64 / self.stored_len;
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        if first < self.slots.load(Relaxed) {
+            // The slots first, the header after: a header never names slots that are not wholly written, except
+            // after a tear in the slots themselves, and those fail to authenticate.
+            self.redo.write_all_at(sealed, REDO_HEADER as u64)?;
+            let mut header = [0u8; REDO_HEADER];
+            header[..8].copy_from_slice(&first.to_le_bytes());
+            header[8..].copy_from_slice(&count.to_le_bytes());
+            self.redo.write_all_at(&header, 0)?;
+        }
+        self.blocks.write_all_at(sealed, first * self.stored_len)?;
+        self.slots.fetch_max(first + count, Relaxed);
+        Ok(())
+    }
+
+    /// The redo file's slots and the block the first one belongs to, if it holds any.
+    fn read_redo(&self) -> io::Result<Option<(u64, Vec<u8>)>> {
+        let mut header = [0u8; REDO_HEADER];
+        let len = self.redo.metadata()?.len();
+        if len < REDO_HEADER as u64 {
+            return Ok(None);
+        }
+        self.redo.read_exact_at(&mut header, 0)?;
+        let first = u64::from_le_bytes(header[..8].try_into().unwrap_or_default());
+        let count = u64::from_le_bytes(header[8..].try_into().unwrap_or_default());
+        let bytes = count.saturating_mul(self.stored_len);
+        if count == 0 || bytes > len - REDO_HEADER as u64 {
+            return Ok(None);
+        }
+        let mut slots = vec![0u8; bytes as usize];
+        self.redo.read_exact_at(&mut slots, REDO_HEADER as u64)?;
+        Ok(Some((first, slots)))
     }
 
     /// Seals `plains` as blocks `first..` into `out`, one slot each.
@@ -583,13 +658,20 @@ impl Journal {
         Ok(buf)
     }
 
-    /// Drops every slot from block `keep_blocks` on.
+    /// Drops every slot from block `keep_blocks` on. The redo file is emptied first: no write is in progress, so
+    /// every slot is whole, and a copy left there could otherwise bring back a block cut here.
     pub fn cut(&self, keep_blocks: u64) -> io::Result<()> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        self.redo.set_len(0)?;
         let len = self.blocks.metadata()?.len();
         let keep = keep_blocks.saturating_mul(self.stored_len);
         if len > keep {
             self.blocks.set_len(keep)?;
         }
+        self.slots.store(
+            len.min(keep).div_ceil(self.stored_len),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(())
     }
 
@@ -647,16 +729,47 @@ impl Journal {
         Ok(size)
     }
 
-    /// The blocks below `n_blocks` whose slots authenticate (recovery).
-    pub fn scan(&self, n_blocks: u64) -> io::Result<Vec<u64>> {
+    /// The blocks below `n_blocks` whose slots authenticate (recovery). A slot torn while it was being replaced is
+    /// first restored from the redo file; one that fails with nothing to restore it from is named in the log.
+    /// `key`: the object key, for the log.
+    pub fn scan(&self, n_blocks: u64, key: &str) -> io::Result<Vec<u64>> {
+        let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let len = self.blocks.metadata()?.len();
-        let slots = len.div_ceil(self.stored_len).min(n_blocks);
+        let redo = self.read_redo()?;
+        let redo_end = redo
+            .as_ref()
+            .map_or(0, |(first, s)| first + s.len() as u64 / self.stored_len);
+        let slots = len.div_ceil(self.stored_len).max(redo_end).min(n_blocks);
+        let slot = self.stored_len as usize;
         let mut out = Vec::new();
         for i in 0..slots {
-            if self.read_block(i)?.is_some() {
+            let sealed = self.read_sealed(i)?;
+            if self.open_sealed(i, &sealed).is_some() {
                 out.push(i);
+                continue;
+            }
+            let copy = redo.as_ref().and_then(|(first, s)| {
+                let k = i.checked_sub(*first)? as usize;
+                s.get(k * slot..(k + 1) * slot)
+            });
+            if let Some(copy) = copy.filter(|c| self.open_sealed(i, c).is_some()) {
+                self.blocks.write_all_at(copy, i * self.stored_len)?;
+                log::warn!(
+                    "{key}: block {i} was torn by a crash while it was being rewritten; restored from the \
+                     journal's copy (journal entry {})",
+                    self.id
+                );
+                out.push(i);
+            } else if sealed.iter().any(|b| *b != 0) {
+                log::warn!(
+                    "{key}: block {i} in the journal does not authenticate (journal entry {}): a crash tore it \
+                     while it was written for the first time, by a write that never returned; it reads as it \
+                     was before that write",
+                    self.id
+                );
             }
         }
+        self.slots.fetch_max(slots, std::sync::atomic::Ordering::Relaxed);
         Ok(out)
     }
 
@@ -664,6 +777,7 @@ impl Journal {
     pub fn sync(&self) -> io::Result<()> {
         self.blocks.sync_data()?;
         self.sizes.sync_data()?;
+        self.redo.sync_data()?;
         if self.orphaned.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
@@ -674,7 +788,11 @@ impl Journal {
     /// Deletes the entry (its data is in S3 or in the recovery directory). The manifest goes first: without it
     /// the blocks are never looked at again.
     pub fn remove(&self) {
-        remove_files(&self.dir, &self.id, &["manifest", "sizes", "blocks", "manifest.tmp"]);
+        remove_files(
+            &self.dir,
+            &self.id,
+            &["manifest", "sizes", "blocks", "redo", "manifest.tmp"],
+        );
     }
 
     pub fn block_size(&self) -> BlockSize {
@@ -795,14 +913,14 @@ mod tests {
         let root2 = JournalRoot::open(dir.path(), "vol", None).unwrap();
         let j2 = root2.reopen(&id, &m2, None).unwrap();
         assert_eq!(j2.recorded_size(&m2).unwrap(), 4 * 4096 - 5);
-        assert_eq!(j2.scan(10).unwrap(), vec![0, 3]);
+        assert_eq!(j2.scan(10, "k").unwrap(), vec![0, 3]);
         assert_eq!(j2.read_block(3).unwrap().unwrap(), vec![3u8; 4096]);
         // The raw file holds no plaintext.
         let raw = std::fs::read(dir.path().join("journal/vol").join(format!("{id}.blocks"))).unwrap();
         assert!(!raw.windows(64).any(|w| w.iter().all(|b| *b == 3)));
         // A cut drops slots for good; a new manifest makes old size records stale.
         j2.cut(1).unwrap();
-        assert_eq!(j2.scan(10).unwrap(), vec![0]);
+        assert_eq!(j2.scan(10, "k").unwrap(), vec![0]);
         // A later manifest, built by someone who knows nothing of the sealing, still names it.
         let mut m3 = Manifest {
             key: m2.key.clone(),
@@ -815,6 +933,73 @@ mod tests {
         assert_eq!(j2.recorded_size(&m3).unwrap(), 10);
         j2.remove();
         assert!(root2.entries().is_empty());
+    }
+
+    /// The blocks file of entry `j`, for tearing a slot by hand as a kill inside its pwrite would.
+    fn tear(root: &JournalRoot, j: &Journal, ext: &str, at: u64, len: usize) {
+        let f = File::options()
+            .write(true)
+            .open(root.dir().join(format!("{}.{ext}", j.id())))
+            .unwrap();
+        f.write_all_at(&vec![0x5a; len], at).unwrap();
+    }
+
+    #[test]
+    fn a_slot_torn_while_it_was_rewritten_is_restored_from_its_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let mut m = manifest();
+        let j = root.create(SealWith::JournalKey, bs(), &mut m).unwrap();
+        let a: Vec<Vec<u8>> = (0..4u8).map(|k| vec![k + 1; 4096]).collect();
+        j.write_run(0, &a.iter().map(|b| &b[..]).collect::<Vec<_>>()).unwrap();
+        // Block 2 grows by a write that returned: the only copy of what the program was told is written.
+        let mut b2 = a[2].clone();
+        b2[..100].copy_from_slice(&[9u8; 100]);
+        j.write_block(2, &b2).unwrap();
+        // The next write to block 2 is killed after its first page reached the blocks file.
+        tear(&root, &j, "blocks", 2 * j.stored_len + 4096, 28);
+        let (id, m2) = root.entries().pop().unwrap();
+        drop(j);
+        let j2 = root.reopen(&id, &m2, None).unwrap();
+        assert_eq!(j2.scan(10, "k").unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(
+            j2.read_block(2).unwrap(),
+            Some(b2.clone()),
+            "the acknowledged write survives"
+        );
+        assert_eq!(j2.read_block(3).unwrap(), Some(a[3].clone()));
+        drop(j2);
+        // A write that tore in the redo file never reached the slots: they hold what they held.
+        let j3 = root.reopen(&id, &m2, None).unwrap();
+        j3.write_block(1, &[7u8; 4096]).unwrap();
+        tear(&root, &j3, "redo", REDO_HEADER as u64 + 10, 3000);
+        drop(j3);
+        let j4 = root.reopen(&id, &m2, None).unwrap();
+        assert_eq!(j4.scan(10, "k").unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(j4.read_block(1).unwrap(), Some(vec![7u8; 4096]));
+        // A slot torn the first time it is written (its write never returned) is left out, and nothing else.
+        j4.write_block(6, &[6u8; 4096]).unwrap();
+        tear(&root, &j4, "blocks", 6 * j4.stored_len + 4096, 28);
+        assert_eq!(j4.scan(10, "k").unwrap(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_cut_block_does_not_come_back_from_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        for i in 0..4 {
+            j.write_block(i, &[1u8; 4096]).unwrap();
+        }
+        j.write_block(2, &[2u8; 4096]).unwrap();
+        j.cut(2).unwrap();
+        // Written again past the cut: block 2 is a hole now, and must read as one.
+        j.write_block(3, &[3u8; 4096]).unwrap();
+        let (id, m2) = root.entries().pop().unwrap();
+        drop(j);
+        let j2 = root.reopen(&id, &m2, None).unwrap();
+        assert_eq!(j2.scan(10, "k").unwrap(), vec![0, 1, 3]);
+        assert_eq!(j2.read_block(2).unwrap(), None);
     }
 
     #[test]
@@ -875,7 +1060,7 @@ mod tests {
         for (k, b) in blocks.iter().enumerate() {
             assert_eq!(j.read_block(5 + k as u64).unwrap().as_ref(), Some(b), "block {}", 5 + k);
         }
-        assert_eq!(j.scan(40).unwrap(), (5..26).chain(30..33).collect::<Vec<u64>>());
+        assert_eq!(j.scan(40, "k").unwrap(), (5..26).chain(30..33).collect::<Vec<u64>>());
         // Each slot is sealed for its own index: a slot moved elsewhere does not open.
         let slot = j.read_sealed(6).unwrap();
         j.blocks.write_all_at(&slot, 7 * j.stored_len).unwrap();

@@ -375,6 +375,19 @@ async fn a_permanent_error_returns_at_once_and_a_later_flush_tries_again() {
     fs.release(fh).await.unwrap();
 }
 
+/// Drops `fs` as a kill -9 would leave it: no flush, no release. A finished upload task may hold the Fs for a
+/// moment longer (a killed process holds nothing); this waits until it is really gone and its journal locks are
+/// released.
+async fn killed(fs: Arc<Fs>) {
+    let gone = Arc::downgrade(&fs);
+    drop(fs);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gone.strong_count() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the killed Fs is still alive");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A kill of the daemon leaves the journal; the next mount of the volume uploads it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_mount_uploads_what_a_killed_one_left_in_the_journal() {
@@ -399,15 +412,8 @@ async fn the_next_mount_uploads_what_a_killed_one_left_in_the_journal() {
         assert!(key_files >= 6, "two journal entries on disk");
         // The kill fell just after a CreateMultipartUpload whose id the journal did not record yet.
         store.create_multipart("vol/old", &Metadata::new()).await.unwrap();
-        // No flush, no release: as after kill -9. A finished upload task may hold the Fs for a moment longer (a
-        // killed process holds nothing); wait until it is really gone and its journal locks are released.
-        let gone = Arc::downgrade(&first);
-        drop(first);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while gone.strong_count() > 0 {
-            assert!(std::time::Instant::now() < deadline, "the first Fs is still alive");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // No flush, no release: as after kill -9.
+        killed(first).await;
         let second = Fs::new(store.clone(), keys, config(dir.path(), mode)).unwrap();
         let r = second.recover().await;
         assert_eq!((r.saved, r.pending, r.conflicts, r.broken), (2, 0, 0, 0), "{r:?}");
@@ -419,6 +425,44 @@ async fn the_next_mount_uploads_what_a_killed_one_left_in_the_journal() {
         assert!(second.journal.entries().is_empty());
         assert_eq!(r.aborted, 1);
         assert_eq!(memory.open_uploads(), 0, "no multipart upload left pending");
+    }
+}
+
+/// A kill inside the pwrite that rewrites a block already in the journal (here: the last block of a file written
+/// in small pieces) tears that slot; what the earlier writes put there was acknowledged, and the next mount still
+/// uploads all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_torn_while_it_was_rewritten_loses_nothing_acknowledged() {
+    for mode in [KeyMode::CseLocal, KeyMode::SseS3] {
+        let (dir, keys) = (tempfile::tempdir().unwrap(), mode.is_client_side().then(cse_keys));
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let first = Fs::new(store.clone(), keys.clone(), config(dir.path(), mode)).unwrap();
+        let (_, fh) = first.create(ROOT_INO, "grown", 0o644, 1, 1).await.unwrap();
+        let want = data(10_000, 7);
+        for (k, piece) in want.chunks(1000).enumerate() {
+            first.write(fh, k as u64 * 1000, piece).await.unwrap();
+        }
+        killed(first).await;
+        // The next write to block 2 died with only its first page in the blocks file.
+        let jdir = dir.path().join("journal/vol");
+        let blocks = std::fs::read_dir(&jdir)
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(".blocks"))
+            .unwrap()
+            .path();
+        let stored = crate::format::sealed_block_len(BlockSize::new(4096).unwrap());
+        let f = std::fs::OpenOptions::new().write(true).open(&blocks).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 28], 2 * stored + 4096).unwrap();
+        let second = Fs::new(store.clone(), keys, config(dir.path(), mode)).unwrap();
+        let r = second.recover().await;
+        assert_eq!(
+            (r.saved, r.pending, r.conflicts, r.broken),
+            (1, 0, 0, 0),
+            "{mode}: {r:?}"
+        );
+        let grown = second.lookup(ROOT_INO, "grown").await.unwrap();
+        same(&read_all(&second, grown.ino).await, &want, &format!("{mode} grown"));
     }
 }
 

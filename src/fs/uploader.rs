@@ -429,7 +429,8 @@ impl Fs {
         let size = journal.recorded_size(&m)?;
         let j = journal.clone();
         let n = codec.block_count(size);
-        let dirty: BTreeSet<u64> = tokio::task::spawn_blocking(move || j.scan(n))
+        let shown = m.key.clone();
+        let dirty: BTreeSet<u64> = tokio::task::spawn_blocking(move || j.scan(n, &shown))
             .await
             .map_err(|e| FsError::Local(std::io::Error::other(e)))??
             .into_iter()
