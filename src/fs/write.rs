@@ -542,30 +542,40 @@ impl Fs {
         let keep_blocks = size.div_ceil(b);
         // The new final block must lie beyond what the write-behind sent (sent blocks are sealed as not final).
         st.changing(keep_blocks.saturating_sub(1), u64::MAX);
-        st.dirty.retain(|i| *i < keep_blocks);
-        st.cache.retain(|i, _| *i < keep_blocks);
         let journal = st.journal.clone().ok_or(FsError::BadHandle)?;
         let last = size / b;
         let tail = (size % b) as usize;
         let last_block = match (tail, st.is_dirty(last)) {
             (0, _) | (_, false) => None,
-            _ => Some(st.cache.remove(&last)),
+            _ => Some(st.cache.get(&last).cloned()),
         };
-        let zeroed = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Vec<u8>>> {
-            journal.cut(keep_blocks)?;
-            let Some(cached) = last_block else { return Ok(None) };
-            let block = match cached {
-                Some(block) => Some(block),
-                None => journal.read_block(last)?,
-            };
-            let Some(mut block) = block else { return Ok(None) };
-            block[tail..].fill(0);
-            journal.write_block(last, &block)?;
-            Ok(Some(block))
+        // The journal first, the state after: a local disk error leaves the state as the journal has it. The cut
+        // can only take what the truncate was asked to discard; the new last block is zeroed past the new size in
+        // a second step, and the size changes only once both are done.
+        let (cut, zeroed) = tokio::task::spawn_blocking(move || {
+            if let Err(e) = journal.cut(keep_blocks) {
+                return (false, Err(e));
+            }
+            let zeroed = (|| {
+                let Some(cached) = last_block else { return Ok(None) };
+                let block = match cached {
+                    Some(block) => Some(block),
+                    None => journal.read_block(last)?,
+                };
+                let Some(mut block) = block else { return Ok(None) };
+                block[tail..].fill(0);
+                journal.write_block(last, &block)?;
+                Ok(Some(block))
+            })();
+            (true, zeroed)
         })
         .await
-        .map_err(|e| FsError::Local(std::io::Error::other(e)))??;
-        if let Some(block) = zeroed {
+        .map_err(|e| FsError::Local(std::io::Error::other(e)))?;
+        if cut {
+            st.dirty.retain(|i| *i < keep_blocks);
+            st.cache.retain(|i, _| *i < keep_blocks);
+        }
+        if let Some(block) = zeroed? {
             st.cache.insert(last, block);
         }
         st.base_valid = st.base_valid.min(size);
