@@ -188,7 +188,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("allow_plaintext", "", "off", "cse-* modes: read objects that have no s3crypt metadata as plain files"),
     opt("store", "s3|memory", "s3", "memory is for BENCHMARKS ONLY: nothing is stored, all data is lost at unmount"),
     opt("fuse_threads", "N", "4", "threads serving FUSE requests (>= 1)"),
-    opt("max_write_mib", "N", "16", "plaintext of freshly written blocks kept in memory per file, MiB"),
+    opt("max_write_mib", "N", "16", "plaintext of freshly written blocks kept in memory, all files together, MiB"),
     opt("write_behind", "", "on", "upload the parts of a file written sequentially while it is written (=no: at close)"),
     opt("nonempty", "", "off", "allow mounting over a non-empty directory"),
     opt("fsname", "NAME", "SOURCE", "the name shown by mount(8) and df"),

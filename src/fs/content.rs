@@ -417,9 +417,7 @@ impl Fs {
             st.dirty.insert(i);
             st.cache.insert(i, block);
         }
-        while st.cached_bytes() > self.cfg.max_dirty_bytes.max(b) {
-            st.cache.pop_first();
-        }
+        st.trim_cache(self.cfg.max_dirty_bytes.max(b));
         st.size = st.size.max(end);
         st.touch(true);
         Ok(())

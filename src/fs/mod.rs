@@ -90,7 +90,7 @@ pub struct FsConfig {
     pub read_ahead_bytes: u64,
     /// Bytes per read-ahead GET, at most ([`read::CHUNK_BYTES`] in a mount; smaller in tests).
     pub read_ahead_chunk_bytes: u64,
-    /// Plaintext of freshly written blocks kept in memory per open file (the journal has them all).
+    /// Plaintext of freshly written blocks kept in memory, over all files of the mount (the journal has them all).
     pub max_dirty_bytes: u64,
     /// Upload parts of sequentially written files while they are written (see `writebehind.rs`).
     pub write_behind: bool,
@@ -199,6 +199,8 @@ pub struct Fs {
     dir_index: dirindex::DirIndexer,
     /// The allowance for parts the write-behind keeps staged in memory.
     staged: Arc<writebehind::StageBudget>,
+    /// Bytes in all files' write caches ([`write::WriteCache`]), held within `max_dirty_bytes`.
+    write_cached: Arc<AtomicU64>,
     /// This file system, for the upload tasks it spawns.
     me: Weak<Fs>,
 }
@@ -236,6 +238,7 @@ impl Fs {
             prefetch: Default::default(),
             dir_index: Default::default(),
             staged: Default::default(),
+            write_cached: Default::default(),
             me: me.clone(),
             cfg,
         }))
@@ -243,6 +246,11 @@ impl Fs {
 
     pub fn config(&self) -> &FsConfig {
         &self.cfg
+    }
+
+    /// An empty write cache for a file, counted in the mount's total.
+    fn write_cache(&self) -> write::WriteCache {
+        write::WriteCache::new(self.write_cached.clone())
     }
 
     /// This volume's journal directory.

@@ -375,6 +375,39 @@ async fn a_permanent_error_returns_at_once_and_a_later_flush_tries_again() {
     fs.release(fh).await.unwrap();
 }
 
+/// The write cache is the mount's, not each file's: many files written at once stay within `max_dirty_bytes`
+/// together, and what an evicted block held still reads back (from the journal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_written_at_once_share_one_write_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Fs::new(Arc::new(MemoryStore::new()), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+    let limit = fs.cfg.max_dirty_bytes;
+    let mut open = Vec::new();
+    for k in 0..12u8 {
+        let (attr, fh) = fs.create(ROOT_INO, &format!("f{k}"), 0o644, 1, 1).await.unwrap();
+        let want = data(40_000, k);
+        for (n, piece) in want.chunks(5000).enumerate() {
+            fs.write(fh, n as u64 * 5000, piece).await.unwrap();
+        }
+        let cached = fs.write_cached.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            cached <= limit,
+            "{cached} bytes cached after {} files, over {limit}",
+            k + 1
+        );
+        open.push((attr.ino, fh, want));
+    }
+    for (ino, fh, want) in open {
+        same(&read_all(&fs, ino).await, &want, "a file written next to eleven others");
+        fs.release(fh).await.unwrap();
+    }
+    assert_eq!(
+        fs.write_cached.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "all given back"
+    );
+}
+
 /// Drops `fs` as a kill -9 would leave it: no flush, no release. A finished upload task may hold the Fs for a
 /// moment longer (a killed process holds nothing); this waits until it is really gone and its journal locks are
 /// released.

@@ -656,7 +656,7 @@ impl Fs {
             // What was just written is the new version's content: keep it readable (and writable into, say by an
             // append to the last block) without a GET.
             if let Some(id) = st.base.as_ref().map(|b| b.id) {
-                for (i, block) in std::mem::take(&mut st.cache) {
+                for (i, block) in st.cache.take() {
                     self.cache.insert(id, i, super::blockcache::Block::owned(block));
                 }
             }

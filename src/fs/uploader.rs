@@ -21,7 +21,7 @@ use super::{lock, Fs, FsError, FsResult};
 use crate::format::{BlockSize, ObjectHeader};
 use crate::store::StoreError;
 use rand::Rng;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -465,7 +465,7 @@ impl Fs {
             codec,
             header,
             dirty,
-            cache: BTreeMap::new(),
+            cache: self.write_cache(),
             journal: Some(journal),
             generation: 1,
             content_gen: u64::from(modified),

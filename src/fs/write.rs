@@ -5,9 +5,11 @@
 //! content is its dirty copy if there is one, else the base's block `i` cut at `base_valid` (everything past a
 //! truncation is zeros), else zeros (see `content.rs`).
 //!
-//! Every dirty block is in the file's journal (journal.rs) before the write that made it returns; a bounded
-//! in-memory cache keeps the plaintext of recently written blocks so that small writes into one block and reads
-//! of fresh data do not open the journal again. Evicting from the cache costs nothing: the journal has the block.
+//! Every dirty block is in the file's journal (journal.rs) before the write that made it returns; an in-memory
+//! cache ([`WriteCache`]) keeps the plaintext of recently written blocks so that small writes into one block and
+//! reads of fresh data do not open the journal again. Evicting from the cache costs nothing: the journal has the
+//! block. The cache is bounded per mount (`max_dirty_bytes`, over all files), not per file, so its memory does not
+//! follow how many files are written at once.
 //!
 //! Every change bumps the state's `generation`. An upload (upload.rs) works from a snapshot of one generation and
 //! commits only what that generation held; `saved_gen` says which generation S3 has. A state with
@@ -24,6 +26,84 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
+
+/// A file's cache of the plaintext of blocks it wrote: a map from block index to block, whose bytes are counted in
+/// the file's total and in the mount's (shared by every file's cache, given back when an entry goes or the cache is
+/// dropped).
+#[derive(Debug)]
+pub struct WriteCache {
+    map: BTreeMap<u64, Vec<u8>>,
+    bytes: u64,
+    mount: Arc<AtomicU64>,
+}
+
+impl WriteCache {
+    /// An empty cache counted in `mount`, the mount's total.
+    pub fn new(mount: Arc<AtomicU64>) -> WriteCache {
+        WriteCache {
+            map: BTreeMap::new(),
+            bytes: 0,
+            mount,
+        }
+    }
+
+    fn gone(&mut self, n: usize) {
+        self.bytes -= n as u64;
+        self.mount.fetch_sub(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, i: &u64) -> Option<&Vec<u8>> {
+        self.map.get(i)
+    }
+
+    pub fn contains_key(&self, i: &u64) -> bool {
+        self.map.contains_key(i)
+    }
+
+    pub fn insert(&mut self, i: u64, block: Vec<u8>) {
+        self.bytes += block.len() as u64;
+        self.mount.fetch_add(block.len() as u64, Ordering::Relaxed);
+        if let Some(old) = self.map.insert(i, block) {
+            self.gone(old.len());
+        }
+    }
+
+    pub fn remove(&mut self, i: &u64) -> Option<Vec<u8>> {
+        let block = self.map.remove(i)?;
+        self.gone(block.len());
+        Some(block)
+    }
+
+    pub fn pop_first(&mut self) -> Option<(u64, Vec<u8>)> {
+        let (i, block) = self.map.pop_first()?;
+        self.gone(block.len());
+        Some((i, block))
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&u64) -> bool) {
+        let mut dropped = 0;
+        self.map.retain(|i, b| {
+            keep(i) || {
+                dropped += b.len();
+                false
+            }
+        });
+        self.gone(dropped);
+    }
+
+    /// Takes every entry out (the cache is left empty).
+    pub fn take(&mut self) -> BTreeMap<u64, Vec<u8>> {
+        let all = self.bytes as usize;
+        self.gone(all);
+        std::mem::take(&mut self.map)
+    }
+}
+
+impl Drop for WriteCache {
+    fn drop(&mut self) {
+        self.mount.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
 
 /// What the uploader reports to those waiting for a file to be saved.
 #[derive(Clone, Debug, Default)]
@@ -103,8 +183,8 @@ pub struct FileState {
     pub header: Option<ObjectHeader>,
     /// Blocks whose current content is in the journal.
     pub dirty: BTreeSet<u64>,
-    /// Plaintext of recently written dirty blocks (whole blocks), at most `max_dirty_bytes`.
-    pub cache: BTreeMap<u64, Vec<u8>>,
+    /// Plaintext of recently written dirty blocks (whole blocks).
+    pub cache: WriteCache,
     pub journal: Option<Arc<Journal>>,
     /// Bumped by every change of content or attributes.
     pub generation: u64,
@@ -133,7 +213,7 @@ pub struct FileState {
 
 impl FileState {
     /// A state for a version S3 holds (nothing unsaved).
-    pub fn opened(key: String, version: Version, attr: Attr) -> FileState {
+    pub fn opened(key: String, version: Version, attr: Attr, cache: WriteCache) -> FileState {
         FileState {
             key,
             base_valid: version.plain_size,
@@ -143,7 +223,7 @@ impl FileState {
             header: version.header.clone(),
             base: Some(version),
             dirty: BTreeSet::new(),
-            cache: BTreeMap::new(),
+            cache,
             journal: None,
             generation: 0,
             content_gen: 0,
@@ -199,9 +279,18 @@ impl FileState {
         }
     }
 
-    /// Plaintext bytes held by the cache.
+    /// Plaintext bytes held by the file's cache.
     pub fn cached_bytes(&self) -> u64 {
-        self.cache.len() as u64 * self.bs.get()
+        self.cache.bytes
+    }
+
+    /// Drops the oldest cached blocks while the file's cache or the mount's is over `limit`.
+    pub fn trim_cache(&mut self, limit: u64) {
+        while self.cached_bytes() > limit || self.cache.mount.load(Ordering::Relaxed) > limit {
+            if self.cache.pop_first().is_none() {
+                break;
+            }
+        }
     }
 
     /// Records a change; `content`: of data or size (not only attributes).
@@ -328,7 +417,7 @@ impl Fs {
             codec,
             header,
             dirty: BTreeSet::new(),
-            cache: BTreeMap::new(),
+            cache: self.write_cache(),
             journal: None,
             generation: 1,
             content_gen: 1,
@@ -385,7 +474,7 @@ impl Fs {
         let info = self.store.head(&key).await?;
         let version = self.version_of(&info).await?;
         let attr = self.cached_attr(ino)?;
-        let mut state = FileState::opened(key, version, attr);
+        let mut state = FileState::opened(key, version, attr, self.write_cache());
         state.xattr = info.metadata.get(super::xattr::meta_key(&state.codec)).cloned();
         let file = OpenFile::new(ino, state);
         let mut open = lock(&self.open_files);
@@ -573,7 +662,7 @@ impl Fs {
         .map_err(|e| FsError::Local(std::io::Error::other(e)))?;
         if cut {
             st.dirty.retain(|i| *i < keep_blocks);
-            st.cache.retain(|i, _| *i < keep_blocks);
+            st.cache.retain(|i| *i < keep_blocks);
         }
         if let Some(block) = zeroed? {
             st.cache.insert(last, block);
