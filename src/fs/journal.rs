@@ -43,13 +43,14 @@
 //! A write that replaces slots already in the blocks file (a rewrite of a block, the growing last block of a file
 //! written in small pieces) would otherwise overwrite the only copy of data a program was told was written, and a
 //! kill inside that pwrite tears the slot: the kernel copies a write page by page and a fatal signal can stop it
-//! between two pages. Such a write therefore goes to the redo file whole first, and only then over the slots. At
-//! recovery ([`Journal::scan`]) a slot that authenticates is taken as it is (the old content, or the new one if
-//! the write finished); one that does not, but whose copy in the redo file does, was torn in that second pwrite
-//! and is restored from the copy, which is complete because it was written before. A slot that fails with no
-//! copy to restore it from is one that was being written for the first time, whose write never returned: the log
-//! names it, and the block reads as before that write. Writes into a journal are serialised, so the redo file only
-//! ever needs the last one.
+//! between two pages. Such a write therefore puts the new slots that may replace old ones into the redo file
+//! first, and only then writes over them (slots past the end of what the blocks file has held are new and are not
+//! copied). At recovery ([`Journal::scan`]) a slot that authenticates is taken as it is (the old content, or the
+//! new one if the write finished); one that does not, but whose copy in the redo file does, was torn in that
+//! second pwrite and is restored from the copy, which is complete because it was written before. A slot that
+//! fails with no copy to restore it from is one that was being written for the first time, whose write never
+//! returned: the log names it, and the block reads as before that write. Writes into a journal are serialised,
+//! so the redo file only ever needs the last one.
 use crate::format::{self, BlockCipher, BlockSize, DataKey, FileId};
 use crate::store::Metadata;
 use rand::RngCore;
@@ -449,6 +450,9 @@ pub struct Journal {
     writing: std::sync::Mutex<()>,
     /// The file was unlinked: the manifest is gone and is not written again (see [`Journal::orphan`]).
     orphaned: std::sync::atomic::AtomicBool,
+    /// The size the manifest on disk named at the last cut.
+    #[cfg(test)]
+    pub(super) size_at_cut: std::sync::Mutex<Option<u64>>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -510,6 +514,8 @@ impl Journal {
             stored_len,
             seq: std::sync::atomic::AtomicU64::new(0),
             orphaned: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            size_at_cut: Default::default(),
         })
     }
 
@@ -551,18 +557,23 @@ impl Journal {
         use std::sync::atomic::Ordering::Relaxed;
         let count = sealed.len() as u64 / self.stored_len;
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        if first < self.slots.load(Relaxed) {
+        // Raised before the writes: a write that fails half-way may leave whole slots behind, and a later write
+        // over them must go through the copy too.
+        let had = self.slots.fetch_max(first + count, Relaxed);
+        // Only the slots that may already be there are copied: the growing last block of a file written in
+        // unaligned pieces costs one slot more, the blocks past it nothing.
+        let replaced = had.saturating_sub(first).min(count);
+        if replaced > 0 {
             // The slots first, the header after: a header never names slots that are not wholly written, except
             // after a tear in the slots themselves, and those fail to authenticate.
-            self.redo.write_all_at(sealed, REDO_HEADER as u64)?;
+            let bytes = (replaced * self.stored_len) as usize;
+            self.redo.write_all_at(&sealed[..bytes], REDO_HEADER as u64)?;
             let mut header = [0u8; REDO_HEADER];
             header[..8].copy_from_slice(&first.to_le_bytes());
-            header[8..].copy_from_slice(&count.to_le_bytes());
+            header[8..].copy_from_slice(&replaced.to_le_bytes());
             self.redo.write_all_at(&header, 0)?;
         }
-        self.blocks.write_all_at(sealed, first * self.stored_len)?;
-        self.slots.fetch_max(first + count, Relaxed);
-        Ok(())
+        self.blocks.write_all_at(sealed, first * self.stored_len)
     }
 
     /// The redo file's slots and the block the first one belongs to, if it holds any.
@@ -576,7 +587,7 @@ impl Journal {
         let first = u64::from_le_bytes(header[..8].try_into().unwrap_or_default());
         let count = u64::from_le_bytes(header[8..].try_into().unwrap_or_default());
         let bytes = count.saturating_mul(self.stored_len);
-        if count == 0 || bytes > len - REDO_HEADER as u64 {
+        if count == 0 || bytes > len - REDO_HEADER as u64 || first.checked_add(count).is_none() {
             return Ok(None);
         }
         let mut slots = vec![0u8; bytes as usize];
@@ -662,6 +673,12 @@ impl Journal {
     /// every slot is whole, and a copy left there could otherwise bring back a block cut here.
     pub fn cut(&self, keep_blocks: u64) -> io::Result<()> {
         let _writing = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(test)]
+        {
+            // What a kill at this moment leaves for the next mount (see the truncate test).
+            let m = std::fs::read_to_string(self.dir.join(format!("{}.manifest", self.id)));
+            *self.size_at_cut.lock().unwrap() = m.ok().and_then(|t| Manifest::parse(&t).ok()).map(|m| m.size);
+        }
         self.redo.set_len(0)?;
         let len = self.blocks.metadata()?.len();
         let keep = keep_blocks.saturating_mul(self.stored_len);
@@ -769,7 +786,9 @@ impl Journal {
                 );
             }
         }
-        self.slots.fetch_max(slots, std::sync::atomic::Ordering::Relaxed);
+        // Every slot the blocks or the redo file may hold counts: a later write over one of them is copied first.
+        let held = len.div_ceil(self.stored_len).max(redo_end);
+        self.slots.fetch_max(held, std::sync::atomic::Ordering::Relaxed);
         Ok(out)
     }
 
@@ -786,12 +805,13 @@ impl Journal {
     }
 
     /// Deletes the entry (its data is in S3 or in the recovery directory). The manifest goes first: without it
-    /// the blocks are never looked at again.
+    /// the blocks are never looked at again. The blocks file goes last: it is what
+    /// [`JournalRoot::sweep_orphans`] looks for when a kill stops this half-way.
     pub fn remove(&self) {
         remove_files(
             &self.dir,
             &self.id,
-            &["manifest", "sizes", "blocks", "redo", "manifest.tmp"],
+            &["manifest", "sizes", "redo", "manifest.tmp", "blocks"],
         );
     }
 
@@ -981,6 +1001,28 @@ mod tests {
         j4.write_block(6, &[6u8; 4096]).unwrap();
         tear(&root, &j4, "blocks", 6 * j4.stored_len + 4096, 28);
         assert_eq!(j4.scan(10, "k").unwrap(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn only_slots_that_may_be_there_already_are_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        let redo = root.dir().join(format!("{}.redo", j.id()));
+        let blocks: Vec<Vec<u8>> = (0..4u8).map(|k| vec![k; 4096]).collect();
+        let plains: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
+        j.write_run(0, &plains[..2]).unwrap();
+        assert_eq!(std::fs::metadata(&redo).unwrap().len(), 0, "appends are not copied");
+        // An unaligned sequential write: its first block was there, the rest are new.
+        j.write_run(1, &plains[1..4]).unwrap();
+        assert_eq!(
+            std::fs::metadata(&redo).unwrap().len(),
+            REDO_HEADER as u64 + j.stored_len
+        );
+        assert_eq!(
+            j.read_redo().unwrap().map(|(first, s)| (first, s.len())),
+            Some((1, j.stored_len as usize))
+        );
     }
 
     #[test]

@@ -408,6 +408,26 @@ async fn files_written_at_once_share_one_write_cache() {
     );
 }
 
+/// A truncate cuts the journal's slots past the new size only once the manifest names that size: a kill right
+/// after the cut must not leave a manifest of the old size, whose recovery would take the cut blocks from the
+/// object again (older content than the program wrote).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_names_the_new_size_before_it_cuts() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Fs::new(Arc::new(MemoryStore::new()), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+    let (attr, fh) = fs.create(ROOT_INO, "t", 0o644, 1, 1).await.unwrap();
+    fs.write(fh, 0, &data(10 * 4096, 1)).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let fh = fs.open(attr.ino, true, false).await.unwrap();
+    fs.write(fh, 5 * 4096, &data(5 * 4096, 2)).await.unwrap();
+    let size = 5 * 4096 + 2048;
+    fs.setattr(attr.ino, Some(size), AttrChange::default()).await.unwrap();
+    let file = fs.open_state(attr.ino).unwrap();
+    let journal = file.state.lock().await.journal.clone().unwrap();
+    assert_eq!(*journal.size_at_cut.lock().unwrap(), Some(size));
+    fs.release(fh).await.unwrap();
+}
+
 /// Drops `fs` as a kill -9 would leave it: no flush, no release. A finished upload task may hold the Fs for a
 /// moment longer (a killed process holds nothing); this waits until it is really gone and its journal locks are
 /// released.

@@ -638,33 +638,48 @@ impl Fs {
             (0, _) | (_, false) => None,
             _ => Some(st.cache.get(&last).cloned()),
         };
-        // The journal first, the state after: a local disk error leaves the state as the journal has it. The cut
-        // can only take what the truncate was asked to discard; the new last block is zeroed past the new size in
-        // a second step, and the size changes only once both are done.
-        let (cut, zeroed) = tokio::task::spawn_blocking(move || {
-            if let Err(e) = journal.cut(keep_blocks) {
-                return (false, Err(e));
-            }
-            let zeroed = (|| {
-                let Some(cached) = last_block else { return Ok(None) };
-                let block = match cached {
-                    Some(block) => Some(block),
-                    None => journal.read_block(last)?,
-                };
-                let Some(mut block) = block else { return Ok(None) };
-                block[tail..].fill(0);
-                journal.write_block(last, &block)?;
-                Ok(Some(block))
-            })();
-            (true, zeroed)
+        // In this order, so that a kill at any point leaves the file as it was or as truncated, never with blocks
+        // past the new size taken from the object again: the new size goes into the manifest first (a recovery
+        // then ignores the slots past it, cut or not); the new last block is zeroed past the new size (bytes
+        // the truncate discards); the slots past it are cut. The state changes only once all of it is done; a
+        // local disk error before that leaves the size as it was, with at most some of the discarded bytes
+        // zeroed, and the manifest saved back from the state.
+        let mut m = st.manifest();
+        m.size = size;
+        m.base_valid = m.base_valid.min(size);
+        m.modified = true;
+        let done = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Vec<u8>>> {
+            journal.save_manifest(&mut m)?;
+            let zeroed = match last_block {
+                None => None,
+                Some(cached) => match cached.map_or_else(|| journal.read_block(last), |b| Ok(Some(b)))? {
+                    None => None,
+                    Some(mut block) => {
+                        block[tail..].fill(0);
+                        journal.write_block(last, &block)?;
+                        Some(block)
+                    }
+                },
+            };
+            journal.cut(keep_blocks)?;
+            Ok(zeroed)
         })
         .await
         .map_err(|e| FsError::Local(std::io::Error::other(e)))?;
-        if cut {
-            st.dirty.retain(|i| *i < keep_blocks);
-            st.cache.retain(|i| *i < keep_blocks);
-        }
-        if let Some(block) = zeroed? {
+        let zeroed = match done {
+            Ok(zeroed) => zeroed,
+            Err(e) => {
+                // The journal's last block may have been zeroed past the new size: it is read from there again.
+                st.cache.remove(&last);
+                if let Err(again) = st.save_manifest() {
+                    log::warn!("{}: manifest not saved back after a failed truncate: {again}", st.key);
+                }
+                return Err(e.into());
+            }
+        };
+        st.dirty.retain(|i| *i < keep_blocks);
+        st.cache.retain(|i| *i < keep_blocks);
+        if let Some(block) = zeroed {
             st.cache.insert(last, block);
         }
         st.base_valid = st.base_valid.min(size);
