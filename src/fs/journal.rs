@@ -551,8 +551,8 @@ impl Journal {
             .inspect_err(|_| out.truncate(start))
     }
 
-    /// Writes sealed slots from block `first` on into the blocks file. When they may replace slots already there,
-    /// they go whole into the redo file first (see the module's Durability section).
+    /// Writes sealed slots from block `first` on into the blocks file. Those that may replace slots already there
+    /// go into the redo file first (see the module's Durability section).
     fn put_slots(&self, first: u64, sealed: &[u8]) -> io::Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
         let count = sealed.len() as u64 / self.stored_len;
@@ -989,7 +989,8 @@ mod tests {
         );
         assert_eq!(j2.read_block(3).unwrap(), Some(a[3].clone()));
         drop(j2);
-        // A write that tore in the redo file never reached the slots: they hold what they held.
+        // A copy torn in the redo file is never taken over a slot that authenticates (a kill inside the copy
+        // leaves the slots as they were).
         let j3 = root.reopen(&id, &m2, None).unwrap();
         j3.write_block(1, &[7u8; 4096]).unwrap();
         tear(&root, &j3, "redo", REDO_HEADER as u64 + 10, 3000);

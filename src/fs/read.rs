@@ -55,11 +55,20 @@ struct ChunkEntry {
     bytes: u64,
     /// When it was started, in insertions: the oldest go first when the budget is exceeded.
     tick: u64,
+    /// The ETag its GET is conditional on.
+    etag: String,
 }
 
 impl ChunkEntry {
     fn in_flight(&self) -> bool {
         self.fut.peek().is_none()
+    }
+
+    /// Whether a read of version `etag` may take its blocks: fetched under that ETag, or fetched already. A
+    /// metadata copy by this mount gives the object a new ETag but keeps its bytes and the version's id, so
+    /// blocks fetched before it stay good; a GET still in flight under the old ETag fails its If-Match.
+    fn serves(&self, etag: &str) -> bool {
+        self.etag == etag || matches!(self.fut.peek(), Some(Ok(_)))
     }
 }
 
@@ -135,7 +144,7 @@ impl Chunks {
 }
 
 /// What [`Fs::ensure_chunk`] found or did.
-enum Chunk {
+pub(super) enum Chunk {
     /// Held in the map (fetched, or in flight): wait on it.
     Held(ChunkFuture),
     /// Every block of it is in the block cache.
@@ -431,7 +440,7 @@ impl Fs {
             // fetching are taken from it rather than fetched a second time.
             let held = lock(&self.reader.chunks);
             for c in first..=needed {
-                if let Some(e) = held.map.get(&(v.id, c)) {
+                if let Some(e) = held.map.get(&(v.id, c)).filter(|e| e.serves(&v.etag)) {
                     chunks.insert(c, e.fut.clone());
                 }
             }
@@ -486,11 +495,15 @@ impl Fs {
 
     /// Starts fetching chunk `c` (from its first block not cached) unless it is cached or already held, if the
     /// budget has room for it once fetched chunks are pushed out (see [`Chunks::make_room`]).
-    fn ensure_chunk(&self, key: &str, v: &Version, c: u64, n: u64) -> Chunk {
+    pub(super) fn ensure_chunk(&self, key: &str, v: &Version, c: u64, n: u64) -> Chunk {
         let cb = self.reader.chunk_blocks(v.codec.block_size());
         let mut chunks = lock(&self.reader.chunks);
-        if let Some(e) = chunks.map.get(&(v.id, c)) {
-            return Chunk::Held(e.fut.clone());
+        match chunks.map.get(&(v.id, c)) {
+            Some(e) if e.serves(&v.etag) => return Chunk::Held(e.fut.clone()),
+            // Its GET fails or failed under an ETag the object no longer has: fetched anew below (the old one,
+            // when it ends, leaves the new entry alone: its tick differs).
+            Some(_) => chunks.remove(&(v.id, c)),
+            None => {}
         }
         let end = ((c + 1) * cb).min(n);
         let Some(start) = (c * cb..end).find(|&i| !self.cache.contains(v.id, i)) else {
@@ -525,6 +538,7 @@ impl Fs {
                 fut: fut.clone(),
                 bytes,
                 tick,
+                etag: v.etag.clone(),
             },
         );
         drop(chunks);

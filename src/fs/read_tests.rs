@@ -393,3 +393,49 @@ async fn a_file_of_larger_blocks_than_the_mount_s_stays_in_the_budget() {
     );
     fs.release(fh).await.unwrap();
 }
+
+/// A metadata copy by this mount (a chmod, the attributes after a write-behind upload) gives the object a new
+/// ETag but keeps its bytes, so the state keeps its version (same id) with the new ETag. A read-ahead chunk still
+/// in flight under the old ETag will fail its If-Match: a read under the new ETag must fetch anew, not wait on it
+/// and fail with it (which no retry can mend: the base has already moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_in_flight_under_an_old_etag_is_not_reused() {
+    use crate::store::failing::{Action, Rule, When};
+    for mode in [KeyMode::CseLocal, KeyMode::SseS3] {
+        let (_dir, store, fs, ino, content) = setup(mode).await;
+        let fh = fs.open(ino, false, false).await.unwrap();
+        let file = fs.open_state(ino).unwrap();
+        let now = file.state.lock().await.base.clone().unwrap();
+        let key = file.state.lock().await.key.clone();
+        let n = now.codec.block_count(now.plain_size);
+        let old = super::codec::Version {
+            etag: "\"before-the-copy\"".into(),
+            ..now.clone()
+        };
+        store.add_rule(Rule::new(
+            Some(OpKind::Get),
+            When::Always,
+            Action::Delay(Duration::from_millis(200)),
+        ));
+        let read::Chunk::Held(stale) = fs.ensure_chunk(&key, &old, 1, n) else {
+            panic!("{mode}: the old chunk starts")
+        };
+        let read::Chunk::Held(fresh) = fs.ensure_chunk(&key, &now, 1, n) else {
+            panic!("{mode}: a chunk under the new ETag starts")
+        };
+        assert!(stale.await.is_err(), "{mode}: the old ETag fails its If-Match");
+        let run = fresh
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: the chunk under the new ETag: {e}"));
+        drop(run);
+        // And a read of those blocks now gets them.
+        store.clear_rules();
+        expect(
+            &content,
+            4 * B,
+            4 * B as u32,
+            &read_at(&fs, fh, 4 * B, 4 * B as u32).await,
+        );
+        fs.release(fh).await.unwrap();
+    }
+}
