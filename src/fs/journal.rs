@@ -906,6 +906,14 @@ mod tests {
         }
     }
 
+    /// A journal directory of volume `vol` with one new entry (the test's [`manifest`], journal-key sealing).
+    fn new_entry() -> (tempfile::TempDir, JournalRoot, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        (dir, root, j)
+    }
+
     #[test]
     fn manifest_round_trips_and_refuses_truncation() {
         let mut m = manifest();
@@ -919,10 +927,7 @@ mod tests {
 
     #[test]
     fn blocks_sizes_and_reopen_after_a_crash() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
-        let mut m = manifest();
-        let j = root.create(SealWith::JournalKey, bs(), &mut m).unwrap();
+        let (dir, root, j) = new_entry();
         j.write_block(0, &[1u8; 4096]).unwrap();
         j.write_block(3, &[3u8; 4096]).unwrap();
         j.record_size(4 * 4096 - 5).unwrap();
@@ -966,10 +971,7 @@ mod tests {
 
     #[test]
     fn a_slot_torn_while_it_was_rewritten_is_restored_from_its_copy() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
-        let mut m = manifest();
-        let j = root.create(SealWith::JournalKey, bs(), &mut m).unwrap();
+        let (_dir, root, j) = new_entry();
         let a: Vec<Vec<u8>> = (0..4u8).map(|k| vec![k + 1; 4096]).collect();
         j.write_run(0, &a.iter().map(|b| &b[..]).collect::<Vec<_>>()).unwrap();
         // Block 2 grows by a write that returned: the only copy of what the program was told is written.
@@ -1006,9 +1008,7 @@ mod tests {
 
     #[test]
     fn only_slots_that_may_be_there_already_are_copied() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
-        let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        let (_dir, root, j) = new_entry();
         let redo = root.dir().join(format!("{}.redo", j.id()));
         let blocks: Vec<Vec<u8>> = (0..4u8).map(|k| vec![k; 4096]).collect();
         let plains: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
@@ -1028,9 +1028,7 @@ mod tests {
 
     #[test]
     fn a_cut_block_does_not_come_back_from_the_copy() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
-        let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        let (_dir, root, j) = new_entry();
         for i in 0..4 {
             j.write_block(i, &[1u8; 4096]).unwrap();
         }
@@ -1047,10 +1045,7 @@ mod tests {
 
     #[test]
     fn an_orphaned_entry_is_never_recovered_and_is_swept_once_old_and_free() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
-        let mut m = manifest();
-        let j = root.create(SealWith::JournalKey, bs(), &mut m).unwrap();
+        let (_dir, root, j) = new_entry();
         j.write_block(0, &[7u8; 4096]).unwrap();
         j.orphan();
         // Later changes of the file (a chmod, a rename) do not bring the manifest back.
@@ -1080,10 +1075,7 @@ mod tests {
 
     #[test]
     fn an_entry_owned_by_a_live_journal_cannot_be_reopened() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
-        let mut m = manifest();
-        let live = root.create(SealWith::JournalKey, bs(), &mut m).unwrap();
+        let (_dir, root, live) = new_entry();
         let (id, m2) = root.entries().pop().unwrap();
         let err = root.reopen(&id, &m2, None).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
@@ -1093,9 +1085,7 @@ mod tests {
 
     #[test]
     fn a_run_sealed_on_two_threads_reads_back_block_by_block() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
-        let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        let (_dir, _root, j) = new_entry();
         let blocks: Vec<Vec<u8>> = (0..21u8).map(|k| vec![k; 4096]).collect();
         let plains: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
         j.write_run(5, &plains).unwrap();
@@ -1113,9 +1103,7 @@ mod tests {
 
     #[test]
     fn a_run_read_gives_the_slots_written_and_zeros_past_the_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
-        let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        let (_dir, _root, j) = new_entry();
         let blocks: Vec<Vec<u8>> = (0..4u8).map(|k| vec![k + 1; 4096]).collect();
         let plains: Vec<&[u8]> = blocks.iter().map(|b| &b[..]).collect();
         let mut part = b"staged before".to_vec();
@@ -1147,9 +1135,7 @@ mod tests {
 
     #[test]
     fn a_torn_slot_does_not_authenticate() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
-        let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
+        let (_dir, _root, j) = new_entry();
         j.write_block(0, &[7u8; 4096]).unwrap();
         j.blocks.write_all_at(&[0u8; 100], 2000).unwrap();
         assert!(j.read_block(0).unwrap().is_none());

@@ -650,16 +650,18 @@ impl Fs {
         m.modified = true;
         let done = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Vec<u8>>> {
             journal.save_manifest(&mut m)?;
-            let zeroed = match last_block {
+            let block = match last_block {
+                Some(Some(cached)) => Some(cached),
+                Some(None) => journal.read_block(last)?,
                 None => None,
-                Some(cached) => match cached.map_or_else(|| journal.read_block(last), |b| Ok(Some(b)))? {
-                    None => None,
-                    Some(mut block) => {
-                        block[tail..].fill(0);
-                        journal.write_block(last, &block)?;
-                        Some(block)
-                    }
-                },
+            };
+            let zeroed = match block {
+                Some(mut block) => {
+                    block[tail..].fill(0);
+                    journal.write_block(last, &block)?;
+                    Some(block)
+                }
+                None => None,
             };
             journal.cut(keep_blocks)?;
             Ok(zeroed)
