@@ -3,7 +3,7 @@
 //! Each callback moves its `Reply*` into a task on the tokio runtime, calls the asynchronous core and answers
 //! with the result or the error's errno: exactly one answer per request on every path, and no callback blocks
 //! a FUSE thread on S3. Directory listings are taken once at `opendir` and served by offset from the handle.
-use crate::fs::{Attr, Fs, FsError, Kind, WriteData};
+use crate::fs::{Attr, Fs, FsError, InlineWrite, Kind, WriteData};
 use crate::metrics::Metrics;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags,
@@ -14,7 +14,7 @@ use fuser::{
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -31,10 +31,14 @@ pub struct FuseAdapter {
     dirs: DirListings,
     next_dir: AtomicU64,
     metrics: Arc<Metrics>,
+    /// FUSE threads doing a write inline now, and how many may at once (see [`FuseAdapter::write`]).
+    inline: AtomicUsize,
+    max_inline: usize,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle, metrics: Arc<Metrics>) -> Self {
+    /// `threads`: how many threads serve the session's requests.
+    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle, metrics: Arc<Metrics>, threads: usize) -> Self {
         let ttl = fs.metadata_ttl();
         FuseAdapter {
             fs,
@@ -43,7 +47,27 @@ impl FuseAdapter {
             metrics,
             dirs: Arc::new(Mutex::new(HashMap::new())),
             next_dir: AtomicU64::new(1),
+            inline: AtomicUsize::new(0),
+            // Half of them at most: a write inline may wait on the local disk (the kernel throttling its dirty
+            // pages), and the other threads keep answering reads, lookups and writes of the async path meanwhile.
+            max_inline: threads / 2,
         }
+    }
+
+    /// Takes one of the slots for a write done on a FUSE thread, if one is free.
+    fn inline_slot(&self) -> Option<InlineSlot<'_>> {
+        let taken = self.inline.fetch_add(1, Ordering::AcqRel);
+        let slot = InlineSlot(&self.inline);
+        (taken < self.max_inline).then_some(slot)
+    }
+}
+
+/// A slot of [`FuseAdapter::inline`], given back when dropped.
+struct InlineSlot<'a>(&'a AtomicUsize);
+
+impl Drop for InlineSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -375,7 +399,26 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         // The one copy of the request's bytes, cut at the mount's block boundaries (see `WriteData`).
-        let data = WriteData::cut(data, offset, self.fs.config().block_size);
+        let mut data = WriteData::cut(data, offset, self.fs.config().block_size);
+        // A write that waits for nothing but the local disk is done here, on this FUSE thread: see
+        // `Fs::write_inline`. The rest (and a writer to be held) goes to the async workers.
+        if let Some(_slot) = self.inline_slot() {
+            let started = std::time::Instant::now();
+            let _rt = self.rt.enter();
+            match self.fs.write_inline(fh.0, offset, data) {
+                Ok(InlineWrite::Done(result)) => {
+                    self.metrics.fuse_request("write", result.is_ok(), started.elapsed());
+                    return match result {
+                        Ok(n) => reply.written(n),
+                        Err(e) => reply.error(errno(&e)),
+                    };
+                }
+                Ok(InlineWrite::Held(held)) => {
+                    return run!(self, "write", reply, |fs| fs.hold(held), |n| reply.written(n));
+                }
+                Err(back) => data = back,
+            }
+        }
         run!(self, "write", reply, |fs| fs.write_data(fh.0, offset, data), |n| reply
             .written(n))
     }
@@ -542,6 +585,14 @@ impl Filesystem for FuseAdapter {
             Ok(n) => n,
             Err(_) => return reply.error(Errno::from_i32(libc::ENODATA)),
         };
+        let started = std::time::Instant::now();
+        if let Some(result) = self.fs.getxattr_inline(ino.0, &name) {
+            self.metrics.fuse_request("getxattr", result.is_ok(), started.elapsed());
+            return match result {
+                Ok(v) => xattr_reply(reply, size, &v),
+                Err(e) => reply.error(errno(&e)),
+            };
+        }
         run!(
             self,
             "getxattr",

@@ -561,7 +561,7 @@ fn start_own_session(
 ) -> Result<(fuser::BackgroundSession, OwnMount)> {
     use std::os::fd::AsFd;
     metrics.set_fs(&fs);
-    let adapter = crate::fuse::FuseAdapter::new(fs, rt, metrics.clone());
+    let adapter = crate::fuse::FuseAdapter::new(fs, rt, metrics.clone(), opts.fuse_threads.max(1));
     let session = fuser::Session::new(adapter, mountpoint, &session_config(opts, source)).with_context(|| {
         format!(
             "mounting at {} (is FUSE available: /dev/fuse, fuse3?)",

@@ -374,9 +374,77 @@ impl Fs {
         &self,
         st: &mut FileState,
         offset: u64,
-        mut data: WriteData,
+        data: WriteData,
         fetched: Vec<(u64, usize, Vec<u8>)>,
     ) -> FsResult<()> {
+        let mut w = self.prepare_write(st, offset, data, fetched)?;
+        let sealed = tokio::task::spawn_blocking(move || {
+            let sealed = w.seal();
+            (w, sealed)
+        })
+        .await
+        .map_err(join_err)?;
+        self.record_write(st, sealed.0, sealed.1)
+    }
+
+    /// Does a write on the calling thread, which may block on the journal's file I/O (a FUSE thread, never an
+    /// async worker), when nothing in it waits for the network: the file's state is free and neither partial end
+    /// block has to come from S3. A small write then costs one sealing and the journal's writes, without the
+    /// hand-offs to the async workers and the blocking pool and back, which were most of its time. Gives `data`
+    /// back when the write has to take the async path ([`write_data`](Self::write_data)). On success, the
+    /// write may have to be answered later, when the writer is far ahead of its uploads ([`hold`](Self::hold)).
+    /// The caller enters the runtime's context (the write-behind may start tasks).
+    pub fn write_inline(&self, fh: u64, offset: u64, data: WriteData) -> Result<InlineWrite, WriteData> {
+        let Ok(h) = self.handle(fh) else { return Err(data) };
+        if !h.writable || data.is_empty() {
+            return Err(data);
+        }
+        let Ok(mut st) = h.file.state.try_lock() else {
+            return Err(data);
+        };
+        let n = data.len() as u32;
+        let Some(end) = offset.checked_add(data.len() as u64) else {
+            return Err(data);
+        };
+        if st.poisoned || end > Self::max_size(&st.codec) || !self.edge_needs(&st, offset, end).is_empty() {
+            return Err(data);
+        }
+        let mut w = match self.prepare_write(&mut st, offset, data, Vec::new()) {
+            Ok(w) => w,
+            Err(e) => return Ok(InlineWrite::Done(Err(e))),
+        };
+        let sealed = w.seal();
+        if let Err(e) = self.record_write(&mut st, w, sealed) {
+            return Ok(InlineWrite::Done(Err(e)));
+        }
+        self.write_behind(&h.file, &mut st);
+        let pace = st.wb.as_ref().and_then(|w| w.pace(st.whole_blocks()));
+        drop(st);
+        Ok(match pace {
+            Some(part_ended) => InlineWrite::Held(HeldWrite {
+                n,
+                file: h.file.clone(),
+                part_ended,
+            }),
+            None => InlineWrite::Done(Ok(n)),
+        })
+    }
+
+    /// Answers a write done inline once the writer has been held as [`pace`](Self::pace) holds it.
+    pub async fn hold(&self, w: HeldWrite) -> FsResult<u32> {
+        self.pace(&w.file, w.part_ended).await;
+        Ok(w.n)
+    }
+
+    /// Builds what sealing a write needs from the state (the blocks it touches and where each one's current
+    /// content is), under the state's lock.
+    fn prepare_write(
+        &self,
+        st: &mut FileState,
+        offset: u64,
+        mut data: WriteData,
+        fetched: Vec<(u64, usize, Vec<u8>)>,
+    ) -> FsResult<SealJob> {
         self.ensure_journal(st)?;
         let b = st.bs.get();
         let end = offset + data.len() as u64;
@@ -399,28 +467,74 @@ impl Fs {
             };
             ops.push((i, start, from, data.take(bytes.start, bytes.len())));
         }
-        let journal = st.journal.clone().ok_or(FsError::BadHandle)?;
-        let grown = (end > st.size).then_some(end);
-        let key = st.key.clone();
-        // Taken for the sealing: a write that fails drops it (its blocks may be staged but not recorded), so the
-        // parts it held are read from the journal.
-        let mut staging = st.wb.as_mut().and_then(|w| w.staging.take());
-        let (written, staging) = tokio::task::spawn_blocking(move || {
-            seal_ops(&journal, ops, bl, grown, &key, staging.as_mut()).map(|w| (w, staging))
+        Ok(SealJob {
+            journal: st.journal.clone().ok_or(FsError::BadHandle)?,
+            ops,
+            bl,
+            grown: (end > st.size).then_some(end),
+            end,
+            key: st.key.clone(),
+            // Taken for the sealing: a write that fails drops it (its blocks may be staged but not recorded), so
+            // the parts it held are read from the journal.
+            staging: st.wb.as_mut().and_then(|w| w.staging.take()),
         })
-        .await
-        .map_err(join_err)??;
+    }
+
+    /// Records a sealed write in the state: its blocks are dirty and cached, the size and times move.
+    fn record_write(&self, st: &mut FileState, job: SealJob, sealed: FsResult<Vec<(u64, Vec<u8>)>>) -> FsResult<()> {
+        let written = sealed?;
         if let Some(w) = st.wb.as_mut() {
-            w.staging = staging;
+            w.staging = job.staging;
         }
         for (i, block) in written {
             st.dirty.insert(i);
             st.cache.insert(i, block);
         }
-        st.trim_cache(self.cfg.max_dirty_bytes.max(b));
-        st.size = st.size.max(end);
+        st.trim_cache(self.cfg.max_dirty_bytes.max(st.bs.get()));
+        st.size = st.size.max(job.end);
         st.touch(true);
         Ok(())
+    }
+}
+
+/// What [`Fs::write_inline`] did.
+pub enum InlineWrite {
+    /// The write is done (or failed): answer at once.
+    Done(FsResult<u32>),
+    /// The write is done, and the writer is far ahead of its uploads: answer after [`Fs::hold`].
+    Held(HeldWrite),
+}
+
+/// A write done inline whose answer waits for a write-behind part to end (see [`Fs::hold`]).
+pub struct HeldWrite {
+    n: u32,
+    file: Arc<OpenFile>,
+    part_ended: tokio::sync::watch::Receiver<usize>,
+}
+
+/// A write's blocks on their way into the journal: built under the state's lock, sealed on a thread that may
+/// block, recorded under the lock again.
+struct SealJob {
+    journal: Arc<super::journal::Journal>,
+    ops: Vec<(u64, Start, usize, Vec<u8>)>,
+    bl: usize,
+    grown: Option<u64>,
+    end: u64,
+    key: String,
+    staging: Option<super::writebehind::Staging>,
+}
+
+impl SealJob {
+    fn seal(&mut self) -> FsResult<Vec<(u64, Vec<u8>)>> {
+        let ops = std::mem::take(&mut self.ops);
+        seal_ops(
+            &self.journal,
+            ops,
+            self.bl,
+            self.grown,
+            &self.key,
+            self.staging.as_mut(),
+        )
     }
 }
 

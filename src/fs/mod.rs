@@ -44,7 +44,7 @@ mod xattr;
 pub use read::CHUNK_BYTES;
 pub use upload::MAX_PARTS;
 
-pub use content::WriteData;
+pub use content::{HeldWrite, InlineWrite, WriteData};
 pub use dir::{AttrChange, DirEntry};
 pub use dirindex::{index_prefix, INDEX_DIR};
 pub use error::{FsError, FsResult};

@@ -816,3 +816,87 @@ async fn objects_over_the_copy_limit_are_renamed_and_chmod_ed() {
         );
     }
 }
+
+/// [`Fs::write_inline`] as a FUSE thread calls it: on a thread that may block, inside the runtime's context.
+pub(super) async fn inline(fs: &Arc<Fs>, fh: u64, offset: u64, bytes: &[u8]) -> Result<InlineWrite, WriteData> {
+    let (fs, bytes) = (fs.clone(), bytes.to_vec());
+    tokio::task::spawn_blocking(move || fs.write_inline(fh, offset, bytes[..].into()))
+        .await
+        .unwrap()
+}
+
+/// A write that waits for nothing but the journal is done on the calling thread; one whose partial end block
+/// must come from S3, or whose file's state is busy, is handed back whole for the async path, without a request
+/// sent. Either way the file ends as written. getxattr answers inline from an open file's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_done_inline_only_when_nothing_waits_for_s3() {
+    for mode in [KeyMode::CseLocal, KeyMode::SseS3] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FailingStore::new(MemoryStore::new()));
+        let keys = mode.is_client_side().then(cse_keys);
+        let fs = Fs::new(store.clone(), keys, config(dir.path(), mode)).unwrap();
+        let (attr, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+        let mut content = data(20_000, 4);
+        // A new file: every write, aligned or not, is done inline.
+        for (k, piece) in content.chunks(3000).enumerate() {
+            match inline(&fs, fh, (k * 3000) as u64, piece).await {
+                Ok(InlineWrite::Done(Ok(n))) => assert_eq!(n as usize, piece.len(), "{mode}"),
+                _ => panic!("{mode}: piece {k} was not written inline"),
+            }
+        }
+        // While the file's state is held (by an upload taking its snapshot, say), the write is handed back whole,
+        // and so is a getxattr.
+        {
+            let file = fs.open_state(attr.ino).unwrap();
+            let _busy = file.state.lock().await;
+            match inline(&fs, fh, 100, b"busy").await {
+                Err(back) => assert_eq!(back.len(), 4, "{mode}"),
+                Ok(_) => panic!("{mode}: written inline while the state was held"),
+            }
+            assert!(fs.getxattr_inline(attr.ino, "user.a").is_none(), "{mode}");
+        }
+        match fs.getxattr_inline(attr.ino, "security.capability") {
+            Some(Err(e)) => assert_eq!(e.errno(), libc::ENODATA, "{mode}"),
+            _ => panic!("{mode}: an open file without attributes is answered inline"),
+        }
+        let set = XattrChange::Set {
+            name: "user.a",
+            value: b"value",
+            flags: 0,
+        };
+        fs.change_xattr(attr.ino, set).await.unwrap();
+        match fs.getxattr_inline(attr.ino, "user.a") {
+            Some(Ok(v)) => assert_eq!(v, b"value", "{mode}"),
+            _ => panic!("{mode}: an open file's attribute is answered inline"),
+        }
+        assert!(
+            fs.getxattr_inline(ROOT_INO, "user.a").is_none(),
+            "{mode}: a directory takes the async path"
+        );
+        fs.release(fh).await.unwrap();
+        // Saved and opened again: the blocks are the object's now.
+        let fh = fs.open(attr.ino, true, false).await.unwrap();
+        let gets = store.stats().count(OpKind::Get);
+        // A partial block of the object needs a GET: handed back, and written by the async path.
+        let back = match inline(&fs, fh, 5000, b"edge").await {
+            Err(back) => back,
+            Ok(_) => panic!("{mode}: a partial block of the object was written inline"),
+        };
+        assert_eq!(
+            store.stats().count(OpKind::Get),
+            gets,
+            "{mode}: the inline path sent no GET"
+        );
+        fs.write_data(fh, 5000, back).await.unwrap();
+        content[5000..5004].copy_from_slice(b"edge");
+        // A whole block of the object needs no GET: inline.
+        let whole = data(4096, 9);
+        match inline(&fs, fh, 8192, &whole).await {
+            Ok(InlineWrite::Done(Ok(4096))) => {}
+            _ => panic!("{mode}: a whole block was not written inline"),
+        }
+        content[8192..12288].copy_from_slice(&whole);
+        fs.release(fh).await.unwrap();
+        same(&read_all(&fs, attr.ino).await, &content, &format!("{mode}"));
+    }
+}

@@ -765,6 +765,41 @@ mod tests {
         }
     }
 
+    /// A writer ahead of its parts is held when its writes are done inline too: the write is in the journal and
+    /// the answer waits for a part to end (or for the pace's limit), then counts the bytes written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_inline_write_far_ahead_of_its_parts_is_held() {
+        let (_dir, store, fs) = setup(KeyMode::CseLocal).await;
+        store.add_rule(Rule::new(
+            Some(OpKind::UploadPart),
+            When::Always,
+            Action::Delay(Duration::from_millis(300)),
+        ));
+        // Nine parts of 8 MiB: four go up at once, so the writer gets more than one part ahead.
+        let content = data(72 * MIB, 5);
+        let (_a, fh) = fs.create(ROOT_INO, "paced", 0o644, 1, 1).await.unwrap();
+        let mut held = 0;
+        for k in 0..72 {
+            match super::super::tests::inline(&fs, fh, (k * MIB) as u64, &content[k * MIB..(k + 1) * MIB]).await {
+                Ok(InlineWrite::Done(Ok(n))) => assert_eq!(n as usize, MIB),
+                Ok(InlineWrite::Held(w)) => {
+                    held += 1;
+                    assert_eq!(fs.hold(w).await.unwrap() as usize, MIB);
+                }
+                Ok(InlineWrite::Done(Err(e))) => panic!("MiB {k}: {e}"),
+                // The state was busy (the upload's tasks take it briefly): the async path, as FUSE does.
+                Err(back) => {
+                    fs.write_data(fh, (k * MIB) as u64, back).await.unwrap();
+                }
+            }
+        }
+        assert!(held > 0, "no inline write was held while parts took 300 ms each");
+        assert!(fs.staged.held().0 >= held, "each held write is counted");
+        fs.release(fh).await.unwrap();
+        same(&read_back(&fs, "paced").await, &content, "paced");
+        no_upload_left(&store).await;
+    }
+
     /// Parts staged by the write path while the upload's create is held: pieces that rewrite each part's last
     /// block, a rewrite inside a staged part, and a cut into the part being filled followed by a hole and more
     /// writes. What goes up must be what the journal holds.

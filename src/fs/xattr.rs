@@ -256,6 +256,22 @@ impl Fs {
         self.xattrs_of(ino).await?.remove(name).ok_or(FsError::NoAttribute)
     }
 
+    /// [`getxattr`](Self::getxattr) answered on the calling thread, without waiting, for a file open here whose
+    /// state is free (`None` otherwise: take the async path). The kernel asks for `security.capability` before
+    /// every write into a file (to drop file capabilities), so a write's cost is two requests; this keeps the
+    /// second one as cheap as the write done inline (see [`write_inline`](Self::write_inline)).
+    pub fn getxattr_inline(&self, ino: u64, name: &str) -> Option<FsResult<Vec<u8>>> {
+        if name.is_empty() || name.len() > NAME_MAX {
+            return Some(Err(FsError::Range));
+        }
+        let file = self.open_state(ino)?;
+        let st = file.state.try_lock().ok()?;
+        Some(
+            decode(st.xattr.as_deref(), &st.codec, &st.key)
+                .and_then(|mut all| all.remove(name).ok_or(FsError::NoAttribute)),
+        )
+    }
+
     /// The names of the extended attributes, each followed by a NUL (listxattr(2)'s form).
     pub async fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
         let mut out = Vec::new();
