@@ -187,7 +187,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     opt("upload_timeout", "DURATION", "10s", "how long close/fsync wait for S3 to make progress (a part going up) before EIO; the upload goes on in the background"),
     opt("allow_plaintext", "", "off", "cse-* modes: read objects that have no s3crypt metadata as plain files"),
     opt("store", "s3|memory", "s3", "memory is for BENCHMARKS ONLY: nothing is stored, all data is lost at unmount"),
-    opt("fuse_threads", "N", "4", "threads serving FUSE requests (>= 1)"),
+    opt("fuse_threads", "N", "4", "threads serving FUSE requests (>= 1; up to half of them seal writes into the journal themselves)"),
     opt("max_write_mib", "N", "16", "plaintext of freshly written blocks kept in memory, all files together, MiB"),
     opt("write_behind", "", "on", "upload the parts of a file written sequentially while it is written (=no: at close)"),
     opt("nonempty", "", "off", "allow mounting over a non-empty directory"),
