@@ -382,6 +382,20 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // Data at hand (cached, or read ahead and fetched) is answered here, on this FUSE thread: see
+        // `Fs::read_inline`. The rest goes to the async workers.
+        let started = std::time::Instant::now();
+        let inline = {
+            let _rt = self.rt.enter();
+            self.fs.read_inline(fh.0, offset, size)
+        };
+        if let Some(result) = inline {
+            self.metrics.fuse_request("read", result.is_ok(), started.elapsed());
+            return match result {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(&e)),
+            };
+        }
         run!(self, "read", reply, |fs| fs.read(fh.0, offset, size), |d| reply
             .data(&d))
     }

@@ -398,6 +398,89 @@ impl Fs {
         self.blocks_of(key, base, blocks, None).await
     }
 
+    /// Starts the read-ahead of a streaming read of `blocks` (handle `fh`, `window` chunks past the last one
+    /// the read needs) and returns the chunks held for the read and its window.
+    fn read_ahead(
+        &self,
+        key: &str,
+        v: &Version,
+        blocks: &Range<u64>,
+        fh: u64,
+        window: u64,
+    ) -> HashMap<u64, ChunkFuture> {
+        let cb = self.reader.chunk_blocks(v.codec.block_size());
+        let (first, needed) = (blocks.start / cb, (blocks.end - 1) / cb);
+        let mut chunks = HashMap::new();
+        // In bytes too: a file of larger blocks than the mount's has larger chunks, so fewer of them.
+        let window_bytes = self.reader.max_window * self.reader.chunk_bytes;
+        let window = window.min(window_bytes / (cb * v.codec.block_size().get()));
+        let n = v.codec.block_count(v.plain_size);
+        // The kernel's read-ahead sends reads concurrently and they arrive out of order: one just behind this
+        // read may still need the previous chunk, which would otherwise be fetched again.
+        self.reader.passed(fh, v.id, first.saturating_sub(1));
+        for c in first..=needed + window {
+            if c * cb >= n {
+                break;
+            }
+            match self.ensure_chunk(key, v, c, n) {
+                Chunk::Held(f) => {
+                    chunks.insert(c, f);
+                }
+                Chunk::Cached => {}
+                // A chunk this read needs is fetched by the caller, just its blocks; the window waits for room.
+                Chunk::NoRoom if c <= needed => {}
+                Chunk::NoRoom => break,
+            }
+        }
+        chunks
+    }
+
+    /// [`read`](Self::read) answered on the calling thread (a FUSE thread) when nothing in it waits: the file has
+    /// no unsaved changes and its state is free, and every block asked for is in the block cache or in a
+    /// read-ahead chunk already fetched. The read-ahead goes on as `read` keeps it going (the caller enters the
+    /// runtime's context: chunks are fetched by tasks). `None`: take the async path, which then counts the read
+    /// in the handle's streak (this counts it only when it answers).
+    pub fn read_inline(&self, fh: u64, offset: u64, size: u32) -> Option<FsResult<Bytes>> {
+        let h = self.handle(fh).ok()?;
+        let (base, key) = {
+            let st = h.file.state.try_lock().ok()?;
+            let base = st.base.as_ref()?;
+            let clean = st.dirty.is_empty() && st.base_valid == base.plain_size && st.size == base.plain_size;
+            if !clean {
+                return None;
+            }
+            (base.clone(), st.key.clone())
+        };
+        if offset >= base.plain_size || size == 0 {
+            return Some(Ok(Bytes::new()));
+        }
+        let end = (offset + u64::from(size)).min(base.plain_size);
+        let blocks = format::blocks_touching(offset, end - offset, base.codec.block_size());
+        let got = self.blocks_ready(&base, blocks.clone())?;
+        let window = self.reader.window(h.streak(offset, end));
+        if window > 0 {
+            self.read_ahead(&key, &base, &blocks, fh, window);
+        }
+        Some(Ok(assemble(&got, blocks.start, base.codec.block_len(), offset, end)))
+    }
+
+    /// Blocks `blocks` of `v` if each one is at hand without waiting (block cache, or a chunk whose GET has
+    /// ended and opened it), else `None` (a block that failed to open is left to the async path, which reports it).
+    fn blocks_ready(&self, v: &Version, blocks: Range<u64>) -> Option<Vec<Block>> {
+        let mut got: Vec<Option<Block>> = blocks.clone().map(|i| self.cache.get(v.id, i)).collect();
+        if got.iter().any(Option::is_none) {
+            let cb = self.reader.chunk_blocks(v.codec.block_size());
+            let held = lock(&self.reader.chunks);
+            for (i, slot) in blocks.zip(got.iter_mut()).filter(|(_, b)| b.is_none()) {
+                let e = held.map.get(&(v.id, i / cb)).filter(|e| e.serves(&v.etag))?;
+                let run = e.fut.peek()?.as_ref().ok()?;
+                let k = i.checked_sub(run.first)?;
+                *slot = Some(run.blocks.get(k as usize)?.clone().ok()?);
+            }
+        }
+        got.into_iter().collect()
+    }
+
     /// `blocks` of `v`: from the cache, from read-ahead chunks (for a `stream`, handle `fh` reading
     /// sequentially with a `window` of chunks ahead, started first), or by one GET per run of missing blocks.
     /// Blocks fetched for this read alone enter the cache; read-ahead chunks are held in their own map until the
@@ -414,27 +497,7 @@ impl Fs {
         let mut chunks: HashMap<u64, ChunkFuture> = HashMap::new();
         let (first, needed) = (blocks.start / cb, (blocks.end - 1) / cb);
         if let Some((fh, window)) = stream {
-            // In bytes too: a file of larger blocks than the mount's has larger chunks, so fewer of them.
-            let window_bytes = self.reader.max_window * self.reader.chunk_bytes;
-            let window = window.min(window_bytes / (cb * v.codec.block_size().get()));
-            let n = v.codec.block_count(v.plain_size);
-            // The kernel's read-ahead sends reads concurrently and they arrive out of order: one just behind
-            // this read may still need the previous chunk, which would otherwise be fetched again.
-            self.reader.passed(fh, v.id, first.saturating_sub(1));
-            for c in first..=needed + window {
-                if c * cb >= n {
-                    break;
-                }
-                match self.ensure_chunk(key, v, c, n) {
-                    Chunk::Held(f) => {
-                        chunks.insert(c, f);
-                    }
-                    Chunk::Cached => {}
-                    // A chunk this read needs is fetched below, just its blocks; the window waits for room.
-                    Chunk::NoRoom if c <= needed => {}
-                    Chunk::NoRoom => break,
-                }
-            }
+            chunks = self.read_ahead(key, v, &blocks, fh, window);
         } else {
             // Not (yet, or any more) a sequential streak: no new chunks, but blocks a chunk already holds or is
             // fetching are taken from it rather than fetched a second time.

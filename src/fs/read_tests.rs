@@ -439,3 +439,77 @@ async fn a_chunk_in_flight_under_an_old_etag_is_not_reused() {
         fs.release(fh).await.unwrap();
     }
 }
+
+/// [`Fs::read_inline`] as a FUSE thread calls it: on a thread that may block, inside the runtime's context.
+async fn inline_read(fs: &Arc<Fs>, fh: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
+    let fs = fs.clone();
+    tokio::task::spawn_blocking(move || fs.read_inline(fh, offset, size))
+        .await
+        .unwrap()
+        .map(|r| r.unwrap().to_vec())
+}
+
+/// A read is answered inline only from what is at hand: the block cache, or a read-ahead chunk already fetched.
+/// Anything else (blocks not fetched yet, a busy state, unsaved changes) takes the async path with no request
+/// sent and no read counted in the streak; what is answered inline is the right bytes, and keeps the
+/// read-ahead going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_answered_inline_only_from_blocks_at_hand() {
+    for mode in [KeyMode::CseLocal, KeyMode::SseS3] {
+        let (_dir, store, fs, ino, content) = setup(mode).await;
+        let fh = fs.open(ino, false, false).await.unwrap();
+        let gets = store.stats().count(OpKind::Get);
+        assert!(
+            inline_read(&fs, fh, 0, 2 * B as u32).await.is_none(),
+            "{mode}: nothing fetched yet"
+        );
+        assert_eq!(
+            store.stats().count(OpKind::Get),
+            gets,
+            "{mode}: the inline path sent no GET"
+        );
+        // The first read (not a streak) fetches its own blocks into the block cache: read inline again after.
+        expect(&content, 0, 2 * B as u32, &read_at(&fs, fh, 0, 2 * B as u32).await);
+        let again = inline_read(&fs, fh, 100, 1000)
+            .await
+            .expect("cached blocks are answered inline");
+        expect(&content, 100, 1000, &again);
+        // A sequential streak: the read-ahead fetches chunks ahead; once fetched, their blocks are answered
+        // inline, and each inline read keeps the read-ahead going, to the end of the file.
+        let mut offset = 2 * B;
+        let (mut inline, mut waited) = (0, 0);
+        while offset < content.len() as u64 {
+            let got = match inline_read(&fs, fh, offset, B as u32).await {
+                Some(got) => {
+                    inline += 1;
+                    got
+                }
+                None => {
+                    waited += 1;
+                    read_at(&fs, fh, offset, B as u32).await
+                }
+            };
+            expect(&content, offset, B as u32, &got);
+            offset += B;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(
+            inline > waited,
+            "{mode}: {inline} reads inline, {waited} on the async path"
+        );
+        fs.release(fh).await.unwrap();
+        // Unsaved changes, or a busy state: the async path.
+        let fh = fs.open(ino, true, false).await.unwrap();
+        {
+            let file = fs.open_state(ino).unwrap();
+            let _busy = file.state.lock().await;
+            assert!(
+                inline_read(&fs, fh, 0, 100).await.is_none(),
+                "{mode}: the state was held"
+            );
+        }
+        fs.write(fh, 10, b"changed").await.unwrap();
+        assert!(inline_read(&fs, fh, 0, 100).await.is_none(), "{mode}: unsaved changes");
+        fs.release(fh).await.unwrap();
+    }
+}
