@@ -104,15 +104,26 @@ impl BlockCache {
     /// The block if cached; counted as a hit or a miss. A block found is copied out of a shared buffer (see the
     /// module comment).
     pub fn get(&self, version: u64, index: u64) -> Option<Block> {
-        let found = self.lock().get_mut(&(version, index)).map(|block| {
+        let found = self.find(version, index);
+        self.count(found.is_some());
+        found
+    }
+
+    /// [`get`](Self::get) without counting: for a lookup that may be made again by another path (the reads
+    /// answered on a FUSE thread count theirs with [`count`](Self::count) only when they answer).
+    pub fn find(&self, version: u64, index: u64) -> Option<Block> {
+        self.lock().get_mut(&(version, index)).map(|block| {
             if block.pins_more() {
                 *block = Block::owned(block.to_vec());
             }
             block.clone()
-        });
-        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        })
+    }
+
+    /// Counts one lookup as a hit or a miss.
+    pub fn count(&self, hit: bool) {
+        let counter = if hit { &self.hits } else { &self.misses };
         counter.fetch_add(1, Ordering::Relaxed);
-        found
     }
 
     /// (hits, misses, bytes held).

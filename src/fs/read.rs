@@ -466,9 +466,13 @@ impl Fs {
 
     /// Blocks `blocks` of `v` if each one is at hand without waiting (block cache, or a chunk whose GET has
     /// ended and opened it), else `None` (a block that failed to open is left to the async path, which reports it).
+    ///
+    /// The block cache's hits and misses are counted only when every block is at hand: a read handed back is
+    /// looked up again, and counted, by the async path.
     fn blocks_ready(&self, v: &Version, blocks: Range<u64>) -> Option<Vec<Block>> {
-        let mut got: Vec<Option<Block>> = blocks.clone().map(|i| self.cache.get(v.id, i)).collect();
-        if got.iter().any(Option::is_none) {
+        let mut got: Vec<Option<Block>> = blocks.clone().map(|i| self.cache.find(v.id, i)).collect();
+        let cached: Vec<bool> = got.iter().map(Option::is_some).collect();
+        if cached.contains(&false) {
             let cb = self.reader.chunk_blocks(v.codec.block_size());
             let held = lock(&self.reader.chunks);
             for (i, slot) in blocks.zip(got.iter_mut()).filter(|(_, b)| b.is_none()) {
@@ -478,6 +482,7 @@ impl Fs {
                 *slot = Some(run.blocks.get(k as usize)?.clone().ok()?);
             }
         }
+        cached.into_iter().for_each(|hit| self.cache.count(hit));
         got.into_iter().collect()
     }
 
