@@ -2,7 +2,8 @@
 //!
 //! Each callback moves its `Reply*` into a task on the tokio runtime, calls the asynchronous core and answers
 //! with the result or the error's errno: exactly one answer per request on every path, and no callback blocks
-//! a FUSE thread on S3. Directory listings are taken once at `opendir` and served by offset from the handle.
+//! a FUSE thread on S3. A read, write or getxattr that waits for nothing but memory or the local journal is
+//! answered on the FUSE thread itself (`Fs::read_inline`, `Fs::write_inline`, `Fs::getxattr_inline`). Directory listings are taken once at `opendir` and served by offset from the handle.
 use crate::fs::{Attr, Fs, FsError, InlineWrite, Kind, WriteData};
 use crate::metrics::Metrics;
 use fuser::{
@@ -160,21 +161,28 @@ fn placeholder_ino(parent: u64, name: &str) -> u64 {
     h.finish() | (1 << 63)
 }
 
-/// Runs one request on tokio: calls the core, answers with the result or the errno, and records the request's
-/// operation name `$op`, outcome and duration in the metrics.
+/// Answers a request with `$result` (the value through `$done`, or the errno) and records its operation name
+/// `$op`, outcome and time since `$started` in the metrics.
+macro_rules! answer {
+    ($metrics:expr, $op:literal, $started:expr, $reply:ident, $result:expr, |$ok:ident| $done:expr) => {{
+        let result = $result;
+        $metrics.fuse_request($op, result.is_ok(), $started.elapsed());
+        match result {
+            Ok($ok) => $done,
+            Err(e) => $reply.error(errno(&e)),
+        }
+    }};
+}
+
+/// Runs one request on tokio: calls the core and [`answer!`]s with its result.
 macro_rules! run {
     ($self:ident, $op:literal, $reply:ident, |$fs:ident| $body:expr, |$ok:ident| $done:expr) => {{
         let $fs = $self.fs.clone();
         let metrics = $self.metrics.clone();
         let started = std::time::Instant::now();
-        $self.rt.spawn(async move {
-            let result = $body.await;
-            metrics.fuse_request($op, result.is_ok(), started.elapsed());
-            match result {
-                Ok($ok) => $done,
-                Err(e) => $reply.error(errno(&e)),
-            }
-        });
+        $self
+            .rt
+            .spawn(async move { answer!(metrics, $op, started, $reply, $body.await, |$ok| $done) });
     }};
 }
 
@@ -390,11 +398,7 @@ impl Filesystem for FuseAdapter {
             self.fs.read_inline(fh.0, offset, size)
         };
         if let Some(result) = inline {
-            self.metrics.fuse_request("read", result.is_ok(), started.elapsed());
-            return match result {
-                Ok(d) => reply.data(&d),
-                Err(e) => reply.error(errno(&e)),
-            };
+            return answer!(self.metrics, "read", started, reply, result, |d| reply.data(&d));
         }
         run!(self, "read", reply, |fs| fs.read(fh.0, offset, size), |d| reply
             .data(&d))
@@ -421,11 +425,7 @@ impl Filesystem for FuseAdapter {
             let _rt = self.rt.enter();
             match self.fs.write_inline(fh.0, offset, data) {
                 Ok(InlineWrite::Done(result)) => {
-                    self.metrics.fuse_request("write", result.is_ok(), started.elapsed());
-                    return match result {
-                        Ok(n) => reply.written(n),
-                        Err(e) => reply.error(errno(&e)),
-                    };
+                    return answer!(self.metrics, "write", started, reply, result, |n| reply.written(n));
                 }
                 Ok(InlineWrite::Held(held)) => {
                     return run!(self, "write", reply, |fs| fs.hold(held), |n| reply.written(n));
@@ -601,11 +601,9 @@ impl Filesystem for FuseAdapter {
         };
         let started = std::time::Instant::now();
         if let Some(result) = self.fs.getxattr_inline(ino.0, &name) {
-            self.metrics.fuse_request("getxattr", result.is_ok(), started.elapsed());
-            return match result {
-                Ok(v) => xattr_reply(reply, size, &v),
-                Err(e) => reply.error(errno(&e)),
-            };
+            return answer!(self.metrics, "getxattr", started, reply, result, |v| xattr_reply(
+                reply, size, &v
+            ));
         }
         run!(
             self,

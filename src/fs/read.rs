@@ -313,18 +313,10 @@ impl Fs {
         window: &mut Option<u64>,
     ) -> FsResult<Bytes> {
         let st = h.file.state.lock().await;
-        let clean = st.dirty.is_empty()
-            && st
-                .base
-                .as_ref()
-                .is_some_and(|b| st.base_valid == b.plain_size && st.size == b.plain_size);
-        if !clean {
+        let Some(base) = st.clean_base().cloned() else {
             let (file_size, bs) = (st.size, st.bs);
             drop(st);
             return self.read_modified(&h.file, file_size, bs, offset, size).await;
-        }
-        let Some(base) = st.base.clone() else {
-            return Ok(Bytes::new());
         };
         let key = st.key.clone();
         drop(st);
@@ -444,12 +436,7 @@ impl Fs {
         let h = self.handle(fh).ok()?;
         let (base, key) = {
             let st = h.file.state.try_lock().ok()?;
-            let base = st.base.as_ref()?;
-            let clean = st.dirty.is_empty() && st.base_valid == base.plain_size && st.size == base.plain_size;
-            if !clean {
-                return None;
-            }
-            (base.clone(), st.key.clone())
+            (st.clean_base()?.clone(), st.key.clone())
         };
         if offset >= base.plain_size || size == 0 {
             return Some(Ok(Bytes::new()));

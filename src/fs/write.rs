@@ -249,6 +249,13 @@ impl FileState {
         self.content_gen > self.saved_gen || self.base.is_none()
     }
 
+    /// S3's version, when the file's content is exactly it (nothing written, cut or extended since): reads
+    /// then come from the object alone.
+    pub fn clean_base(&self) -> Option<&Version> {
+        let base = self.base.as_ref()?;
+        (self.dirty.is_empty() && self.base_valid == base.plain_size && self.size == base.plain_size).then_some(base)
+    }
+
     /// Anything (content or attributes) not yet in S3.
     pub fn unsaved(&self) -> bool {
         !self.unlinked && !self.poisoned && (self.generation > self.saved_gen || self.base.is_none())
