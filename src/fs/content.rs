@@ -296,17 +296,11 @@ impl Fs {
 
     /// Writes `data` at `offset`: every touched block is sealed into the journal before this returns.
     pub(super) async fn write_at(&self, file: &Arc<OpenFile>, offset: u64, data: WriteData) -> FsResult<()> {
-        let end = offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig)?;
         let mut stale_tries = 0;
         loop {
             let (edges, base, key) = {
                 let st = file.state.lock().await;
-                if st.poisoned {
-                    return Err(FsError::Poisoned);
-                }
-                if end > Self::max_size(&st.codec) {
-                    return Err(FsError::FileTooBig);
-                }
+                let end = Self::write_end(&st, offset, data.len())?;
                 (self.edge_needs(&st, offset, end), st.base.clone(), st.key.clone())
             };
             let base_id = base.as_ref().map(|b| b.id);
@@ -395,18 +389,19 @@ impl Fs {
     /// write may have to be answered later, when the writer is far ahead of its uploads ([`hold`](Self::hold)).
     /// The caller enters the runtime's context (the write-behind may start tasks).
     pub fn write_inline(&self, fh: u64, offset: u64, data: WriteData) -> Result<InlineWrite, WriteData> {
-        let Ok(h) = self.handle(fh) else { return Err(data) };
-        if !h.writable || data.is_empty() {
+        // Anything the async path would refuse is handed back, for it to refuse with its own answer.
+        let Ok(h) = self.write_handle(fh) else { return Err(data) };
+        if data.is_empty() {
             return Err(data);
         }
         let Ok(mut st) = h.file.state.try_lock() else {
             return Err(data);
         };
         let n = data.len() as u32;
-        let Some(end) = offset.checked_add(data.len() as u64) else {
+        let Ok(end) = Self::write_end(&st, offset, data.len()) else {
             return Err(data);
         };
-        if st.poisoned || end > Self::max_size(&st.codec) || !self.edge_needs(&st, offset, end).is_empty() {
+        if !self.edge_needs(&st, offset, end).is_empty() {
             return Err(data);
         }
         let mut w = match self.prepare_write(&mut st, offset, data, Vec::new()) {

@@ -573,6 +573,15 @@ impl Fs {
         lock(&self.handles).get(&fh).cloned().ok_or(FsError::BadHandle)
     }
 
+    /// The handle a write names: EBADF unless it is open for writing.
+    pub(super) fn write_handle(&self, fh: u64) -> FsResult<Arc<Handle>> {
+        let h = self.handle(fh)?;
+        if !h.writable {
+            return Err(FsError::BadHandle);
+        }
+        Ok(h)
+    }
+
     /// Attributes of an open inode from its local state, which is fresher than S3's.
     pub(super) async fn open_attr(&self, ino: u64) -> Option<Attr> {
         let file = self.open_state(ino)?;
@@ -606,6 +615,19 @@ impl Fs {
         (S3_MAX_OBJECT / codec.stored_block_len()) * codec.block_len()
     }
 
+    /// The end of a write of `len` bytes at `offset`, if the file can take it: not poisoned, and no larger than
+    /// [`max_size`](Self::max_size).
+    pub(super) fn write_end(st: &FileState, offset: u64, len: usize) -> FsResult<u64> {
+        let end = offset.checked_add(len as u64).ok_or(FsError::FileTooBig)?;
+        if st.poisoned {
+            return Err(FsError::Poisoned);
+        }
+        if end > Self::max_size(&st.codec) {
+            return Err(FsError::FileTooBig);
+        }
+        Ok(end)
+    }
+
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         self.write_data(fh, offset, data.into()).await
     }
@@ -613,10 +635,7 @@ impl Fs {
     /// [`write`](Self::write) of bytes the caller already owns (the FUSE adapter cuts them at block boundaries
     /// with [`WriteData::cut`], so whole blocks are kept without another copy).
     pub async fn write_data(&self, fh: u64, offset: u64, data: WriteData) -> FsResult<u32> {
-        let h = self.handle(fh)?;
-        if !h.writable {
-            return Err(FsError::BadHandle);
-        }
+        let h = self.write_handle(fh)?;
         if data.is_empty() {
             return Ok(0);
         }

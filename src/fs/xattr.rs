@@ -202,11 +202,29 @@ pub fn metadata_len(meta: &Metadata) -> usize {
     meta.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
-/// Checks a name a program asked to set or read.
-fn check_name(name: &str) -> FsResult<()> {
+/// Checks a name a program asked to read: ERANGE for an empty or overlong one, before anything is fetched.
+fn check_read_name(name: &str) -> FsResult<()> {
     if name.is_empty() || name.len() > NAME_MAX {
         return Err(FsError::Range);
     }
+    Ok(())
+}
+
+/// getxattr(2)'s answer for `name` from a file's attributes.
+fn value_of(mut all: Xattrs, name: &str) -> FsResult<Vec<u8>> {
+    all.remove(name).ok_or(FsError::NoAttribute)
+}
+
+impl super::write::FileState {
+    /// The extended attributes of a file open here, from its state (which holds any change not yet in S3).
+    fn xattrs(&self) -> FsResult<Xattrs> {
+        decode(self.xattr.as_deref(), &self.codec, &self.key)
+    }
+}
+
+/// Checks a name a program asked to set or remove.
+fn check_name(name: &str) -> FsResult<()> {
+    check_read_name(name)?;
     if name.starts_with("system.") {
         return Err(FsError::NotSupported("system.* extended attributes (POSIX ACLs)"));
     }
@@ -250,10 +268,8 @@ impl XattrChange<'_> {
 impl Fs {
     /// The value of one extended attribute.
     pub async fn getxattr(&self, ino: u64, name: &str) -> FsResult<Vec<u8>> {
-        if name.is_empty() || name.len() > NAME_MAX {
-            return Err(FsError::Range);
-        }
-        self.xattrs_of(ino).await?.remove(name).ok_or(FsError::NoAttribute)
+        check_read_name(name)?;
+        value_of(self.xattrs_of(ino).await?, name)
     }
 
     /// [`getxattr`](Self::getxattr) answered on the calling thread, without waiting, for a file open here whose
@@ -261,15 +277,12 @@ impl Fs {
     /// every write into a file (to drop file capabilities), so a write's cost is two requests; this keeps the
     /// second one as cheap as the write done inline (see [`write_inline`](Self::write_inline)).
     pub fn getxattr_inline(&self, ino: u64, name: &str) -> Option<FsResult<Vec<u8>>> {
-        if name.is_empty() || name.len() > NAME_MAX {
-            return Some(Err(FsError::Range));
+        if let Err(e) = check_read_name(name) {
+            return Some(Err(e));
         }
         let file = self.open_state(ino)?;
         let st = file.state.try_lock().ok()?;
-        Some(
-            decode(st.xattr.as_deref(), &st.codec, &st.key)
-                .and_then(|mut all| all.remove(name).ok_or(FsError::NoAttribute)),
-        )
+        Some(st.xattrs().and_then(|all| value_of(all, name)))
     }
 
     /// The names of the extended attributes, each followed by a NUL (listxattr(2)'s form).
@@ -307,7 +320,7 @@ impl Fs {
 
     async fn apply_xattr_change(&self, file: &super::write::OpenFile, change: &XattrChange<'_>) -> FsResult<()> {
         let mut st = file.state.lock().await;
-        let mut set = decode(st.xattr.as_deref(), &st.codec, &st.key)?;
+        let mut set = st.xattrs()?;
         change.apply(&mut set)?;
         let stored = encode(&set, &st.codec);
         // What the next upload will send, with a token of the real length.
@@ -404,11 +417,7 @@ impl Fs {
     /// within the metadata TTL).
     async fn xattrs_of(&self, ino: u64) -> FsResult<Xattrs> {
         if let Some(file) = self.open_state(ino) {
-            let (stored, codec, key) = {
-                let st = file.state.lock().await;
-                (st.xattr.clone(), st.codec.clone(), st.key.clone())
-            };
-            return decode(stored.as_deref(), &codec, &key);
+            return file.state.lock().await.xattrs();
         }
         let attr = self.getattr(ino).await?;
         let (key, meta) = {
