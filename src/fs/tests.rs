@@ -834,7 +834,12 @@ async fn writes_are_done_inline_only_when_nothing_waits_for_s3() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FailingStore::new(MemoryStore::new()));
         let keys = mode.is_client_side().then(cse_keys);
-        let fs = Fs::new(store.clone(), keys, config(dir.path(), mode)).unwrap();
+        // The write cache holds one block: a write into an earlier block finds it in the journal.
+        let cfg = FsConfig {
+            max_dirty_bytes: 4096,
+            ..config(dir.path(), mode)
+        };
+        let fs = Fs::new(store.clone(), keys, cfg).unwrap();
         let (attr, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
         let mut content = data(20_000, 4);
         // A new file: every write, aligned or not, is done inline.
@@ -843,6 +848,17 @@ async fn writes_are_done_inline_only_when_nothing_waits_for_s3() {
                 Ok(InlineWrite::Done(Ok(n))) => assert_eq!(n as usize, piece.len(), "{mode}"),
                 _ => panic!("{mode}: piece {k} was not written inline"),
             }
+        }
+        // A piece of a block written before, which only the journal holds now: read back from it, inline.
+        let first = fs.open_state(attr.ino).unwrap().state.lock().await.source(0);
+        assert_eq!(
+            first,
+            super::content::Source::Journal,
+            "{mode}: block 0 left the write cache"
+        );
+        match inline(&fs, fh, 10, b"from the journal").await {
+            Ok(InlineWrite::Done(Ok(16))) => content[10..26].copy_from_slice(b"from the journal"),
+            _ => panic!("{mode}: a block in the journal was not written inline"),
         }
         // While the file's state is held (by an upload taking its snapshot, say), the write is handed back whole,
         // and so is a getxattr.

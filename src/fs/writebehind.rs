@@ -794,7 +794,13 @@ mod tests {
             }
         }
         assert!(held > 0, "no inline write was held while parts took 300 ms each");
-        assert!(fs.staged.held().0 >= held, "each held write is counted");
+        let (counted, timed_out) = fs.staged.held();
+        assert!(counted >= held, "each held write is counted");
+        // Parts end every 300 ms, within the 500 ms a writer is held at most: every hold ended with a part.
+        assert_eq!(
+            timed_out, 0,
+            "a held write was let go by the time limit, not by a part that ended"
+        );
         fs.release(fh).await.unwrap();
         same(&read_back(&fs, "paced").await, &content, "paced");
         no_upload_left(&store).await;
