@@ -461,7 +461,7 @@ impl Filesystem for FuseAdapter {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let dirs = self.dirs.clone();
         let fh = self.next_dir.fetch_add(1, Ordering::Relaxed);
-        run!(self, "opendir", reply, |fs| fs.readdir(ino.0), |entries| {
+        run!(self, "opendir", reply, |fs| fs.opendir(ino.0, fh), |entries| {
             let mut list = vec![
                 (ino.0, FileType::Directory, ".".to_string()),
                 (ino.0, FileType::Directory, "..".to_string()),
@@ -553,6 +553,7 @@ impl Filesystem for FuseAdapter {
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.dirs.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        self.fs.stream_closed(fh.0);
         reply.ok()
     }
 

@@ -50,6 +50,7 @@ in_two_modes!(
     a_terminal_query_on_a_file_is_enotty,
     a_long_listing_costs_about_one_head_per_file,
     a_long_listing_is_answered_by_the_directory_index,
+    a_long_listing_read_for_longer_than_the_ttl_is_still_answered_by_the_index,
     names_that_hold_s3crypt_objects_are_reserved_at_the_root,
     an_open_file_outlives_its_name,
     an_open_file_replaced_by_rename_keeps_its_content,
@@ -1354,6 +1355,58 @@ fn a_long_listing_is_answered_by_the_directory_index(mode: KeyMode) {
     m.counter.reset();
     check(&long_listing(&m.path("d")), true);
     assert_eq!(m.counter.stats().count(OpKind::Head), 2);
+}
+
+/// A long listing read for longer than `metadata_ttl` (`ls -l` of 10,000 files takes seconds) keeps the index's
+/// answers while its directory stream is open: the names and the attributes are of one moment, and the rest of
+/// the listing costs no HEAD per file. Once the stream is closed and the TTL has passed, a stat asks S3 again.
+fn a_long_listing_read_for_longer_than_the_ttl_is_still_answered_by_the_index(mode: KeyMode) {
+    // Enough names for several READDIRPLUS replies (a reply holds about 400 here).
+    const N: usize = 1000;
+    let vol = Volume::new(mode);
+    let m = listing_volume(&vol, N);
+    m.unmount();
+
+    let m = TestMount::mount_with(&vol, &["metadata_ttl=500ms"]);
+    m.counter.reset();
+    let check = |name: &std::ffi::OsStr| {
+        let md = fs::symlink_metadata(m.path("d").join(name)).unwrap();
+        let i: usize = name.to_str().unwrap()[1..].parse().unwrap();
+        assert_eq!(md.len(), i as u64, "size of {name:?}");
+        let perm = if i == 7 { 0o600 } else { 0o644 };
+        assert_eq!(md.mode() & 0o777, perm, "mode of {name:?}");
+    };
+    let mut stream = fs::read_dir(m.path("d")).unwrap();
+    let first = stream.next().unwrap().unwrap().file_name();
+    // The first reply is in; the rest of the listing is read after the TTL has passed, each name stat-ed as it
+    // comes, as `ls -l` does: the first reply's names by lookups, the later ones sent with their attributes in
+    // READDIRPLUS replies (the kernel asks for those once names of the directory are looked up). The last name
+    // is left alone for the end.
+    std::thread::sleep(Duration::from_millis(800));
+    check(&first);
+    let mut seen = 1;
+    for entry in stream.by_ref() {
+        let name = entry.unwrap().file_name();
+        seen += 1;
+        if name != "f0999" {
+            check(&name);
+        }
+    }
+    assert_eq!(seen, N);
+    let heads = m.counter.stats().count(OpKind::Head);
+    // The directory's own lookups (a HEAD of its name and of its marker each time its TTL runs out) and nothing
+    // per file: without the stream's answers, a thousand.
+    assert!(heads < 20, "{heads} HEADs for a listing the index answers");
+    assert_eq!(m.fs.stats().lookups_indexed, N as u64);
+
+    // Closed, and past the TTL: the index's answer for the last name is not used any more.
+    drop(stream);
+    std::thread::sleep(Duration::from_millis(800));
+    fs::metadata(m.path("d")).unwrap();
+    m.counter.reset();
+    check(std::ffi::OsStr::new("f0999"));
+    let heads = m.counter.stats().count(OpKind::Head);
+    assert_eq!(heads, 1, "a stat past the TTL of a closed listing asks S3");
 }
 
 /// The volume descriptor and the directory indexes live at the mount's root under names no entry may take there:

@@ -229,6 +229,19 @@ impl Fs {
     /// Lists a directory: S3's listing with a delimiter, plus files created here and not uploaded yet. Sizes and
     /// kinds come from the listing, with no HEAD per entry.
     pub async fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        Ok(self.list_dir(ino).await?.0)
+    }
+
+    /// [`readdir`](Self::readdir) for directory stream `fh` (opendir): the stream is counted open, on the listing
+    /// made here, until [`stream_closed`](Self::stream_closed).
+    pub async fn opendir(&self, ino: u64, fh: u64) -> FsResult<Vec<DirEntry>> {
+        let (entries, listed) = self.list_dir(ino).await?;
+        self.stream_opened(fh, ino, listed);
+        Ok(entries)
+    }
+
+    /// The entries of directory `ino` and when S3's listing of them ended.
+    async fn list_dir(&self, ino: u64) -> FsResult<(Vec<DirEntry>, std::time::Instant)> {
         let path = self.dir_path(ino)?;
         let prefix = self.dir_prefix(&path);
         let mut names: Vec<(String, Kind)> = Vec::new();
@@ -275,9 +288,10 @@ impl Fs {
             .map(|(n, _)| n.as_str())
             .collect();
         files.retain(|f| !dirs.contains(f.name.as_str()));
-        self.note_listing(ino, files);
+        let listed = std::time::Instant::now();
+        self.note_listing(ino, files, listed);
         let t = lock(&self.inodes);
-        Ok(names
+        let entries = names
             .into_iter()
             .map(|(name, kind)| {
                 let known = t
@@ -289,7 +303,8 @@ impl Fs {
                     name,
                 }
             })
-            .collect())
+            .collect();
+        Ok((entries, listed))
     }
 
     pub async fn mkdir(&self, parent: u64, name: &str, perm: u16, uid: u32, gid: u32) -> FsResult<Attr> {

@@ -16,7 +16,10 @@
 //!
 //! Memory stays bounded whatever the directory holds: the names of at most [`RECENT_LISTINGS`] listings, at most
 //! [`MAX_NAMES`] of each, and at most [`READY_CAP`] answers waiting for their lookup (an LRU: an answer nobody
-//! takes is dropped, and its lookup asks S3 itself). Answers are used only within the metadata TTL.
+//! takes is dropped, and its lookup asks S3 itself). Answers are used within the metadata TTL, and past it only
+//! while a stream of their directory opened before them is being read, for at most [`STREAM_ANSWER_MAX`]: the
+//! names of a long listing read for longer than the TTL come with attributes of the same moment (see
+//! [`Fs::answer_fresh`]). Open streams are held by handle, one entry each, until releasedir.
 use super::dirindex::{self, Listed};
 use super::{lock, Fs};
 use crate::store::{ObjectInfo, StoreError};
@@ -25,7 +28,7 @@ use lru::LruCache;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// HEADs in flight for one directory's prefetch.
@@ -36,6 +39,8 @@ const RECENT_LISTINGS: usize = 4;
 const MAX_NAMES: usize = 65_536;
 /// Answers waiting for their lookup.
 const READY_CAP: usize = 65_536;
+/// The oldest answer sent for a directory whose stream is still being read (see [`Fs::answer_fresh`]).
+const STREAM_ANSWER_MAX: Duration = Duration::from_secs(60);
 
 type Name = (u64, String);
 
@@ -56,6 +61,8 @@ pub struct Prefetcher {
     inflight: Mutex<HashMap<Name, watch::Receiver<bool>>>,
     /// Directories whose attribute index is being read: their lookups wait for it.
     loading: Mutex<HashMap<u64, watch::Receiver<bool>>>,
+    /// Open directory streams (by handle): the directory and when the listing they read was made.
+    streams: Mutex<HashMap<u64, (u64, Instant)>>,
 }
 
 impl Default for Prefetcher {
@@ -65,13 +72,41 @@ impl Default for Prefetcher {
             ready: Mutex::new(LruCache::new(NonZeroUsize::new(READY_CAP).expect("non-zero"))),
             inflight: Mutex::new(HashMap::new()),
             loading: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
         }
     }
 }
 
 impl Fs {
-    /// Remembers the files a listing of `dir` showed (the candidates of a later prefetch).
-    pub(super) fn note_listing(&self, dir: u64, mut files: Vec<Listed>) {
+    /// Directory stream `fh` reads the listing of `dir` made at `listed` (see [`answer_fresh`](Self::answer_fresh)).
+    pub(super) fn stream_opened(&self, fh: u64, dir: u64, listed: Instant) {
+        lock(&self.prefetch.streams).insert(fh, (dir, listed));
+    }
+
+    /// Directory stream `fh` is closed (releasedir).
+    pub fn stream_closed(&self, fh: u64) {
+        lock(&self.prefetch.streams).remove(&fh);
+    }
+
+    /// Whether an answer about a file of `parent` obtained at `at` (from the directory's index, checked against a
+    /// listing, or from a HEAD) may still be given. Within `metadata_ttl`, always. Past it, only while a stream of
+    /// `parent` opened on a listing made no later than `at` is still open, and for at most
+    /// [`STREAM_ANSWER_MAX`]: the stream's names are as old as that listing, and the answer is as new as they
+    /// are, so a long listing that takes longer than the TTL to read (`ls -l` of 10,000 files takes seconds)
+    /// gets names and attributes of one moment instead of a HEAD per file for the rest of it.
+    fn answer_fresh(&self, parent: u64, at: Instant) -> bool {
+        let (ttl, age) = (self.cfg.metadata_ttl, at.elapsed());
+        if ttl.is_zero() || age < ttl {
+            return !ttl.is_zero();
+        }
+        age < STREAM_ANSWER_MAX
+            && lock(&self.prefetch.streams)
+                .values()
+                .any(|(dir, listed)| *dir == parent && *listed <= at)
+    }
+
+    /// Remembers the files a listing of `dir`, made at `at`, showed (the candidates of a later prefetch).
+    pub(super) fn note_listing(&self, dir: u64, mut files: Vec<Listed>, at: Instant) {
         if self.cfg.metadata_ttl.is_zero() {
             return;
         }
@@ -83,7 +118,7 @@ impl Fs {
         }
         l.push_back(Listing {
             dir,
-            at: Instant::now(),
+            at,
             files,
             index_read: false,
             indexed: HashSet::new(),
@@ -102,7 +137,7 @@ impl Fs {
             let _ = rx.wait_for(|done| *done).await;
         }
         let (info, at) = lock(&self.prefetch.ready).pop(&key)?;
-        let fresh = at.elapsed() < self.cfg.metadata_ttl;
+        let fresh = self.answer_fresh(parent, at);
         if fresh {
             self.counters.lookup_prefetched();
         }
@@ -235,7 +270,7 @@ impl Fs {
         // inode dropped), and the kernel's next request starts with it.
         let key = (parent, name.to_string());
         let info = match lock(&self.prefetch.ready).peek(&key) {
-            Some((info, at)) if at.elapsed() < self.cfg.metadata_ttl => info.clone(),
+            Some((info, at)) if self.answer_fresh(parent, *at) => info.clone(),
             _ => return None,
         };
         let attr = self.record_object(parent, name, info).ok()?;
