@@ -55,6 +55,7 @@ in_two_modes!(
     an_open_file_outlives_its_name,
     an_open_file_replaced_by_rename_keeps_its_content,
     an_unlink_that_would_fill_the_staging_disk_keeps_only_what_the_mount_holds,
+    a_full_staging_disk_fails_the_write_with_enospc_and_keeps_what_was_written,
     set_group_id_directories_pass_their_group_down,
 );
 
@@ -137,7 +138,11 @@ fn journal_files(vol: &Volume) -> Vec<std::path::PathBuf> {
     if let Ok(volumes) = fs::read_dir(vol.dir.path().join("journal")) {
         for d in volumes.flatten() {
             if let Ok(rd) = fs::read_dir(d.path()) {
-                out.extend(rd.flatten().map(|e| e.path()).filter(|p| !p.ends_with("journal.key")));
+                out.extend(
+                    rd.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| !p.ends_with("journal.key") && !p.ends_with("reserve")),
+                );
             }
         }
     }
@@ -286,6 +291,59 @@ fn an_unlink_that_would_fill_the_staging_disk_keeps_only_what_the_mount_holds(mo
     m.unmount();
     let m = TestMount::mount(&vol);
     assert_eq!(errno_of(fs::metadata(m.path("big"))), libc::ENOENT);
+}
+
+/// A write the journal has no room for fails with ENOSPC (write(2): "The device containing the file referred to
+/// by fd has no room for the data"), and only that write: the writes acknowledged before it are in the file,
+/// close() saves them to S3, and once the journal's room is free again the mount writes as before.
+fn a_full_staging_disk_fails_the_write_with_enospc_and_keeps_what_was_written(mode: KeyMode) {
+    use std::os::unix::fs::FileExt;
+    const MIB: usize = 1024 * 1024;
+    let vol = Volume::new(mode);
+    let small = small_tmpfs("4m");
+    let staging = format!("staging_dir={}", small.0.path().display());
+    let m = TestMount::mount_with(&vol, &[&staging]);
+    let want = common::mount::pattern(8 * MIB, 5);
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(m.path("f"))
+        .unwrap();
+    let mut written = 0;
+    let err = loop {
+        assert!(written < want.len(), "8 MiB fitted a 4 MiB journal");
+        match f.write_all_at(&want[written..written + MIB], written as u64) {
+            Ok(()) => written += MIB,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(written >= MIB, "no write fitted");
+    // The failed write left nothing of itself: the file is what was acknowledged.
+    assert_eq!(f.metadata().unwrap().len(), written as u64);
+    drop_page_cache(&f);
+    assert!(
+        read_all_at(&f, written) == want[..written],
+        "the acknowledged writes read back"
+    );
+    f.sync_all().unwrap();
+    drop(f);
+    assert!(fs::read(m.path("f")).unwrap() == want[..written]);
+    // Saved, the journal's room is free again: a write of the same size fits, and the reserve that let the
+    // upload rewrite its manifest on the full disk is back.
+    write_file(&m.path("g"), &want[..written]).unwrap();
+    let reserve = fs::read_dir(small.0.path().join("journal"))
+        .unwrap()
+        .flatten()
+        .map(|d| d.path().join("reserve"))
+        .find(|p| p.exists())
+        .expect("the journal's reserve is there again");
+    assert_eq!(fs::metadata(reserve).unwrap().blocks() * 512, 1 << 20);
+    m.unmount();
+    let m = TestMount::mount(&vol);
+    assert!(fs::read(m.path("f")).unwrap() == want[..written], "in S3");
+    assert!(fs::read(m.path("g")).unwrap() == want[..written], "in S3");
 }
 
 /// rename(2): "If newpath already exists, it will be atomically replaced"; a process that has the replaced file

@@ -51,6 +51,15 @@
 //! fails with no copy to restore it from is one that was being written for the first time, whose write never
 //! returned: the log names it, and the block reads as before that write. Writes into a journal are serialised,
 //! so the redo file only ever needs the last one.
+//!
+//! # A full staging disk
+//! A write the disk has no room for fails with ENOSPC and leaves the entry as it was (the slots it may have half
+//! written are past the recorded size, or fail to authenticate). Saving what was written before it still needs a
+//! little room: each upload rewrites the manifest (its token, its multipart upload id). So the volume's journal
+//! directory keeps a reserve, the file `reserve` ([`RESERVE_FILE`]) of [`RESERVE_BYTES`] allocated when the journal is opened: a
+//! manifest write that finds the disk full releases it and tries again, so that uploads can go on and empty the
+//! journal. The reserve is taken again once an entry is removed (best effort: a disk still full leaves it
+//! released until then).
 use crate::format::{self, BlockCipher, BlockSize, DataKey, FileId};
 use crate::store::Metadata;
 use rand::RngCore;
@@ -68,6 +77,11 @@ const ORPHAN_MIN_AGE: Duration = Duration::from_secs(60);
 const SIZE_RECORD: usize = 16;
 /// Bytes of the redo file's header: the first block and the count of slots that follow.
 const REDO_HEADER: usize = 16;
+/// Bytes kept allocated in the journal directory for manifest writes when the disk is full (see the module's
+/// "A full staging disk").
+pub const RESERVE_BYTES: u64 = 1 << 20;
+/// The reserve's file name in the journal directory.
+pub const RESERVE_FILE: &str = "reserve";
 /// Runs of at least this many blocks are sealed on two threads (a thread costs tens of microseconds; sealing
 /// eight 4 KiB blocks about as much).
 const PARALLEL_SEAL_BLOCKS: usize = 8;
@@ -77,6 +91,59 @@ const PARALLEL_SEAL_BLOCKS: usize = 8;
 pub struct JournalRoot {
     dir: PathBuf,
     key: DataKey,
+    reserve: std::sync::Arc<Reserve>,
+}
+
+/// The room a journal directory keeps for manifest writes on a full disk (the file `reserve`).
+#[derive(Debug)]
+struct Reserve {
+    path: PathBuf,
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl Reserve {
+    /// Allocates the reserve if it is not held; a disk without the room leaves it released (logged).
+    fn take(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.held.load(SeqCst) {
+            return;
+        }
+        let allocated = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&self.path)
+            .and_then(|f| {
+                use std::os::fd::AsRawFd;
+                // SAFETY: posix_fallocate on a descriptor this closure owns; no memory is passed.
+                match unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, RESERVE_BYTES as libc::off_t) } {
+                    0 => Ok(()),
+                    err => Err(io::Error::from_raw_os_error(err)),
+                }
+            });
+        match allocated {
+            Ok(()) => self.held.store(true, SeqCst),
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.path);
+                log::warn!(
+                    "journal: no room for its {} KiB reserve in {} ({e}); uploads need a little room to go on \
+                     when the staging disk is full",
+                    RESERVE_BYTES >> 10,
+                    self.path.display()
+                );
+            }
+        }
+    }
+
+    /// Frees the reserve; false if it was not held.
+    fn release(&self) -> bool {
+        if !self.held.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        let _ = std::fs::remove_file(&self.path);
+        true
+    }
 }
 
 impl std::fmt::Debug for JournalRoot {
@@ -104,7 +171,12 @@ impl JournalRoot {
             Some(k) => k,
             None => local_key(&dir.join("journal.key"))?,
         };
-        Ok(JournalRoot { dir, key })
+        let reserve = std::sync::Arc::new(Reserve {
+            path: dir.join(RESERVE_FILE),
+            held: std::sync::atomic::AtomicBool::new(false),
+        });
+        reserve.take();
+        Ok(JournalRoot { dir, key, reserve })
     }
 
     pub fn dir(&self) -> &Path {
@@ -128,7 +200,7 @@ impl JournalRoot {
         manifest.object_format = object_format;
         manifest.block_size = bs.get();
         let fid = manifest.journal_file_id.clone();
-        let j = Journal::open_files(&self.dir, &entry, cipher, object_format, fid, bs, true)?;
+        let j = Journal::open_files(self, &entry, cipher, object_format, fid, bs, true)?;
         j.save_manifest(manifest)?;
         Ok(j)
     }
@@ -219,7 +291,7 @@ impl JournalRoot {
             BlockCipher::new(&self.key, fid)
         };
         let fid = m.journal_file_id.clone();
-        let j = Journal::open_files(&self.dir, id, cipher, m.object_format, fid, bs, false)?;
+        let j = Journal::open_files(self, id, cipher, m.object_format, fid, bs, false)?;
         j.seq.store(m.seq, std::sync::atomic::Ordering::Relaxed);
         Ok(j)
     }
@@ -450,6 +522,8 @@ pub struct Journal {
     writing: std::sync::Mutex<()>,
     /// The file was unlinked: the manifest is gone and is not written again (see [`Journal::orphan`]).
     orphaned: std::sync::atomic::AtomicBool,
+    /// The journal directory's reserve (see the module's "A full staging disk").
+    reserve: std::sync::Arc<Reserve>,
     /// The size the manifest on disk named at the last cut.
     #[cfg(test)]
     pub(super) size_at_cut: std::sync::Mutex<Option<u64>>,
@@ -463,7 +537,7 @@ impl std::fmt::Debug for Journal {
 
 impl Journal {
     fn open_files(
-        dir: &Path,
+        root: &JournalRoot,
         id: &str,
         cipher: BlockCipher,
         object_format: bool,
@@ -471,6 +545,7 @@ impl Journal {
         bs: BlockSize,
         new: bool,
     ) -> io::Result<Journal> {
+        let dir = &root.dir;
         let open = |ext: &str, append: bool| {
             let mut o = OpenOptions::new();
             o.read(true).mode(0o600).create(new);
@@ -514,6 +589,7 @@ impl Journal {
             stored_len,
             seq: std::sync::atomic::AtomicU64::new(0),
             orphaned: std::sync::atomic::AtomicBool::new(false),
+            reserve: root.reserve.clone(),
             #[cfg(test)]
             size_at_cut: Default::default(),
         })
@@ -710,10 +786,25 @@ impl Journal {
 
     /// Writes `m` (with the next seq) over the manifest, then clears the sizes file (its records are now stale).
     /// Does nothing for an orphaned entry.
+    /// On a full disk the directory's reserve is released and the write tried once more.
     pub fn save_manifest(&self, m: &mut Manifest) -> io::Result<()> {
         if self.orphaned.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
+        match self.write_manifest(m) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && self.reserve.release() => {
+                log::warn!(
+                    "journal: the staging disk {} is full; its reserve is released so that uploads can go on and \
+                     empty it",
+                    self.dir.display()
+                );
+                self.write_manifest(m)
+            }
+            r => r,
+        }
+    }
+
+    fn write_manifest(&self, m: &mut Manifest) -> io::Result<()> {
         m.seq = self.seq.load(std::sync::atomic::Ordering::Relaxed) + 1;
         m.block_size = self.bs.get();
         m.object_format = self.object_format;
@@ -813,6 +904,8 @@ impl Journal {
             &self.id,
             &["manifest", "sizes", "redo", "manifest.tmp", "blocks"],
         );
+        // The room freed may give the reserve back.
+        self.reserve.take();
     }
 
     pub fn block_size(&self) -> BlockSize {

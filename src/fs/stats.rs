@@ -100,11 +100,13 @@ impl Fs {
     }
 }
 
-/// The total size of the files under `dir` (0 if it cannot be read).
+/// The total size of the files under `dir` (0 if it cannot be read), but for the journal's reserve, which holds
+/// no data.
 fn dir_bytes(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     entries
         .flatten()
+        .filter(|e| e.file_name() != super::journal::RESERVE_FILE)
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => dir_bytes(&e.path()),
             Ok(_) => e
