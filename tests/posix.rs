@@ -1193,17 +1193,22 @@ fn listing_volume(vol: &Volume, n: usize) -> TestMount {
     m
 }
 
+/// A [`listing_volume`] of `n` files whose mount has ended (its directory index written), mounted afresh with
+/// `option`, the request counter at zero.
+fn cold_listing(mode: KeyMode, n: usize, option: &str) -> (Volume, TestMount) {
+    let vol = Volume::new(mode);
+    listing_volume(&vol, n).unmount();
+    let m = TestMount::mount_with(&vol, &[option]);
+    m.counter.reset();
+    (vol, m)
+}
+
 /// `ls -l` of a cold directory: one LIST per 1,000 names and about one HEAD per file (sent in parallel ahead of
 /// the lookups); `find -type f` only the LISTs. The attributes shown are the files' own.
 fn a_long_listing_costs_about_one_head_per_file(mode: KeyMode) {
     // Enough names for several READDIRPLUS replies (a reply holds about 400 here).
     const N: usize = 1000;
-    let vol = Volume::new(mode);
-    let m = listing_volume(&vol, N);
-    m.unmount();
-
-    let m = TestMount::mount_with(&vol, &["metadata_ttl=60s"]);
-    m.counter.reset();
+    let (vol, m) = cold_listing(mode, N, "metadata_ttl=60s");
     let out = std::process::Command::new("find")
         .arg(m.path("d"))
         .args(["-type", "f"])
@@ -1421,12 +1426,7 @@ fn a_long_listing_is_answered_by_the_directory_index(mode: KeyMode) {
 fn a_long_listing_read_for_longer_than_the_ttl_is_still_answered_by_the_index(mode: KeyMode) {
     // Enough names for several READDIRPLUS replies (a reply holds about 400 here).
     const N: usize = 1000;
-    let vol = Volume::new(mode);
-    let m = listing_volume(&vol, N);
-    m.unmount();
-
-    let m = TestMount::mount_with(&vol, &["metadata_ttl=500ms"]);
-    m.counter.reset();
+    let (_vol, m) = cold_listing(mode, N, "metadata_ttl=500ms");
     let check = |name: &std::ffi::OsStr| {
         let md = fs::symlink_metadata(m.path("d").join(name)).unwrap();
         let i: usize = name.to_str().unwrap()[1..].parse().unwrap();

@@ -96,8 +96,11 @@ impl Fs {
     /// gets names and attributes of one moment instead of a HEAD per file for the rest of it.
     fn answer_fresh(&self, parent: u64, at: Instant) -> bool {
         let (ttl, age) = (self.cfg.metadata_ttl, at.elapsed());
-        if ttl.is_zero() || age < ttl {
-            return !ttl.is_zero();
+        if ttl.is_zero() {
+            return false;
+        }
+        if age < ttl {
+            return true;
         }
         age < STREAM_ANSWER_MAX
             && lock(&self.prefetch.streams)
