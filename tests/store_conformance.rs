@@ -52,6 +52,7 @@ conformance!(
     metadata_round_trip,
     conditional_put,
     multipart_with_part_copy,
+    pieces_are_the_body,
     conditional_complete,
     abort_multipart,
     listing_across_pages,
@@ -275,6 +276,67 @@ async fn multipart_with_part_copy(store: Store) {
         .await;
     assert!(matches!(too_small, Err(StoreError::InvalidRequest(_))), "{too_small:?}");
     store.abort_multipart("mp/stale", &id).await.unwrap();
+}
+
+/// A GET in the store's pieces is the GET's body, whatever parts the range crosses, with the same facts and errors.
+async fn pieces_are_the_body(store: Store) {
+    let source = random_bytes(3, 11 * MIB);
+    put(&store, "mp/source", source.clone()).await;
+    let expected = upload_mixed(&store, "pc/dest", &source, PutCondition::IfNoneMatch)
+        .await
+        .unwrap();
+    let len = expected.len() as u64;
+    let m = 5 * MIB as u64;
+    // Each range with the bytes it must return.
+    let ranges = [
+        (None, 0..len),
+        (Some(ByteRange::Range { start: 0, end: 1 }), 0..1),
+        (
+            Some(ByteRange::Range {
+                start: m - 3,
+                end: m + 3,
+            }),
+            m - 3..m + 3,
+        ),
+        (Some(ByteRange::Range { start: 1, end: len - 1 }), 1..len - 1),
+        (
+            Some(ByteRange::Range {
+                start: len - 10,
+                end: len + 10,
+            }),
+            len - 10..len,
+        ),
+        (
+            Some(ByteRange::Suffix(6 * MIB as u64 + 7)),
+            len - 6 * MIB as u64 - 7..len,
+        ),
+    ];
+    for (r, want) in ranges {
+        let got = store.get_pieces("pc/dest", r, None).await.unwrap();
+        let want = &expected[want.start as usize..want.end as usize];
+        assert_eq!(got.len(), want.len(), "{r:?}");
+        assert!(got.pieces.concat() == want, "{r:?}: the pieces are not the body");
+        let one = store.get("pc/dest", r, None).await.unwrap();
+        assert!(one.data == want, "{r:?}: get");
+        assert_eq!((got.info.size, &got.info.etag), (len, &one.info.etag), "{r:?}");
+    }
+    let stale = store
+        .get_pieces("pc/dest", None, Some("\"0123456789abcdef0123456789abcdef\""))
+        .await;
+    assert!(matches!(stale, Err(StoreError::PreconditionFailed(_))), "{stale:?}");
+    let past = store
+        .get_pieces(
+            "pc/dest",
+            Some(ByteRange::Range {
+                start: len,
+                end: len + 1,
+            }),
+            None,
+        )
+        .await;
+    assert!(matches!(past, Err(StoreError::InvalidRange(_))), "{past:?}");
+    let missing = store.get_pieces("pc/missing", None, None).await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
 }
 
 async fn conditional_complete(store: Store) {

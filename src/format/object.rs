@@ -104,6 +104,71 @@ pub fn open_blocks_in_place(
     out
 }
 
+/// Opens the contiguous whole sealed blocks held in `pieces` (one ranged GET's body, in the pieces the store holds
+/// it in, only read), starting at block `first_block`, appending their plaintext to `out` packed block after block
+/// as [`open_blocks_in_place`] packs it, with the same result per block (ranges are of `out`). Each block's
+/// ciphertext is copied to its place in `out` and opened there: one copy, where opening out of place would cost
+/// the cipher's own copy and the zeroing of `out`. A block that spans two pieces is gathered first.
+pub fn open_blocks_from(
+    cipher: &BlockCipher,
+    bs: BlockSize,
+    plain_size: u64,
+    first_block: u64,
+    pieces: &[&[u8]],
+    out: &mut Vec<u8>,
+) -> Vec<Result<std::ops::Range<usize>, FormatError>> {
+    let n = block_count(plain_size, bs);
+    let sealed_len = sealed_block_len(bs) as usize;
+    let total: usize = pieces.iter().map(|p| p.len()).sum();
+    let mut results = Vec::with_capacity(total.div_ceil(sealed_len));
+    let mut gathered = Vec::new();
+    let (mut piece, mut at) = (0usize, 0usize);
+    let (mut read, mut index) = (0usize, first_block);
+    while read < total {
+        let expected = if index < n {
+            let plain = block_plain_range(index, plain_size, bs);
+            (plain.end - plain.start + BLOCK_OVERHEAD) as usize
+        } else {
+            sealed_len
+        };
+        let len = expected.min(total - read);
+        // The block's sealed bytes: a slice of the piece that holds them all, or gathered from several.
+        while at == pieces[piece].len() {
+            (piece, at) = (piece + 1, 0);
+        }
+        let sealed: &[u8] = if pieces[piece].len() - at >= len {
+            at += len;
+            &pieces[piece][at - len..at]
+        } else {
+            gathered.clear();
+            while gathered.len() < len {
+                while at == pieces[piece].len() {
+                    (piece, at) = (piece + 1, 0);
+                }
+                let m = (pieces[piece].len() - at).min(len - gathered.len());
+                gathered.extend_from_slice(&pieces[piece][at..at + m]);
+                at += m;
+            }
+            &gathered
+        };
+        let start = out.len();
+        let opened = if index < n && len >= BLOCK_OVERHEAD as usize {
+            let (nonce, rest) = sealed.split_at(super::NONCE_LEN);
+            let (body, tag) = rest.split_at(rest.len() - super::TAG_LEN);
+            out.extend_from_slice(body);
+            let is_final = is_final_block(index, plain_size, bs);
+            cipher.open_body_in_place(index, is_final, nonce, &mut out[start..], tag)
+        } else {
+            out.resize(start + len.saturating_sub(BLOCK_OVERHEAD as usize), 0);
+            Err(FormatError::Auth { block: index })
+        };
+        results.push(opened.map(|()| start..out.len()));
+        read += len;
+        index += 1;
+    }
+    results
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,25 +178,18 @@ mod tests {
     #[test]
     fn open_in_place_matches_decrypt_blocks_and_isolates_bad_blocks() {
         let (c, bs, mut rng) = setup();
-        for size in [0u64, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 5] {
-            let plain: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-            let object = encrypt_object(&c, &plain, bs, &mut rng);
-            let n = block_count(size, bs);
-            for first in 0..n {
-                for last in first + 1..=n {
-                    let r = cipher_range_for_blocks(first..last, size, bs);
-                    let mut buf = object[r.start as usize..r.end as usize].to_vec();
-                    let got = open_blocks_in_place(&c, bs, size, first, &mut buf);
-                    let want = decrypt_blocks(&c, bs, size, first, &object[r.start as usize..r.end as usize]).unwrap();
-                    let mut joined = Vec::new();
-                    for g in &got {
-                        joined.extend_from_slice(&buf[g.as_ref().unwrap().clone()]);
-                    }
-                    assert_eq!(joined, want, "size {size} blocks {first}..{last}");
-                    assert_eq!(got.len() as u64, last - first);
-                }
+        every_run(&c, bs, &mut rng, |size, object, first, last| {
+            let r = cipher_range_for_blocks(first..last, size, bs);
+            let mut buf = object[r.start as usize..r.end as usize].to_vec();
+            let got = open_blocks_in_place(&c, bs, size, first, &mut buf);
+            let want = decrypt_blocks(&c, bs, size, first, &object[r.start as usize..r.end as usize]).unwrap();
+            let mut joined = Vec::new();
+            for g in &got {
+                joined.extend_from_slice(&buf[g.as_ref().unwrap().clone()]);
             }
-        }
+            assert_eq!(joined, want, "size {size} blocks {first}..{last}");
+            assert_eq!(got.len() as u64, last - first);
+        });
         // A flipped bit fails only its block, which reads back as zeros; its neighbours still open.
         let plain = vec![7u8; 3 * 4096];
         let object = encrypt_object(&c, &plain, bs, &mut rng);
@@ -147,6 +205,85 @@ mod tests {
         let mut cut = object[..object.len() - 1].to_vec();
         let got = open_blocks_in_place(&c, bs, plain.len() as u64, 0, &mut cut);
         assert!(matches!(got[2], Err(FormatError::Auth { block: 2 })));
+    }
+
+    /// Calls `f(size, object, first, last)` for every run of blocks `first..last` of objects of sizes around the
+    /// block edges.
+    fn every_run(
+        c: &BlockCipher,
+        bs: BlockSize,
+        rng: &mut rand_chacha::ChaCha20Rng,
+        mut f: impl FnMut(u64, &[u8], u64, u64),
+    ) {
+        for size in [0u64, 1, 4095, 4096, 4097, 3 * 4096, 3 * 4096 + 5] {
+            let plain: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let object = encrypt_object(c, &plain, bs, rng);
+            let n = block_count(size, bs);
+            for first in 0..n {
+                for last in first + 1..=n {
+                    f(size, &object, first, last);
+                }
+            }
+        }
+    }
+
+    /// `bytes` cut at `cuts` (offsets, in order), empty pieces included where two cuts meet.
+    fn split<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut pieces = Vec::new();
+        let mut from = 0;
+        for &c in cuts.iter().chain([bytes.len()].iter()) {
+            let c = c.clamp(from, bytes.len());
+            pieces.push(&bytes[from..c]);
+            from = c;
+        }
+        pieces
+    }
+
+    #[test]
+    fn opening_from_pieces_matches_opening_in_place_wherever_the_pieces_are_cut() {
+        let (c, bs, mut rng) = setup();
+        let slot = sealed_block_len(bs) as usize;
+        let compare = |size: u64, object: &[u8], first: u64, last: u64| {
+            let r = cipher_range_for_blocks(first..last, size, bs);
+            let body = &object[r.start as usize..r.end.min(object.len() as u64) as usize];
+            let mut in_place = body.to_vec();
+            let want = open_blocks_in_place(&c, bs, size, first, &mut in_place);
+            // Whole, cut inside a block, cut at a block's edge, cut twice in one place, one byte per piece.
+            let cuts: Vec<Vec<usize>> = vec![
+                vec![],
+                vec![100],
+                vec![slot],
+                vec![slot - 1, slot - 1, slot + 7],
+                (1..body.len().min(300)).collect(),
+            ];
+            for cut in cuts {
+                let pieces = split(body, &cut);
+                let mut out = b"before".to_vec();
+                let got = open_blocks_from(&c, bs, size, first, &pieces, &mut out);
+                assert_eq!(&out[..6], b"before", "appended");
+                let out = &out[6..];
+                let got: Vec<_> = got.into_iter().map(|r| r.map(|r| r.start - 6..r.end - 6)).collect();
+                assert_eq!(got.len(), want.len(), "size {size} blocks {first}..{last} cut {cut:?}");
+                for (g, w) in got.iter().zip(&want) {
+                    match (g, w) {
+                        (Ok(g), Ok(w)) => assert_eq!(out[g.clone()], in_place[w.clone()]),
+                        (Err(g), Err(w)) => assert_eq!(g.to_string(), w.to_string()),
+                        _ => panic!("size {size} blocks {first}..{last} cut {cut:?}: {g:?} against {w:?}"),
+                    }
+                }
+                let packed = want.iter().flatten().map(|r| r.end).max().unwrap_or(0);
+                assert!(out.len() >= packed);
+                assert_eq!(out, &in_place[..out.len()], "same bytes, zeros included");
+            }
+        };
+        every_run(&c, bs, &mut rng, compare);
+        // A flipped bit fails its block only, which is zeros; a cut run fails the block it cuts.
+        let plain = vec![7u8; 3 * 4096];
+        let mut object = encrypt_object(&c, &plain, bs, &mut rng);
+        object[slot + 100] ^= 1;
+        compare(plain.len() as u64, &object, 0, 3);
+        let cut = &object[..object.len() - 1];
+        compare(plain.len() as u64, cut, 0, 3);
     }
 
     fn setup() -> (BlockCipher, BlockSize, rand_chacha::ChaCha20Rng) {

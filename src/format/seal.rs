@@ -170,15 +170,28 @@ impl BlockCipher {
     /// plaintext is `buf[NONCE_LEN..buf.len() - TAG_LEN]` (no allocation, no copy). On failure the body is
     /// zeroized, so unauthenticated plaintext is never left behind.
     pub fn open_in_place(&self, index: u64, is_final: bool, buf: &mut [u8]) -> Result<(), FormatError> {
-        let fail = || FormatError::Auth { block: index };
         if buf.len() < NONCE_LEN + TAG_LEN {
-            return Err(fail());
+            return Err(FormatError::Auth { block: index });
         }
-        let ad = block_ad(&self.file_id, index, is_final);
         let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
         let (body, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
-        let nonce = Nonce::try_from(&nonce[..]).map_err(|_| fail())?;
-        let tag = Tag::try_from(&tag[..]).map_err(|_| fail())?;
+        self.open_body_in_place(index, is_final, nonce, body, tag)
+    }
+
+    /// [`open_in_place`](Self::open_in_place) for a sealed block whose ciphertext `body` lies apart from its
+    /// `nonce` and `tag`; the same on failure.
+    pub fn open_body_in_place(
+        &self,
+        index: u64,
+        is_final: bool,
+        nonce: &[u8],
+        body: &mut [u8],
+        tag: &[u8],
+    ) -> Result<(), FormatError> {
+        let fail = || FormatError::Auth { block: index };
+        let ad = block_ad(&self.file_id, index, is_final);
+        let nonce = Nonce::try_from(nonce).map_err(|_| fail())?;
+        let tag = Tag::try_from(tag).map_err(|_| fail())?;
         match self.aead.decrypt_inout_detached(&nonce, &ad, body.into(), &tag) {
             Ok(()) => Ok(()),
             Err(_) => {

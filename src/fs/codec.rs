@@ -6,7 +6,7 @@
 //! the read and write paths have one implementation: `Plain` is the sealed layout with zero overhead.
 use super::blockcache::Block;
 use crate::format::{self, BlockCipher, BlockSize, FormatError, ObjectHeader};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -91,20 +91,34 @@ impl Codec {
         }
     }
 
-    /// The blocks stored in `data` (whole blocks from block `first`, as one ranged GET returned them), opened in
-    /// place: each is a slice of one buffer, `data`'s own unless another owner shares it (then one copy).
-    pub fn open_run(&self, plain_size: u64, first: u64, data: Bytes) -> Vec<Result<Block, FormatError>> {
+    /// The blocks stored in `pieces` (whole blocks from block `first`, as one ranged GET returned them, in the
+    /// store's pieces), opened with no copy of their own: in place when the GET's body is one buffer this owns
+    /// alone (S3's), each block a slice of it; otherwise into one new buffer, read from the pieces where they lie.
+    pub fn open_run(&self, plain_size: u64, first: u64, pieces: Vec<Bytes>) -> Vec<Result<Block, FormatError>> {
         match self {
             Codec::Plain { bs } => {
+                let data = crate::store::join(pieces);
                 let b = bs.get() as usize;
                 (0..data.len().div_ceil(b))
                     .map(|k| Ok(Block::slice(&data, k * b..((k + 1) * b).min(data.len()))))
                     .collect()
             }
             Codec::Sealed { bs, cipher } => {
-                let mut buf = BytesMut::from(data);
-                let ranges = format::open_blocks_in_place(cipher, *bs, plain_size, first, &mut buf);
-                let buf = buf.freeze();
+                let mut pieces = pieces;
+                if let [_] = &pieces[..] {
+                    match pieces.remove(0).try_into_mut() {
+                        Ok(mut own) => {
+                            let ranges = format::open_blocks_in_place(cipher, *bs, plain_size, first, &mut own);
+                            let buf = own.freeze();
+                            return ranges.into_iter().map(|r| r.map(|r| Block::slice(&buf, r))).collect();
+                        }
+                        Err(shared) => pieces.push(shared),
+                    }
+                }
+                let slices: Vec<&[u8]> = pieces.iter().map(|p| &p[..]).collect();
+                let mut out = Vec::with_capacity(slices.iter().map(|p| p.len()).sum());
+                let ranges = format::open_blocks_from(cipher, *bs, plain_size, first, &slices, &mut out);
+                let buf = Bytes::from(out);
                 ranges.into_iter().map(|r| r.map(|r| Block::slice(&buf, r))).collect()
             }
         }

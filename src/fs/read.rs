@@ -238,7 +238,7 @@ async fn fetch_run(
     let r = v.codec.object_range(blocks.clone(), v.plain_size);
     log::trace!("{key}: GET blocks {}..{}", blocks.start, blocks.end);
     let out = store
-        .get(
+        .get_pieces(
             &key,
             Some(ByteRange::Range {
                 start: r.start,
@@ -247,21 +247,16 @@ async fn fetch_run(
             Some(&v.etag),
         )
         .await?;
-    if out.data.len() as u64 != r.end - r.start {
-        log::error!(
-            "{key}: short read of bytes {}..{} (got {})",
-            r.start,
-            r.end,
-            out.data.len()
-        );
+    if out.len() as u64 != r.end - r.start {
+        log::error!("{key}: short read of bytes {}..{} (got {})", r.start, r.end, out.len());
         return Err(FsError::Format {
             key,
             source: FormatError::BadSize { size: out.info.size },
         });
     }
     let (codec, plain_size, first) = (v.codec.clone(), v.plain_size, blocks.start);
-    let data = out.data;
-    let opened = tokio::task::spawn_blocking(move || codec.open_run(plain_size, first, data))
+    let pieces = out.pieces;
+    let opened = tokio::task::spawn_blocking(move || codec.open_run(plain_size, first, pieces))
         .await
         .map_err(|e| FsError::Local(std::io::Error::other(e)))?;
     let blocks = opened

@@ -16,8 +16,8 @@
 //! calls, not of HTTP requests: `S3Store` follows a GET of a range of an empty object (S3 answers 416) with a HEAD
 //! that counts as part of that one call. CompleteMultipartUpload and CopyObject are one request each.
 use super::{
-    ByteRange, CompletedPart, GetOutput, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition, StoreError,
-    StoreResult,
+    ByteRange, CompletedPart, GetOutput, GetPieces, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition,
+    StoreError, StoreResult,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -518,6 +518,14 @@ impl<S: ObjectStore> ObjectStore for FailingStore<S> {
             .call(OpKind::Get, key, 0, self.inner.get(key, range, if_match))
             .await?;
         self.add(OpKind::Get, |c| &c.bytes_down, out.data.len() as u64);
+        Ok(out)
+    }
+
+    async fn get_pieces(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetPieces> {
+        let out = self
+            .call(OpKind::Get, key, 0, self.inner.get_pieces(key, range, if_match))
+            .await?;
+        self.add(OpKind::Get, |c| &c.bytes_down, out.len() as u64);
         Ok(out)
     }
 

@@ -21,11 +21,11 @@
 //!
 //! All state sits behind one `std::sync::Mutex`, never held across an `.await` (no method awaits).
 use super::{
-    ByteRange, CompletedPart, GetOutput, ListEntry, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition, Sse,
-    StoreError, StoreResult,
+    join, ByteRange, CompletedPart, GetOutput, GetPieces, ListEntry, ListPage, Metadata, ObjectInfo, ObjectStore,
+    PutCondition, Sse, StoreError, StoreResult,
 };
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use md5::{Digest, Md5};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -59,26 +59,22 @@ impl Body {
 
     /// Bytes `range`: a slice of one part when it lies in one, else a copy.
     fn slice(&self, range: std::ops::Range<usize>) -> Bytes {
+        join(self.pieces(range))
+    }
+
+    /// Bytes `range` as slices of the parts that hold them, without a copy.
+    fn pieces(&self, range: std::ops::Range<usize>) -> Vec<Bytes> {
         let mut at = 0;
-        let mut out: Option<BytesMut> = None;
+        let mut out = Vec::new();
         for p in &self.parts {
             let (start, end) = (at, at + p.len());
             at = end;
             if end <= range.start || start >= range.end {
                 continue;
             }
-            let piece = range.start.max(start) - start..range.end.min(end) - start;
-            if out.is_none() && piece.len() == range.len() {
-                return p.slice(piece);
-            }
-            out.get_or_insert_with(|| BytesMut::with_capacity(range.len()))
-                .extend_from_slice(&p[piece]);
+            out.push(p.slice(range.start.max(start) - start..range.end.min(end) - start));
         }
-        out.map_or_else(Bytes::new, BytesMut::freeze)
-    }
-
-    fn all(&self) -> Bytes {
-        self.slice(0..self.len)
+        out
     }
 }
 
@@ -306,21 +302,29 @@ impl ObjectStore for MemoryStore {
     }
 
     async fn get(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetOutput> {
+        let out = self.get_pieces(key, range, if_match).await?;
+        Ok(GetOutput {
+            data: join(out.pieces),
+            info: out.info,
+        })
+    }
+
+    async fn get_pieces(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetPieces> {
         let state = self.lock();
         let obj = state
             .objects
             .get(key)
             .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
         check_source_etag(key, obj, if_match)?;
-        let data = match range {
-            None => obj.data.all(),
+        let r = match range {
+            None => 0..obj.data.len(),
             Some(r) => {
                 let r = resolve_range(key, obj.data.len() as u64, r)?;
-                obj.data.slice(r.start as usize..r.end as usize)
+                r.start as usize..r.end as usize
             }
         };
-        Ok(GetOutput {
-            data,
+        Ok(GetPieces {
+            pieces: obj.data.pieces(r),
             info: self.info(key, obj),
         })
     }
@@ -690,8 +694,20 @@ mod tests {
         for start in 0..=100 {
             for end in start..=100 {
                 assert_eq!(&body.slice(start..end)[..], &whole[start..end], "{start}..{end}");
+                let pieces = body.pieces(start..end);
+                assert_eq!(pieces.concat(), whole[start..end], "{start}..{end}");
+                // One piece per part the range touches, each a view of that part.
+                let touched = [0..30, 30..31, 31..100]
+                    .iter()
+                    .filter(|p| p.start < end && start < p.end)
+                    .count();
+                assert_eq!(pieces.len(), touched, "{start}..{end}");
+                for p in &pieces {
+                    let within = |part: &Bytes| part.as_ptr_range().contains(&p.as_ptr());
+                    assert!(p.is_empty() || body.parts.iter().any(within), "{start}..{end}: a copy");
+                }
             }
         }
-        assert_eq!(&body.all()[..], &whole[..]);
+        assert_eq!(&body.slice(0..body.len())[..], &whole[..]);
     }
 }

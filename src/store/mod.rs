@@ -77,6 +77,36 @@ pub struct GetOutput {
     pub info: ObjectInfo,
 }
 
+/// The body of a GET in the pieces the store holds it in (see [`ObjectStore::get_pieces`]).
+#[derive(Clone, Debug)]
+pub struct GetPieces {
+    pub pieces: Vec<Bytes>,
+    pub info: ObjectInfo,
+}
+
+impl GetPieces {
+    /// The body's length, all pieces together.
+    pub fn len(&self) -> usize {
+        self.pieces.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `pieces` as one buffer: the piece itself when there is one, else a copy.
+pub fn join(pieces: Vec<Bytes>) -> Bytes {
+    if let [one] = &pieces[..] {
+        return one.clone();
+    }
+    let mut out = bytes::BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+    for p in &pieces {
+        out.extend_from_slice(p);
+    }
+    out.freeze()
+}
+
 /// One uploaded part of a multipart upload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompletedPart {
@@ -195,6 +225,17 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// GET of the whole object (`range: None`) or of a byte range. `if_match`: fail with `PreconditionFailed`
     /// unless the object still has this ETag.
     async fn get(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetOutput>;
+
+    /// [`get`](Self::get), with the body in the pieces the store holds it in instead of joined into one buffer:
+    /// a store that keeps an object's parts apart hands out a range across them without copying it. By default,
+    /// and for S3, `get`'s body as one piece.
+    async fn get_pieces(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetPieces> {
+        let out = self.get(key, range, if_match).await?;
+        Ok(GetPieces {
+            pieces: vec![out.data],
+            info: out.info,
+        })
+    }
 
     /// PUT of a whole object with user metadata, under a condition.
     async fn put(&self, key: &str, body: Bytes, metadata: &Metadata, cond: PutCondition) -> StoreResult<ObjectInfo>;

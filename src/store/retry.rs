@@ -15,8 +15,8 @@
 //! CompleteMultipartUpload with `NotFound` (the upload is gone). The lost response also took the new ETag with it,
 //! so callers that care have to read the object back and decide whose version it is.
 use super::{
-    ByteRange, CompletedPart, GetOutput, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition, StoreError,
-    StoreResult,
+    ByteRange, CompletedPart, GetOutput, GetPieces, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition,
+    StoreError, StoreResult,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -128,6 +128,11 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
 
     async fn get(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetOutput> {
         self.run("GET", key, || self.inner.get(key, range, if_match)).await
+    }
+
+    async fn get_pieces(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetPieces> {
+        self.run("GET", key, || self.inner.get_pieces(key, range, if_match))
+            .await
     }
 
     async fn put(&self, key: &str, body: Bytes, metadata: &Metadata, cond: PutCondition) -> StoreResult<ObjectInfo> {

@@ -1,7 +1,8 @@
 //! [`ObjectStore`] for `Arc<S>` (including `Arc<dyn ObjectStore>`), so that wrappers such as
 //! [`super::failing::FailingStore`] and [`super::retry::Retrying`] can hold a shared store.
 use super::{
-    ByteRange, CompletedPart, GetOutput, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition, StoreResult,
+    ByteRange, CompletedPart, GetOutput, GetPieces, ListPage, Metadata, ObjectInfo, ObjectStore, PutCondition,
+    StoreResult,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -16,6 +17,10 @@ impl<S: ObjectStore + ?Sized> ObjectStore for Arc<S> {
 
     async fn get(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetOutput> {
         (**self).get(key, range, if_match).await
+    }
+
+    async fn get_pieces(&self, key: &str, range: Option<ByteRange>, if_match: Option<&str>) -> StoreResult<GetPieces> {
+        (**self).get_pieces(key, range, if_match).await
     }
 
     async fn put(&self, key: &str, body: Bytes, metadata: &Metadata, cond: PutCondition) -> StoreResult<ObjectInfo> {
