@@ -92,8 +92,9 @@ impl Codec {
     }
 
     /// The blocks stored in `pieces` (whole blocks from block `first`, as one ranged GET returned them, in the
-    /// store's pieces), opened with no copy of their own: in place when the GET's body is one buffer this owns
-    /// alone (S3's), each block a slice of it; otherwise into one new buffer, read from the pieces where they lie.
+    /// store's pieces), each a slice of one buffer: opened in place when the GET's body is one buffer this owns
+    /// alone (S3's); otherwise each block's ciphertext is copied once, to its place in a new buffer, and opened
+    /// there (the pieces are only read).
     pub fn open_run(&self, plain_size: u64, first: u64, pieces: Vec<Bytes>) -> Vec<Result<Block, FormatError>> {
         match self {
             Codec::Plain { bs } => {
@@ -105,7 +106,7 @@ impl Codec {
             }
             Codec::Sealed { bs, cipher } => {
                 let mut pieces = pieces;
-                if let [_] = &pieces[..] {
+                if pieces.len() == 1 {
                     match pieces.remove(0).try_into_mut() {
                         Ok(mut own) => {
                             let ranges = format::open_blocks_in_place(cipher, *bs, plain_size, first, &mut own);
