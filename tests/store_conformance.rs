@@ -204,18 +204,28 @@ async fn conditional_put(store: Store) {
     assert_eq!((&got.data[..], got.info.etag), (&b"v2"[..], v2.etag));
 }
 
+/// Where the source of [`upload_mixed`]'s copies is.
+const SOURCE_KEY: &str = "mp/source";
+
+/// Puts 11 MiB of bytes from `seed` at [`SOURCE_KEY`], for [`upload_mixed`] to copy from; returns them.
+async fn put_source(store: &Store, seed: u64) -> Bytes {
+    let source = random_bytes(seed, 11 * MIB);
+    put(store, SOURCE_KEY, source.clone()).await;
+    source
+}
+
 /// Uploads a 5 MiB + 5 MiB + 1 MiB object from an 11 MiB source: copy, upload, copy (the last part short).
 async fn upload_mixed(store: &Store, key: &str, source: &Bytes, cond: PutCondition) -> Result<Bytes, StoreError> {
     let src_etag = md5_etag(source);
     let id = store.create_multipart(key, &meta(&[("kind", "multipart")])).await?;
     let p1 = store
-        .upload_part_copy(key, &id, 1, "mp/source", 0..5 * MIB as u64, Some(&src_etag))
+        .upload_part_copy(key, &id, 1, SOURCE_KEY, 0..5 * MIB as u64, Some(&src_etag))
         .await?;
     let fresh = random_bytes(3, 5 * MIB);
     let p2 = store.upload_part(key, &id, 2, fresh.clone()).await?;
     let tail = (10 * MIB) as u64..source.len() as u64;
     let p3 = store
-        .upload_part_copy(key, &id, 3, "mp/source", tail.clone(), None)
+        .upload_part_copy(key, &id, 3, SOURCE_KEY, tail.clone(), None)
         .await?;
     let result = store.complete_multipart(key, &id, vec![p1, p2, p3], cond).await;
     if result.is_err() {
@@ -232,8 +242,7 @@ async fn upload_mixed(store: &Store, key: &str, source: &Bytes, cond: PutConditi
 }
 
 async fn multipart_with_part_copy(store: Store) {
-    let source = random_bytes(2, 11 * MIB);
-    put(&store, "mp/source", source.clone()).await;
+    let source = put_source(&store, 2).await;
     let expected = upload_mixed(&store, "mp/dest", &source, PutCondition::IfNoneMatch)
         .await
         .unwrap();
@@ -254,13 +263,13 @@ async fn multipart_with_part_copy(store: Store) {
         "mp/stale",
         &id,
         1,
-        "mp/source",
+        SOURCE_KEY,
         0..10,
         Some("\"00000000000000000000000000000000\""),
     );
     assert!(matches!(stale.await, Err(StoreError::PreconditionFailed(_))));
     let past_end = store
-        .upload_part_copy("mp/stale", &id, 1, "mp/source", 0..11 * MIB as u64 + 1, None)
+        .upload_part_copy("mp/stale", &id, 1, SOURCE_KEY, 0..11 * MIB as u64 + 1, None)
         .await;
     assert!(matches!(past_end, Err(StoreError::InvalidRequest(_))), "{past_end:?}");
     let small = store
@@ -280,8 +289,7 @@ async fn multipart_with_part_copy(store: Store) {
 
 /// A GET in the store's pieces is the GET's body, whatever parts the range crosses, with the same facts and errors.
 async fn pieces_are_the_body(store: Store) {
-    let source = random_bytes(3, 11 * MIB);
-    put(&store, "mp/source", source.clone()).await;
+    let source = put_source(&store, 3).await;
     let expected = upload_mixed(&store, "pc/dest", &source, PutCondition::IfNoneMatch)
         .await
         .unwrap();
@@ -340,8 +348,7 @@ async fn pieces_are_the_body(store: Store) {
 }
 
 async fn conditional_complete(store: Store) {
-    let source = random_bytes(4, 11 * MIB);
-    put(&store, "mp/source", source.clone()).await;
+    let source = put_source(&store, 4).await;
     let old = put(&store, "cc/dest", Bytes::from_static(b"old")).await;
     let exists = upload_mixed(&store, "cc/dest", &source, PutCondition::IfNoneMatch).await;
     assert!(matches!(exists, Err(StoreError::PreconditionFailed(_))), "{exists:?}");
