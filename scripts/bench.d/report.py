@@ -48,6 +48,7 @@ COLUMNS = [
     ("find req/file", "find_files", "requests_per_file", 3),
     ("missing name req/lookup", "missing_lookup", "requests_per_lookup", 2),
     ("peak RSS MiB", "sequential", "peak_rss", 0),
+    ("write's MiB to disk", "sequential", "disk_mib", 0),
     ("KMS calls/file", "small_files", "kms_calls_per_file", 2),
 ]
 
@@ -308,6 +309,20 @@ def targets(res):
     return out
 
 
+def stream_line(res):
+    """The 10 GiB streaming row in one sentence (its figures are in the JSON only otherwise)."""
+    sys = "s3crypt-cse-local"
+    if res.get(sys, "stream", "peak_rss") is None:
+        return "Streaming: not run."
+    return (
+        f"Streaming (s3crypt cse-local, one file far larger than every buffer, `dd` with 1 MiB blocks): write "
+        f"{fmt(res.get(sys, 'stream', 'write_throughput'))} MB/s to the end of fsync and close, cold read "
+        f"{fmt(res.get(sys, 'stream', 'read_throughput'))} MB/s, the daemon's peak RSS "
+        f"{fmt(res.get(sys, 'stream', 'peak_rss'))} MiB; the write left "
+        f"{fmt(res.get(sys, 'stream', 'disk_mib'))} MiB for the disk."
+    )
+
+
 def target_table(res):
     cols = S3CRYPT_S3 + ["s3crypt-memory"]
     labels = dict(SYSTEMS)
@@ -464,6 +479,8 @@ def markdown(data):
         "",
         target_table(res),
         "",
+        stream_line(res),
+        "",
         "## Crypto ceiling",
         "",
         "AES-256-GCM-SIV sealing speed on one core, from `cargo run --release --example seal_bench`.",
@@ -496,6 +513,10 @@ def markdown(data):
         "  threads, then (for S3-backed systems and gocryptfs) an unmount and mount, a page-cache drop, and",
         "  `ls -l` timed.",
         "- Peak RSS: `VmHWM` of the daemon process after the sequential write and read.",
+        "- Write's MiB to disk: the most any one sequential write left for the disk, from the daemon's",
+        "  `/proc/PID/io`: `write_bytes` (what it wrote into the page cache: s3crypt's journal, its log, a",
+        "  peer's cache files) less `cancelled_write_bytes` (what a truncate or removal took back before the",
+        "  kernel wrote it out), measured from before the write until the figure has settled after close.",
         "- s3fs runs with `-o use_sse` and default caching; rclone mounts a crypt remote over an s3 remote with",
         "  `--vfs-cache-mode writes --vfs-write-back 0s` (its uploads after close are asynchronous); gocryptfs",
         "  is mounted over a tmpfs and shows an encrypting FUSE file system without any network.",
