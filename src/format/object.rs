@@ -60,6 +60,17 @@ pub fn decrypt_blocks(
     Ok(out)
 }
 
+/// The stored length of block `index` of an object of `plain_size` bytes: its plaintext plus the overhead, or a
+/// whole block's for an index past the last block (such bytes fail as that block).
+fn stored_len(index: u64, plain_size: u64, bs: BlockSize) -> usize {
+    if index < block_count(plain_size, bs) {
+        let plain = block_plain_range(index, plain_size, bs);
+        (plain.end - plain.start + BLOCK_OVERHEAD) as usize
+    } else {
+        sealed_block_len(bs) as usize
+    }
+}
+
 /// Opens, in place, the contiguous whole sealed blocks in `buf` starting at block `first_block` (as fetched by one
 /// ranged GET), and packs their plaintext to the front of `buf`, block after block, with no allocation. Returns,
 /// per block, the range of `buf` that now holds its plaintext, or why it did not open. A block that fails leaves
@@ -77,13 +88,7 @@ pub fn open_blocks_in_place(
     let mut out = Vec::with_capacity(buf.len().div_ceil(sealed_len));
     let (mut read, mut write, mut index) = (0usize, 0usize, first_block);
     while read < buf.len() {
-        let expected = if index < n {
-            let plain = block_plain_range(index, plain_size, bs);
-            (plain.end - plain.start + BLOCK_OVERHEAD) as usize
-        } else {
-            sealed_len
-        };
-        let end = (read + expected).min(buf.len());
+        let end = (read + stored_len(index, plain_size, bs)).min(buf.len());
         let body_len = (end - read).saturating_sub(BLOCK_OVERHEAD as usize);
         let opened = if index >= n {
             Err(FormatError::Auth { block: index })
@@ -125,13 +130,7 @@ pub fn open_blocks_from(
     let (mut piece, mut at) = (0usize, 0usize);
     let (mut read, mut index) = (0usize, first_block);
     while read < total {
-        let expected = if index < n {
-            let plain = block_plain_range(index, plain_size, bs);
-            (plain.end - plain.start + BLOCK_OVERHEAD) as usize
-        } else {
-            sealed_len
-        };
-        let len = expected.min(total - read);
+        let len = stored_len(index, plain_size, bs).min(total - read);
         // The block's sealed bytes: a slice of the piece that holds them all, or gathered from several.
         while at == pieces[piece].len() {
             (piece, at) = (piece + 1, 0);

@@ -105,25 +105,30 @@ impl Codec {
                     .collect()
             }
             Codec::Sealed { bs, cipher } => {
-                let mut pieces = pieces;
-                if pieces.len() == 1 {
-                    match pieces.remove(0).try_into_mut() {
-                        Ok(mut own) => {
-                            let ranges = format::open_blocks_in_place(cipher, *bs, plain_size, first, &mut own);
-                            let buf = own.freeze();
-                            return ranges.into_iter().map(|r| r.map(|r| Block::slice(&buf, r))).collect();
-                        }
-                        Err(shared) => pieces.push(shared),
+                let (buf, ranges) = match sole_owner(pieces) {
+                    Ok(mut own) => {
+                        let ranges = format::open_blocks_in_place(cipher, *bs, plain_size, first, &mut own);
+                        (own.freeze(), ranges)
                     }
-                }
-                let slices: Vec<&[u8]> = pieces.iter().map(|p| &p[..]).collect();
-                let mut out = Vec::with_capacity(slices.iter().map(|p| p.len()).sum());
-                let ranges = format::open_blocks_from(cipher, *bs, plain_size, first, &slices, &mut out);
-                let buf = Bytes::from(out);
+                    Err(pieces) => {
+                        let slices: Vec<&[u8]> = pieces.iter().map(|p| &p[..]).collect();
+                        let mut out = Vec::with_capacity(slices.iter().map(|p| p.len()).sum());
+                        let ranges = format::open_blocks_from(cipher, *bs, plain_size, first, &slices, &mut out);
+                        (Bytes::from(out), ranges)
+                    }
+                };
                 ranges.into_iter().map(|r| r.map(|r| Block::slice(&buf, r))).collect()
             }
         }
     }
+}
+
+/// The body as one buffer this owns alone, when it is one piece nobody else holds; else the pieces back.
+fn sole_owner(mut pieces: Vec<Bytes>) -> Result<bytes::BytesMut, Vec<Bytes>> {
+    if pieces.len() != 1 {
+        return Err(pieces);
+    }
+    pieces.remove(0).try_into_mut().map_err(|shared| vec![shared])
 }
 
 static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
