@@ -4,7 +4,8 @@
 //! object cut or extended at any point either has an impossible size or ends in a block that was not sealed as
 //! final at that index).
 use super::layout::{
-    block_count, block_plain_range, ciphertext_size, is_final_block, plaintext_size, sealed_block_len,
+    block_cipher_range, block_count, block_plain_range, ciphertext_size, is_final_block, plaintext_size,
+    sealed_block_len,
 };
 use super::{BlockCipher, BlockSize, FormatError, BLOCK_OVERHEAD};
 
@@ -63,11 +64,12 @@ pub fn decrypt_blocks(
 /// The stored length of block `index` of an object of `plain_size` bytes: its plaintext plus the overhead, or a
 /// whole block's for an index past the last block (such bytes fail as that block).
 fn stored_len(index: u64, plain_size: u64, bs: BlockSize) -> usize {
-    if index < block_count(plain_size, bs) {
-        let plain = block_plain_range(index, plain_size, bs);
-        (plain.end - plain.start + BLOCK_OVERHEAD) as usize
-    } else {
+    let stored = block_cipher_range(index, plain_size, bs);
+    // Empty only past the last block: a stored block always holds at least its overhead.
+    if stored.is_empty() {
         sealed_block_len(bs) as usize
+    } else {
+        (stored.end - stored.start) as usize
     }
 }
 
