@@ -627,9 +627,16 @@ impl Fs {
         file: &OpenFile,
         snap: &Snapshot,
     ) -> Option<(String, BTreeMap<u64, CompletedPart>, Metadata)> {
-        let mut idle = file.state.lock().await.wb.as_ref()?.busy.subscribe();
-        let _ = idle.wait_for(|n| *n == 0).await;
-        let mut st = file.state.lock().await;
+        let mut st = loop {
+            let mut idle = file.state.lock().await.wb.as_ref()?.busy.subscribe();
+            let _ = idle.wait_for(|n| *n == 0).await;
+            let st = file.state.lock().await;
+            // Parts may have started between the wait and the lock (the create's end starts the ready ones while
+            // it holds the lock): those go up first, to be part of the upload.
+            if st.wb.as_ref()?.in_flight() == 0 {
+                break st;
+            }
+        };
         let w = st.wb.take()?;
         let n = snap.codec.block_count(snap.size);
         let fits = w.key == snap.key
