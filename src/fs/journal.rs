@@ -64,7 +64,7 @@ use crate::format::{self, BlockCipher, BlockSize, DataKey, FileId};
 use crate::store::Metadata;
 use rand::RngCore;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -185,6 +185,10 @@ impl JournalRoot {
 
     /// Starts a new, empty journal entry for `manifest` (its manifest is written at once).
     pub fn create(&self, seal: SealWith, bs: BlockSize, manifest: &mut Manifest) -> io::Result<Journal> {
+        super::off_workers(|| self.create_entry(seal, bs, manifest))
+    }
+
+    fn create_entry(&self, seal: SealWith, bs: BlockSize, manifest: &mut Manifest) -> io::Result<Journal> {
         let mut id = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut id);
         let entry = hex::encode(id);
@@ -208,6 +212,10 @@ impl JournalRoot {
     /// Every entry left in the directory (by an earlier run of the daemon): its manifest and id. Entries whose
     /// manifest cannot be read are reported in the log and left alone.
     pub fn entries(&self) -> Vec<(String, Manifest)> {
+        super::off_workers(|| self.read_entries())
+    }
+
+    fn read_entries(&self) -> Vec<(String, Manifest)> {
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
@@ -241,6 +249,10 @@ impl JournalRoot {
     /// alone (a daemon creates the blocks file a moment before it locks it and writes the manifest). Returns how
     /// many were removed.
     pub fn sweep_orphans(&self) -> usize {
+        super::off_workers(|| self.sweep_orphans_here())
+    }
+
+    fn sweep_orphans_here(&self) -> usize {
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return 0;
         };
@@ -277,6 +289,10 @@ impl JournalRoot {
     /// Opens an existing entry. `file_cipher`: the file's own cipher when the manifest says the blocks are in the
     /// object's format.
     pub fn reopen(&self, id: &str, m: &Manifest, file_cipher: Option<BlockCipher>) -> io::Result<Journal> {
+        super::off_workers(|| self.reopen_here(id, m, file_cipher))
+    }
+
+    fn reopen_here(&self, id: &str, m: &Manifest, file_cipher: Option<BlockCipher>) -> io::Result<Journal> {
         let bs = BlockSize::new(m.block_size as u32)
             .ok_or_else(|| io::Error::other(format!("journal entry {id}: bad block size {}", m.block_size)))?;
         let cipher = if m.object_format {
@@ -781,13 +797,19 @@ impl Journal {
     /// after a crash, until the next mount of the volume sweeps them: see [`JournalRoot::sweep_orphans`]).
     pub fn orphan(&self) {
         self.orphaned.store(true, std::sync::atomic::Ordering::SeqCst);
-        remove_files(&self.dir, &self.id, &["manifest", "manifest.tmp"]);
+        super::off_workers(|| remove_files(&self.dir, &self.id, &["manifest", "manifest.tmp"]));
     }
 
     /// Writes `m` (with the next seq) over the manifest, then clears the sizes file (its records are now stale).
     /// Does nothing for an orphaned entry.
     /// On a full disk the directory's reserve is released and the write tried once more.
     pub fn save_manifest(&self, m: &mut Manifest) -> io::Result<()> {
+        super::off_workers(|| self.save_manifest_here(m))
+    }
+
+    fn save_manifest_here(&self, m: &mut Manifest) -> io::Result<()> {
+        #[cfg(test)]
+        gate::pass(&self.dir);
         if self.orphaned.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(());
         }
@@ -824,17 +846,27 @@ impl Journal {
     }
 
     /// The size the entry's last records give: the newest size record of the current manifest, else its size.
+    /// The file is read in pieces of a fixed size: it holds one record per write that grew the file since the last
+    /// manifest save, a count the writing program sets.
     pub fn recorded_size(&self, m: &Manifest) -> io::Result<u64> {
-        let mut bytes = Vec::new();
-        (&self.sizes).read_to_end(&mut bytes)?;
-        let mut size = m.size;
-        for rec in bytes.chunks_exact(SIZE_RECORD) {
-            let seq = u64::from_le_bytes(rec[..8].try_into().unwrap_or_default());
-            if seq == m.seq {
-                size = u64::from_le_bytes(rec[8..].try_into().unwrap_or_default());
+        super::off_workers(|| {
+            let mut buf = vec![0u8; SIZE_RECORD * 4096];
+            let (mut at, mut size) = (0u64, m.size);
+            loop {
+                let n = read_full_at(&self.sizes, &mut buf, at)?;
+                // A record torn by a kill (a short tail) is not counted.
+                for rec in buf[..n].chunks_exact(SIZE_RECORD) {
+                    let seq = u64::from_le_bytes(rec[..8].try_into().unwrap_or_default());
+                    if seq == m.seq {
+                        size = u64::from_le_bytes(rec[8..].try_into().unwrap_or_default());
+                    }
+                }
+                if n < buf.len() {
+                    return Ok(size);
+                }
+                at += n as u64;
             }
-        }
-        Ok(size)
+        })
     }
 
     /// The blocks below `n_blocks` whose slots authenticate (recovery). A slot torn while it was being replaced is
@@ -899,18 +931,114 @@ impl Journal {
     /// the blocks are never looked at again. The blocks file goes last: it is what
     /// [`JournalRoot::sweep_orphans`] looks for when a kill stops this half-way.
     pub fn remove(&self) {
-        remove_files(
-            &self.dir,
-            &self.id,
-            &["manifest", "sizes", "redo", "manifest.tmp", "blocks"],
-        );
-        // The room freed may give the reserve back.
-        self.reserve.take();
+        super::off_workers(|| {
+            remove_files(
+                &self.dir,
+                &self.id,
+                &["manifest", "sizes", "redo", "manifest.tmp", "blocks"],
+            );
+            // The room freed may give the reserve back.
+            self.reserve.take();
+        })
     }
 
     pub fn block_size(&self) -> BlockSize {
         self.bs
     }
+}
+
+/// A gate that manifest saves under one directory wait at, for tests of what runs meanwhile.
+#[cfg(test)]
+pub(super) mod gate {
+    use std::path::{Path, PathBuf};
+    use std::sync::{Condvar, Mutex};
+    use std::time::Duration;
+
+    #[derive(Default)]
+    struct State {
+        /// Saves under this directory wait.
+        dir: Option<PathBuf>,
+        waiting: usize,
+        open: bool,
+        /// Saves that gave up waiting.
+        timed_out: usize,
+    }
+
+    static GATE: Mutex<Option<State>> = Mutex::new(None);
+    static CHANGED: Condvar = Condvar::new();
+    /// How long a save waits before it gives up (a test that never opens the gate must not hang).
+    const GIVE_UP: Duration = Duration::from_secs(5);
+
+    fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
+        GATE.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the gate for saves under `dir`.
+    pub fn close(dir: &Path) {
+        *lock() = Some(State {
+            dir: Some(dir.to_path_buf()),
+            ..State::default()
+        });
+    }
+
+    pub(in crate::fs) fn pass(dir: &Path) {
+        let mut g = lock();
+        let applies = g
+            .as_ref()
+            .is_some_and(|s| s.dir.as_deref().is_some_and(|d| dir.starts_with(d)) && !s.open);
+        if !applies {
+            return;
+        }
+        if let Some(s) = g.as_mut() {
+            s.waiting += 1;
+        }
+        CHANGED.notify_all();
+        let (mut g, timeout) = CHANGED
+            .wait_timeout_while(g, GIVE_UP, |s| s.as_ref().is_some_and(|s| !s.open))
+            .unwrap_or_else(|e| e.into_inner());
+        if timeout.timed_out() {
+            if let Some(s) = g.as_mut() {
+                s.timed_out += 1;
+            }
+        }
+    }
+
+    /// Waits (on this thread) until a save is waiting at the gate; false if none comes within the give-up time.
+    pub fn await_waiter() -> bool {
+        let g = lock();
+        let (g, _) = CHANGED
+            .wait_timeout_while(g, GIVE_UP, |s| s.as_ref().is_some_and(|s| s.waiting == 0))
+            .unwrap_or_else(|e| e.into_inner());
+        g.as_ref().is_some_and(|s| s.waiting > 0)
+    }
+
+    pub fn open() {
+        if let Some(s) = lock().as_mut() {
+            s.open = true;
+        }
+        CHANGED.notify_all();
+    }
+
+    /// Removes the gate; returns how many saves gave up waiting at it.
+    pub fn remove() -> usize {
+        let n = lock().take().map(|s| s.timed_out).unwrap_or(0);
+        CHANGED.notify_all();
+        n
+    }
+}
+
+/// Reads from `at` until `buf` is full or the file ends; returns the bytes read.
+fn read_full_at(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], at + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// Deletes the files `<id>.<ext>` of one entry, in the order given; a file already gone is not an error, any other

@@ -23,7 +23,8 @@
 //! # Concurrency
 //! The inode table is behind a `std::sync::Mutex` never held across `.await`; each open file's state is behind a
 //! `tokio::sync::Mutex` that is never held across network I/O (uploads work from a snapshot; base blocks are
-//! fetched without it). Sealing and journal I/O run on the blocking pool.
+//! fetched without it). Sealing and journal I/O run on the blocking pool, on FUSE threads, or (the journal's
+//! small manifest and bookkeeping writes, made under a file's state lock) through [`off_workers`].
 mod blockcache;
 pub mod codec;
 mod content;
@@ -66,6 +67,20 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use write::OpenFile;
+
+/// Runs `f`, which blocks on local file I/O, without holding up the async workers: on a worker of a multi-threaded
+/// runtime through [`tokio::task::block_in_place`] (the worker's other tasks move to another thread meanwhile), on
+/// any other thread (a FUSE thread, the blocking pool) as it is. For short blocking steps that the caller must
+/// finish before it goes on, often from code that is not async (a state change made under a file's lock): the
+/// journal's manifest writes and the creation and removal of its entries, whose order is what its crash recovery
+/// relies on.
+pub(crate) fn off_workers<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        // A current-thread runtime (some unit tests) has no other worker to hand its tasks to.
+        _ => f(),
+    }
+}
 
 /// The hidden volume descriptor at the mount root (client-side modes).
 pub const VOLUME_OBJECT: &str = crate::keys::VOLUME_OBJECT;

@@ -95,7 +95,7 @@ impl Fs {
             entries_plus: self.counters.entries_plus.load(Ordering::Relaxed),
             uploads_pending,
             open_files,
-            journal_bytes: dir_bytes(self.journal.dir()),
+            journal_bytes: super::off_workers(|| dir_bytes(self.journal.dir())),
         }
     }
 }

@@ -73,6 +73,45 @@ async fn read_all(fs: &Fs, ino: u64) -> Vec<u8> {
     out
 }
 
+/// A manifest save made on an async worker under a file's state lock (a chmod through an open handle) must not
+/// hold up the worker: with one worker, a task that has to run before the save can finish still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_manifest_save_on_an_async_worker_does_not_hold_it_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Fs::new(
+        Arc::new(MemoryStore::new()),
+        Some(cse_keys()),
+        config(dir.path(), KeyMode::CseLocal),
+    )
+    .unwrap();
+    let fs = Arc::new(fs);
+    let (attr, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+    fs.write(fh, 0, &data(10_000, 3)).await.unwrap();
+    super::journal::gate::close(dir.path());
+    let chmod = {
+        let fs = fs.clone();
+        let change = AttrChange {
+            perm: Some(0o600),
+            ..AttrChange::default()
+        };
+        // Spawned: the test's own body does not run on the worker.
+        tokio::spawn(async move { fs.setattr(attr.ino, None, change).await })
+    };
+    // This thread is not a worker: it may block.
+    let waiting = super::journal::gate::await_waiter();
+    let opener = tokio::spawn(async { super::journal::gate::open() });
+    let saved = chmod.await.unwrap();
+    let gave_up = super::journal::gate::remove();
+    opener.await.unwrap();
+    assert!(waiting, "the chmod's manifest save never reached the gate");
+    assert_eq!(
+        gave_up, 0,
+        "the save held the only worker: the task that opens the gate could not run"
+    );
+    assert_eq!(saved.unwrap().perm, 0o600);
+    fs.release(fh).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_writes_spill_within_the_memory_bound_and_read_back() {
     let dir = tempfile::tempdir().unwrap();

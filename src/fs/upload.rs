@@ -761,17 +761,19 @@ impl Fs {
             .unwrap_or(0);
         let path = dir.join(format!("{}.{stamp}", key.replace('/', "%2F")));
         let shown = path.display().to_string();
-        let created = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .and_then(|_| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-            });
+        let created = super::off_workers(|| {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .and_then(|_| {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)
+                })
+        });
         let mut out = match created {
             Ok(f) => {
                 self.counters.recovery_file();
@@ -796,12 +798,12 @@ impl Fs {
                 }
             };
             let len = (size - i * b).min(b) as usize;
-            if let Err(e) = out.write_all(&block[..len.min(block.len())]) {
+            if let Err(e) = super::off_workers(|| out.write_all(&block[..len.min(block.len())])) {
                 log::error!("{key}: writing the recovery file {shown} failed: {e}");
                 return (format!("{shown} (incomplete: {e})"), false);
             }
         }
-        let synced = out.sync_all().is_ok();
+        let synced = super::off_workers(|| out.sync_all()).is_ok();
         if lost > 0 {
             log::error!("{key}: {lost} unchanged block(s) of the opened version could no longer be read; they are zeros in {shown}");
         }
