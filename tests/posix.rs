@@ -4,7 +4,7 @@
 //! setxattr(2), getxattr(2), listxattr(2), removexattr(2)) and what a lookup costs in requests.
 mod common;
 
-use common::mount::{write_file, Counting, TestMount, Volume};
+use common::mount::{drop_page_cache, write_file, Counting, TestMount, Volume};
 use s3crypt::keys::KeyMode;
 use s3crypt::store::failing::OpKind;
 use std::ffi::CString;
@@ -147,14 +147,6 @@ fn journal_files(vol: &Volume) -> Vec<std::path::PathBuf> {
         }
     }
     out
-}
-
-/// Drops the kernel's cached pages of an open file, so that the next read asks the daemon.
-fn drop_page_cache(f: &fs::File) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: posix_fadvise on a descriptor the caller holds open; no memory is passed.
-    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(r, 0, "posix_fadvise");
 }
 
 fn read_all_at(f: &fs::File, len: usize) -> Vec<u8> {

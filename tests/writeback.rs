@@ -6,7 +6,7 @@
 //! directory; close() reports success only when S3 has it; nothing is reported as a conflict that is not one.
 mod common;
 
-use common::mount::{close_checked, pattern, write_file, TestMount, Volume, ALL_MODES};
+use common::mount::{close_checked, drop_page_cache, pattern, write_file, Immutable, TestMount, Volume, ALL_MODES};
 use common::proxy::{FaultProxy, Mode, RequestHead};
 use common::same;
 use s3crypt::keys::KeyMode;
@@ -325,6 +325,100 @@ fn stat_does_not_wait_for_a_held_upload() {
     let _ = closer.join().unwrap();
     m.unmount();
     same(&read_fresh(&vol, "held"), &pattern(500_000, 3), "held file");
+}
+
+/// A staging disk that fails for any reason but room fails the program's write and truncate with EIO (write(2): "A
+/// low-level I/O error occurred while modifying the inode"), not with the disk's own errno, which would describe
+/// the mount's file wrongly (EPERM here, from the immutable attribute). Both ways a write meets the disk: a new
+/// journal entry refused (the journal's directory immutable), and a write into an entry refused (its blocks file
+/// immutable, while S3 refuses connections so that the entry stays). Only those calls fail: the file is what was acknowledged,
+/// and once the disk works again the mount writes and saves as before.
+#[test]
+fn a_failing_staging_disk_fails_the_call_with_eio_and_keeps_what_was_written() {
+    const MIB: usize = 1024 * 1024;
+    for mode in [KeyMode::CseLocal, KeyMode::SseS3] {
+        let vol = Volume::new(mode);
+        let proxy = FaultProxy::start(common::endpoint());
+        let m = mount_via(&vol, &proxy, &["upload_timeout=20s"]);
+        let want = pattern(3 * MIB, 9);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(m.path("f"))
+            .unwrap();
+        f.write_all_at(&want[..MIB], 0).unwrap();
+        f.sync_all().unwrap();
+        let dirs: Vec<_> = fs::read_dir(vol.dir.path().join("journal"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(dirs.len(), 1, "{mode}: one volume, one journal directory");
+        let journal = dirs[0].path();
+        let entries = || -> Vec<std::path::PathBuf> {
+            fs::read_dir(&journal)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "blocks"))
+                .collect()
+        };
+        // Saved: the entry goes once the upload loop has nothing left (it may take one more round).
+        let t0 = Instant::now();
+        while !entries().is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "{mode}: the saved file's entry stayed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let refused = |what: &str| {
+            let err = f.write_all_at(&want[2 * MIB..], 2 * MIB as u64).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EIO), "{mode}, {what}: the write: {err}");
+            let err = f.set_len(7).unwrap_err();
+            assert_eq!(
+                err.raw_os_error(),
+                Some(libc::EIO),
+                "{mode}, {what}: the truncate: {err}"
+            );
+        };
+        {
+            let _failing = Immutable::set(&journal);
+            refused("no new entry");
+        }
+        assert_eq!(
+            f.metadata().unwrap().len(),
+            MIB as u64,
+            "{mode}: the failed calls changed nothing"
+        );
+        proxy.set_mode(Mode::Reset);
+        f.write_all_at(&want[MIB..2 * MIB], MIB as u64).unwrap();
+        let blocks = entries();
+        assert_eq!(blocks.len(), 1, "{mode}: the file being written has its entry");
+        {
+            let _failing = Immutable::set(&blocks[0]);
+            refused("a refused entry");
+        }
+        assert_eq!(
+            f.metadata().unwrap().len(),
+            2 * MIB as u64,
+            "{mode}: the failed calls changed nothing"
+        );
+        drop_page_cache(&f);
+        let mut got = vec![0u8; 2 * MIB];
+        f.read_exact_at(&mut got, 0).unwrap();
+        same(&got, &want[..2 * MIB], &format!("{mode}: the acknowledged writes"));
+        proxy.set_mode(Mode::Pass);
+        f.write_all_at(&want[2 * MIB..], 2 * MIB as u64).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        m.unmount();
+        same(
+            &read_fresh(&vol, "f"),
+            &want,
+            &format!("{mode}: saved once the disk worked again"),
+        );
+    }
 }
 
 /// A truncate to a size no S3 object can hold is refused (EFBIG) without the daemon allocating it, and the mount

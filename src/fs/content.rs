@@ -530,6 +530,7 @@ impl SealJob {
             &self.key,
             self.staging.as_mut(),
         )
+        .map_err(|e| e.in_journal(&self.key, || self.journal.at()))
     }
 }
 

@@ -61,6 +61,13 @@ pub enum FsError {
     TooBig(String),
     #[error("local I/O: {0}")]
     Local(#[from] std::io::Error),
+    /// A file's journal entry (on the disk of `staging_dir`, at `at`) could not be made, written or cut.
+    #[error("{key}: writing its journal entry {at} failed: {source}; check the disk that holds staging_dir")]
+    Journal {
+        key: String,
+        at: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -96,7 +103,7 @@ impl FsError {
             FsError::Poisoned => libc::EIO,
             FsError::FileTooBig => libc::EFBIG,
             FsError::NotSaved { .. } => libc::EIO,
-            FsError::Local(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Local(e) | FsError::Journal { source: e, .. } => local_errno(e),
             FsError::Store(e) => store_errno(e),
             FsError::Key(e) => key_errno(e),
             FsError::Format { source, .. } => format_errno(source),
@@ -106,6 +113,19 @@ impl FsError {
 }
 
 impl FsError {
+    /// A journal step's local error as a [`FsError::Journal`] of file `key` whose entry is at `at`; other errors
+    /// as they are.
+    pub(super) fn in_journal(self, key: &str, at: impl FnOnce() -> String) -> FsError {
+        match self {
+            FsError::Local(source) => FsError::Journal {
+                key: key.to_string(),
+                at: at(),
+                source,
+            },
+            e => e,
+        }
+    }
+
     /// The error itself, through any [`FsError::Shared`] wrapping.
     pub fn root(&self) -> &FsError {
         match self {
@@ -136,6 +156,17 @@ fn store_retryable(e: &StoreError) -> bool {
         | StoreError::PreconditionFailed(_)
         | StoreError::InvalidRange(_)
         | StoreError::InvalidRequest(_) => false,
+    }
+}
+
+/// A local disk's error as the program's call reports it: no room (ENOSPC, EDQUOT) as it is, since write(2) and
+/// truncate(2) name both and the program can act on them; anything else EIO. The disk's own errno would describe
+/// the mount's file wrongly: EROFS or EPERM from the staging disk does not mean the mount is read-only or the file
+/// is not the program's to change, EMFILE not that the program is out of descriptors.
+fn local_errno(e: &std::io::Error) -> i32 {
+    match e.raw_os_error() {
+        Some(n @ (libc::ENOSPC | libc::EDQUOT)) => n,
+        _ => libc::EIO,
     }
 }
 
@@ -178,3 +209,36 @@ fn format_errno(e: &FormatError) -> i32 {
 }
 
 pub type FsResult<T> = Result<T, FsError>;
+
+#[cfg(test)]
+mod tests {
+    use super::FsError;
+    use std::io::Error;
+
+    /// The staging disk's own errno reaches the program only when it says there is no room.
+    #[test]
+    fn a_local_disk_error_is_eio_unless_it_is_no_room() {
+        for (os, want) in [
+            (libc::ENOSPC, libc::ENOSPC),
+            (libc::EDQUOT, libc::EDQUOT),
+            (libc::EPERM, libc::EIO),
+            (libc::EROFS, libc::EIO),
+            (libc::EACCES, libc::EIO),
+            (libc::EMFILE, libc::EIO),
+            (libc::EIO, libc::EIO),
+        ] {
+            assert_eq!(
+                FsError::Local(Error::from_raw_os_error(os)).errno(),
+                want,
+                "os error {os}"
+            );
+            let j = FsError::Local(Error::from_raw_os_error(os)).in_journal("k", || "dir/id".into());
+            assert_eq!(j.errno(), want, "os error {os} in the journal");
+            assert!(
+                j.to_string().starts_with("k: writing its journal entry dir/id failed"),
+                "{j}"
+            );
+        }
+        assert_eq!(FsError::Local(Error::other("damaged")).errno(), libc::EIO);
+    }
+}

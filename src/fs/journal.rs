@@ -60,6 +60,9 @@
 //! manifest write that finds the disk full releases it and tries again, so that uploads can go on and empty the
 //! journal. The reserve is taken again once an entry is removed (best effort: a disk still full leaves it
 //! released until then).
+//!
+//! Any other error of the disk (an I/O error, the file system gone read-only) fails the write or truncate the same
+//! way, with EIO for the program and a log line naming the file and the entry (`FsError::Journal`).
 use crate::format::{self, BlockCipher, BlockSize, DataKey, FileId};
 use crate::store::Metadata;
 use rand::RngCore;
@@ -613,6 +616,11 @@ impl Journal {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Where the entry's files are, for messages: the directory and the id their names start with.
+    pub fn at(&self) -> String {
+        self.dir.join(&self.id).display().to_string()
     }
 
     /// True when [`read_sealed`](Self::read_sealed) gives blocks in the object's format.

@@ -360,7 +360,8 @@ impl FileState {
     pub fn save_manifest(&self) -> FsResult<()> {
         if let Some(j) = &self.journal {
             let mut m = self.manifest();
-            j.save_manifest(&mut m)?;
+            j.save_manifest(&mut m)
+                .map_err(|e| FsError::from(e).in_journal(&self.key, || j.at()))?;
         }
         Ok(())
     }
@@ -604,7 +605,10 @@ impl Fs {
             _ => SealWith::JournalKey,
         };
         let mut m = st.manifest();
-        let j = self.journal.create(seal, st.bs, &mut m)?;
+        let j = self
+            .journal
+            .create(seal, st.bs, &mut m)
+            .map_err(|e| FsError::from(e).in_journal(&st.key, || self.journal.dir().display().to_string()))?;
         st.journal = Some(Arc::new(j));
         Ok(())
     }
@@ -658,6 +662,7 @@ impl Fs {
         // The new final block must lie beyond what the write-behind sent (sent blocks are sealed as not final).
         st.changing(keep_blocks.saturating_sub(1), u64::MAX);
         let journal = st.journal.clone().ok_or(FsError::BadHandle)?;
+        let at = journal.at();
         let last = size / b;
         let tail = (size % b) as usize;
         let last_block = match (tail, st.is_dirty(last)) {
@@ -702,7 +707,7 @@ impl Fs {
                 if let Err(again) = st.save_manifest() {
                     log::warn!("{}: manifest not saved back after a failed truncate: {again}", st.key);
                 }
-                return Err(e.into());
+                return Err(FsError::from(e).in_journal(&st.key, || at));
             }
         };
         st.dirty.retain(|i| *i < keep_blocks);

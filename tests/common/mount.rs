@@ -228,3 +228,55 @@ pub fn pattern(size: usize, seed: u64) -> Vec<u8> {
 
 /// The key modes, for tests that run once per mode.
 pub const ALL_MODES: [KeyMode; 5] = KeyMode::ALL;
+
+/// Drops the kernel's cached pages of an open file, so that the next read asks the daemon.
+pub fn drop_page_cache(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise on a descriptor the caller holds open; no memory is passed.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise");
+}
+
+/// The immutable attribute (chattr +i) on a file or directory until dropped: ext4 then refuses every change to it
+/// (EPERM), through descriptors already open too. How the tests make the staging disk fail. Set with the ioctl
+/// itself rather than by running chattr: a process forked while a file of the mount is open closes its copy of
+/// the descriptor when it execs, and that close is a flush which waits for the file's upload.
+pub struct Immutable(PathBuf);
+
+/// FS_IMMUTABLE_FL of linux/fs.h.
+const FS_IMMUTABLE_FL: libc::c_long = 0x10;
+
+fn set_immutable(p: &Path, on: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(p)?;
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS and FS_IOC_SETFLAGS read and write one long at the pointer given, which is valid;
+    // the descriptor is open for the duration.
+    unsafe {
+        if libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        flags = if on {
+            flags | FS_IMMUTABLE_FL
+        } else {
+            flags & !FS_IMMUTABLE_FL
+        };
+        if libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+impl Immutable {
+    pub fn set(p: &Path) -> Immutable {
+        set_immutable(p, true).unwrap_or_else(|e| panic!("chattr +i {}: {e}", p.display()));
+        Immutable(p.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = set_immutable(&self.0, false);
+    }
+}
