@@ -55,7 +55,7 @@ enum Start {
 
 fn journal_lost(key: &str, i: u64) -> FsError {
     log::error!("{key}: journal block {i} failed authentication (the local journal was damaged)");
-    FsError::Local(std::io::Error::other(format!("{key}: journal block {i} is damaged")))
+    FsError::Local(std::io::Error::other(format!("block {i} is damaged")))
 }
 
 /// A whole block (`len` bytes) whose content is the base's block `src` up to `valid`, zeros after: a base block

@@ -61,8 +61,8 @@ pub enum FsError {
     TooBig(String),
     #[error("local I/O: {0}")]
     Local(#[from] std::io::Error),
-    /// A file's journal entry (on the disk of `staging_dir`, at `at`) could not be made, written or cut.
-    #[error("{key}: writing its journal entry {at} failed: {source}; check the disk that holds staging_dir")]
+    /// A file's journal entry (on the disk of `staging_dir`; `at` names it) could not be made, written, read or cut.
+    #[error("{key}: journal ({at}): {source}; check the disk that holds staging_dir")]
     Journal {
         key: String,
         at: String,
@@ -159,8 +159,8 @@ fn store_retryable(e: &StoreError) -> bool {
     }
 }
 
-/// A local disk's error as the program's call reports it: no room (ENOSPC, EDQUOT) as it is, since write(2) and
-/// truncate(2) name both and the program can act on them; anything else EIO. The disk's own errno would describe
+/// A local disk's error as the program's call reports it: no room (ENOSPC, EDQUOT) as it is, since write(2) names
+/// both and the program can act on them; anything else EIO. The disk's own errno would describe
 /// the mount's file wrongly: EROFS or EPERM from the staging disk does not mean the mount is read-only or the file
 /// is not the program's to change, EMFILE not that the program is out of descriptors.
 fn local_errno(e: &std::io::Error) -> i32 {
@@ -232,12 +232,9 @@ mod tests {
                 want,
                 "os error {os}"
             );
-            let j = FsError::Local(Error::from_raw_os_error(os)).in_journal("k", || "dir/id".into());
+            let j = FsError::Local(Error::from_raw_os_error(os)).in_journal("k", || "entry dir/id".into());
             assert_eq!(j.errno(), want, "os error {os} in the journal");
-            assert!(
-                j.to_string().starts_with("k: writing its journal entry dir/id failed"),
-                "{j}"
-            );
+            assert!(j.to_string().starts_with("k: journal (entry dir/id): "), "{j}");
         }
         assert_eq!(FsError::Local(Error::other("damaged")).errno(), libc::EIO);
     }

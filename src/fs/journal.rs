@@ -620,7 +620,7 @@ impl Journal {
 
     /// Where the entry's files are, for messages: the directory and the id their names start with.
     pub fn at(&self) -> String {
-        self.dir.join(&self.id).display().to_string()
+        format!("entry {}", self.dir.join(&self.id).display())
     }
 
     /// True when [`read_sealed`](Self::read_sealed) gives blocks in the object's format.

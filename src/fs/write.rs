@@ -605,10 +605,9 @@ impl Fs {
             _ => SealWith::JournalKey,
         };
         let mut m = st.manifest();
-        let j = self
-            .journal
-            .create(seal, st.bs, &mut m)
-            .map_err(|e| FsError::from(e).in_journal(&st.key, || self.journal.dir().display().to_string()))?;
+        let j = self.journal.create(seal, st.bs, &mut m).map_err(|e| {
+            FsError::from(e).in_journal(&st.key, || format!("a new entry in {}", self.journal.dir().display()))
+        })?;
         st.journal = Some(Arc::new(j));
         Ok(())
     }
@@ -719,7 +718,12 @@ impl Fs {
         st.min_cut = st.min_cut.min(size);
         st.size = size;
         st.touch(true);
-        st.save_manifest()
+        // The truncate is done (its size and cut are in the journal already): a failure to record the rest of the
+        // state (the times) is not the call's; the next save records it.
+        if let Err(e) = st.save_manifest() {
+            log::warn!("{}: after a truncate: {e}", st.key);
+        }
+        Ok(())
     }
 
     /// setattr: size and/or attributes, with or without an open handle. Without one (truncate(2), chmod(2) on a
