@@ -312,6 +312,12 @@ impl JournalRoot {
         let fid = m.journal_file_id.clone();
         let j = Journal::open_files(self, id, cipher, m.object_format, fid, bs, false)?;
         j.seq.store(m.seq, std::sync::atomic::Ordering::Relaxed);
+        // A record torn at the end (a crash inside its append) is dropped, or the records appended after it
+        // would be read out of step.
+        let len = j.sizes.metadata()?.len();
+        if len % SIZE_RECORD as u64 != 0 {
+            j.sizes.set_len(len - len % SIZE_RECORD as u64)?;
+        }
         Ok(j)
     }
 }
@@ -1187,6 +1193,27 @@ mod tests {
         assert_eq!(j2.recorded_size(&m3).unwrap(), 10);
         j2.remove();
         assert!(root2.entries().is_empty());
+    }
+
+    #[test]
+    fn a_size_record_torn_at_the_end_does_not_put_later_records_out_of_step() {
+        let (dir, root, j) = new_entry();
+        j.record_size(100).unwrap();
+        let (id, m) = root.entries().pop().unwrap();
+        let torn = SIZE_RECORD as u64 + 5;
+        tear(&root, &j, "sizes", SIZE_RECORD as u64, 5);
+        drop(j);
+        let root2 = JournalRoot::open(dir.path(), "vol", None).unwrap();
+        let j2 = root2.reopen(&id, &m, None).unwrap();
+        let sizes = root2.dir().join(format!("{id}.sizes"));
+        assert!(
+            std::fs::metadata(&sizes).unwrap().len() < torn,
+            "the torn record is gone"
+        );
+        assert_eq!(j2.recorded_size(&m).unwrap(), 100);
+        // The next write that grows the file is read back.
+        j2.record_size(200).unwrap();
+        assert_eq!(j2.recorded_size(&m).unwrap(), 200);
     }
 
     /// The blocks file of entry `j`, for tearing a slot by hand as a kill inside its pwrite would.
