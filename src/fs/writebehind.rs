@@ -392,6 +392,30 @@ impl Drop for WriteBehind {
     }
 }
 
+/// Spawns a task of the write-behind with `token`. If it panics (a bug below it), the in-flight count it held
+/// would never come back down and the file's upload would wait for it for ever (close and fsync fail once
+/// `upload_timeout` passes, and the data stays in the journal, never saved): the write-behind ends instead (its
+/// upload is aborted) and the upload sends the file whole, from the journal, as when a change reaches what was
+/// sent.
+fn spawn_behind(file: &Arc<OpenFile>, token: &str, task: impl std::future::Future<Output = ()> + Send + 'static) {
+    let task = tokio::spawn(task);
+    let (file, token) = (file.clone(), token.to_string());
+    tokio::spawn(async move {
+        // A task cancelled (the runtime ending) leaves nobody to wait for it.
+        let Err(e) = task.await.map_err(|e| e.is_panic()) else {
+            return;
+        };
+        if !e {
+            return;
+        }
+        let mut st = file.state.lock().await;
+        log::error!("{}: a write-behind task panicked; close uploads the file whole", st.key);
+        if st.behind(&token).is_some() {
+            st.wb = None;
+        }
+    });
+}
+
 impl FileState {
     /// Blocks `from..to` are about to change: ends the write-behind if they reach what it sent, and drops what it
     /// staged of them.
@@ -465,8 +489,8 @@ impl Fs {
             if w.in_flight() == 0 {
                 w.set_in_flight(1);
                 let meta = st.object_metadata(st.xattr.as_deref(), &w.token);
-                let (file, token) = (file.clone(), w.token.clone());
-                tokio::spawn(async move { fs.create_behind(&file, meta, token).await });
+                let (f, token) = (file.clone(), w.token.clone());
+                spawn_behind(file, &w.token, async move { fs.create_behind(&f, meta, token).await });
             }
             return;
         }
@@ -481,8 +505,8 @@ impl Fs {
             let k = w.next;
             w.next += 1;
             w.set_in_flight(w.in_flight() + 1);
-            let (fs, file, token) = (fs.clone(), file.clone(), w.token.clone());
-            tokio::spawn(async move { fs.send_behind(&file, k, token, room).await });
+            let (fs, f, token) = (fs.clone(), file.clone(), w.token.clone());
+            spawn_behind(file, &w.token, async move { fs.send_behind(&f, k, token, room).await });
         }
     }
 
@@ -1019,6 +1043,26 @@ mod tests {
         fs.release(fh).await.unwrap();
         assert_eq!(store.stats().injected(OpKind::UploadPart), 1);
         same(&read_back(&fs, "f").await, &content, "after a failed part");
+        no_upload_left(&store).await;
+    }
+
+    /// A part's task that panics (a bug below it) ends the write-behind: close uploads the file whole and
+    /// succeeds, and nothing is left pending (before, the upload waited for that part for ever and close failed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_part_task_that_panics_does_not_leave_close_waiting() {
+        let (_dir, store, fs) = setup(KeyMode::CseLocal).await;
+        store.add_rule(Rule::new(Some(OpKind::UploadPart), When::Nth(2), Action::Panic));
+        let content = data(40 * MIB, 6);
+        let (_, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+        write_mib(&fs, fh, &content, 0..40).await;
+        let closed = tokio::time::timeout(Duration::from_secs(60), fs.release(fh)).await;
+        closed.expect("close returned").unwrap();
+        assert_eq!(
+            store.stats().injected(OpKind::UploadPart),
+            1,
+            "one part's task panicked"
+        );
+        same(&read_back(&fs, "f").await, &content, "after a panicked part");
         no_upload_left(&store).await;
     }
 

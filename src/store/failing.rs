@@ -144,6 +144,9 @@ pub enum Action {
     Delay(Duration),
     /// Forward the call, then wait this long before answering (a slow response: the store has already changed).
     DelayAfter(Duration),
+    /// Panic in the calling task instead of forwarding the call: a bug below the caller (in a client library,
+    /// say), which ends the caller's task.
+    Panic,
 }
 
 /// One fault-injection rule. Build with [`Rule::new`] or [`Rule::fail`] and refine with the builder methods.
@@ -235,6 +238,7 @@ struct Plan {
     delay_after: Duration,
     before: Option<FaultKind>,
     after: Option<FaultKind>,
+    panic: bool,
 }
 
 #[derive(Default)]
@@ -421,6 +425,7 @@ impl<S: ObjectStore> FailingStore<S> {
                 Action::FailAfter(k) => plan.after = plan.after.or(Some(k)),
                 Action::Delay(d) => plan.delay += d,
                 Action::DelayAfter(d) => plan.delay_after += d,
+                Action::Panic => plan.panic = true,
             }
         }
         plan
@@ -449,6 +454,10 @@ impl<S: ObjectStore> FailingStore<S> {
         let plan = self.plan(op, key);
         if !plan.delay.is_zero() {
             tokio::time::sleep(plan.delay).await;
+        }
+        if plan.panic {
+            c.injected.fetch_add(1, Ordering::Relaxed);
+            panic!("injected panic in {op:?} of {key}");
         }
         if let Some(kind) = plan.before {
             c.injected.fetch_add(1, Ordering::Relaxed);
