@@ -409,8 +409,8 @@ fn spawn_behind(file: &Arc<OpenFile>, token: &str, task: impl std::future::Futur
             return;
         }
         let mut st = file.state.lock().await;
-        log::error!("{}: a write-behind task panicked; close uploads the file whole", st.key);
         if st.behind(&token).is_some() {
+            log::error!("{}: a write-behind task panicked; close uploads the file whole", st.key);
             st.wb = None;
         }
     });

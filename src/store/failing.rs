@@ -261,7 +261,8 @@ pub struct OpStats {
     pub bytes_copied: u64,
     /// Calls that returned an error (injected or not).
     pub errors: u64,
-    /// Calls failed by a rule.
+    /// Calls failed by a rule, and calls a rule made panic (those return nothing, so `errors` does not count
+    /// them).
     pub injected: u64,
 }
 
