@@ -661,7 +661,6 @@ impl Fs {
         // The new final block must lie beyond what the write-behind sent (sent blocks are sealed as not final).
         st.changing(keep_blocks.saturating_sub(1), u64::MAX);
         let journal = st.journal.clone().ok_or(FsError::BadHandle)?;
-        let at = journal.at();
         let last = size / b;
         let tail = (size % b) as usize;
         let last_block = match (tail, st.is_dirty(last)) {
@@ -678,6 +677,7 @@ impl Fs {
         m.size = size;
         m.base_valid = m.base_valid.min(size);
         m.modified = true;
+        let entry = journal.clone();
         let done = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Vec<u8>>> {
             journal.save_manifest(&mut m)?;
             let block = match last_block {
@@ -706,7 +706,7 @@ impl Fs {
                 if let Err(again) = st.save_manifest() {
                     log::warn!("{}: manifest not saved back after a failed truncate: {again}", st.key);
                 }
-                return Err(FsError::from(e).in_journal(&st.key, || at));
+                return Err(FsError::from(e).in_journal(&st.key, || entry.at()));
             }
         };
         st.dirty.retain(|i| *i < keep_blocks);

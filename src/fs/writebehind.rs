@@ -401,12 +401,10 @@ fn spawn_behind(file: &Arc<OpenFile>, token: &str, task: impl std::future::Futur
     let task = tokio::spawn(task);
     let (file, token) = (file.clone(), token.to_string());
     tokio::spawn(async move {
-        // A task cancelled (the runtime ending) leaves nobody to wait for it.
-        let Err(e) = task.await.map_err(|e| e.is_panic()) else {
-            return;
-        };
-        if !e {
-            return;
+        match task.await {
+            Err(e) if e.is_panic() => {}
+            // Ended, or cancelled (the runtime ending): nobody is left waiting for it.
+            _ => return,
         }
         let mut st = file.state.lock().await;
         if st.behind(&token).is_some() {
