@@ -77,6 +77,9 @@ pub enum FsError {
     /// The error of a fetch that several readers waited on.
     #[error("{0}")]
     Shared(std::sync::Arc<FsError>),
+    /// The file's upload task panicked (a bug, perhaps in a library below s3crypt); it is started again.
+    #[error("the upload task panicked (see the log); it is started again after a pause")]
+    Panicked,
 }
 
 impl FsError {
@@ -102,7 +105,7 @@ impl FsError {
             FsError::Conflict { .. } => libc::EIO,
             FsError::Poisoned => libc::EIO,
             FsError::FileTooBig => libc::EFBIG,
-            FsError::NotSaved { .. } => libc::EIO,
+            FsError::NotSaved { .. } | FsError::Panicked => libc::EIO,
             FsError::Local(e) | FsError::Journal { source: e, .. } => local_errno(e),
             FsError::Store(e) => store_errno(e),
             FsError::Key(e) => key_errno(e),
@@ -141,7 +144,7 @@ impl FsError {
             FsError::Store(e) | FsError::Key(KeyError::Store(e)) => store_retryable(e),
             FsError::Key(KeyError::Kms(_)) => true,
             FsError::Shared(inner) => inner.is_retryable(),
-            FsError::NotSaved { .. } => true,
+            FsError::NotSaved { .. } | FsError::Panicked => true,
             _ => false,
         }
     }

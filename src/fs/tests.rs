@@ -211,6 +211,58 @@ async fn transient_errors_are_retried_below_the_file_system() {
     assert!(injected > 0, "faults were injected and absorbed");
 }
 
+/// A file's upload task that panics (a bug below it, in a client library say) must not leave the file unsaved
+/// for the rest of the mount: the upload is tried again, and close() waits for that as for any failed attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_task_that_panics_is_started_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    store.add_rule(Rule::new(Some(OpKind::Put), When::Nth(1), Action::Panic));
+    let fs = Fs::new(store.clone(), None, quick(dir.path(), KeyMode::CseLocal)).unwrap();
+    let (attr, fh) = fs.create(ROOT_INO, "p", 0o644, 1, 1).await.unwrap();
+    let content = data(50_000, 4);
+    fs.write(fh, 0, &content).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(
+        store.stats().injected(OpKind::Put),
+        1,
+        "the first upload's task panicked"
+    );
+    assert_eq!(read_all(&fs, attr.ino).await, content);
+    assert!(lock(&fs.open_files).is_empty(), "the saved state is forgotten");
+}
+
+/// An upload task that panics every time fails close() with an error that says so, keeps the data in the journal,
+/// and goes on trying: once the cause is gone, the data reaches S3 without anyone asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_task_that_keeps_panicking_fails_close_and_keeps_trying() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    store.add_rule(Rule::new(Some(OpKind::Put), When::Always, Action::Panic));
+    let fs = Fs::new(store.clone(), None, quick(dir.path(), KeyMode::CseLocal)).unwrap();
+    let (attr, fh) = fs.create(ROOT_INO, "p", 0o644, 1, 1).await.unwrap();
+    let content = data(50_000, 5);
+    fs.write(fh, 0, &content).await.unwrap();
+    let err = fs.flush(fh).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(err.to_string().contains("panicked"), "{err}");
+    assert!(
+        store.stats().injected(OpKind::Put) >= 2,
+        "tried again after the first panic"
+    );
+    assert_eq!(fs.journal.entries().len(), 1, "the data stays in the journal");
+    store.clear_rules();
+    let _ = fs.release(fh).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while !lock(&fs.open_files).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the retries saved the file");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(store.head("vol/p").await.is_ok(), "the object is in S3");
+    assert!(fs.journal.entries().is_empty(), "its journal entry is gone");
+    assert_eq!(read_all(&fs, attr.ino).await, content);
+}
+
 /// close() does not wait for FUSE's release, so a reopen can race it. Both must end on one shared state: the
 /// new handle's writes show in getattr and are saved at its close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,6 +375,30 @@ async fn ten_parts(dir: &std::path::Path, store: Arc<dyn ObjectStore>, name: &st
         fs.write(fh, (k << 20) as u64, chunk).await.unwrap();
     }
     (fs, fh, content)
+}
+
+/// A multipart upload whose task panics at the completion: the next round uploads the file again, and the
+/// multipart upload the panicked round started (its id is in the journal) is aborted, not left behind in S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_upload_that_panics_at_completion_leaves_no_upload_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    store.add_rule(Rule::new(Some(OpKind::Complete), When::Nth(1), Action::Panic));
+    let (fs, fh, content) = ten_parts(dir.path(), store.clone(), "m").await;
+    fs.release(fh).await.unwrap();
+    assert_eq!(
+        store.stats().injected(OpKind::Complete),
+        1,
+        "the first completion's task panicked"
+    );
+    assert_eq!(
+        store.stats().count(OpKind::Abort),
+        1,
+        "the panicked round's upload was aborted"
+    );
+    assert!(store.list_multipart_uploads("").await.unwrap().is_empty());
+    let ino = fs.lookup(ROOT_INO, "m").await.unwrap().ino;
+    same(&read_all(&fs, ino).await, &content, "after a panicked completion");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -183,7 +183,10 @@ impl Fs {
         }
     }
 
-    /// Starts the file's upload task unless one is running.
+    /// Starts the file's upload task unless one is running. The task is watched: if it panics (a bug, perhaps in
+    /// a library below), its waiters see a failed attempt and it is started again after a backoff, as after a
+    /// failed upload; otherwise `running` would stay set and no upload of the file would run for the rest of the
+    /// mount.
     pub(super) fn kick(&self, file: &Arc<OpenFile>) {
         if file.running.swap(true, Ordering::SeqCst) {
             return;
@@ -193,7 +196,48 @@ impl Fs {
             return;
         };
         let file = file.clone();
-        tokio::spawn(async move { fs.upload_loop(file).await });
+        let task = tokio::spawn({
+            let (fs, file) = (fs.clone(), file.clone());
+            async move { fs.upload_loop(file).await }
+        });
+        tokio::spawn(async move {
+            match task.await {
+                Err(e) if e.is_panic() => fs.upload_panicked(file).await,
+                // Ended, or cancelled (the runtime ending).
+                _ => {}
+            }
+        });
+    }
+
+    /// After the file's upload task panicked: tells the waiters, waits out a backoff (or until someone asks for a
+    /// save) and starts the task again. `running` stays set meanwhile, so nothing else starts it sooner.
+    async fn upload_panicked(&self, file: Arc<OpenFile>) {
+        let panics = file.panics.fetch_add(1, Ordering::SeqCst) + 1;
+        let wait = backoff(panics);
+        let (key, journal) = {
+            let st = file.state.lock().await;
+            let journal = st
+                .journal
+                .as_ref()
+                .map(|j| format!("{}/{}.*", self.journal.dir().display(), j.id()));
+            (st.key.clone(), journal)
+        };
+        let kept = journal.map_or("memory".into(), |j| format!("the journal ({j})"));
+        log::error!(
+            "{key}: the upload task panicked (time {panics} in a row); the data stays in {kept} and the upload starts again in {wait:?}"
+        );
+        file.status.send_modify(|s| {
+            s.error = Some(Arc::new(FsError::Panicked));
+            s.permanent = false;
+            s.attempts += 1;
+            s.completing = 0;
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = file.wake.notified() => {}
+        }
+        file.running.store(false, Ordering::SeqCst);
+        self.kick(&file);
     }
 
     /// Uploads until S3 holds the generation asked for, retrying with backoff; ends on a conflict.
@@ -208,7 +252,10 @@ impl Fs {
                 }
             }
             match self.upload_once(&file).await {
-                Ok(()) => failures = 0,
+                Ok(()) => {
+                    failures = 0;
+                    file.panics.store(0, Ordering::SeqCst);
+                }
                 Err(e) => {
                     failures += 1;
                     if self.report_failure(&file, e, failures).await {
@@ -487,6 +534,7 @@ impl Fs {
             upload_token: None,
             multipart: None,
             wb: None,
+            behind_off: false,
             unlinked: false,
             poisoned: false,
             settling: 0,

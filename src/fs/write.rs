@@ -135,6 +135,8 @@ pub struct OpenFile {
     pub status: tokio::sync::watch::Sender<UploadStatus>,
     /// Wakes the upload task from its backoff sleep when someone asks for a save.
     pub wake: tokio::sync::Notify,
+    /// How many times in a row the upload task panicked (it is started again after a backoff).
+    pub panics: AtomicU32,
 }
 
 impl OpenFile {
@@ -151,6 +153,7 @@ impl OpenFile {
             })
             .0,
             wake: tokio::sync::Notify::new(),
+            panics: AtomicU32::new(0),
         })
     }
 
@@ -202,6 +205,8 @@ pub struct FileState {
     pub multipart: Option<String>,
     /// The upload of parts while the file is written, if one runs.
     pub wb: Option<super::writebehind::WriteBehind>,
+    /// A write-behind task of this file panicked: no other is started while the state lives (close uploads whole).
+    pub behind_off: bool,
     /// Unlinked while open: nothing more is uploaded.
     pub unlinked: bool,
     /// An upload failed for good (a conflict): writes and flushes fail until the file is reopened.
@@ -234,6 +239,7 @@ impl FileState {
             xattr: None,
             multipart: None,
             wb: None,
+            behind_off: false,
             unlinked: false,
             poisoned: false,
             settling: 0,
@@ -436,6 +442,7 @@ impl Fs {
             xattr: None,
             multipart: None,
             wb: None,
+            behind_off: false,
             unlinked: false,
             poisoned: false,
             settling: 0,

@@ -408,8 +408,12 @@ fn spawn_behind(file: &Arc<OpenFile>, token: &str, task: impl std::future::Futur
         }
         let mut st = file.state.lock().await;
         if st.behind(&token).is_some() {
-            log::error!("{}: a write-behind task panicked; close uploads the file whole", st.key);
+            log::error!(
+                "{}: a write-behind task panicked; close uploads the file whole, and no write-behind is started for it while it is open",
+                st.key
+            );
             st.wb = None;
+            st.behind_off = true;
         }
     });
 }
@@ -441,7 +445,7 @@ impl FileState {
 impl Fs {
     /// After a write: starts sending the next part if one is ready behind the file's end (see the module comment).
     pub(super) fn write_behind(&self, file: &Arc<OpenFile>, st: &mut FileState) {
-        if !self.cfg.write_behind || st.base_valid != 0 || st.unlinked || st.poisoned {
+        if !self.cfg.write_behind || st.behind_off || st.base_valid != 0 || st.unlinked || st.poisoned {
             return;
         }
         let object_size = st.codec.object_size(st.size);
@@ -1061,6 +1065,29 @@ mod tests {
             "one part's task panicked"
         );
         same(&read_back(&fs, "f").await, &content, "after a panicked part");
+        no_upload_left(&store).await;
+    }
+
+    /// A write-behind that panicked is not started again for the file while it is open: a bug that panics at
+    /// every create would otherwise panic (and log) once per write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_behind_that_panicked_is_not_started_again_for_the_file() {
+        let (_dir, store, fs) = setup(KeyMode::CseLocal).await;
+        store.add_rule(Rule::new(Some(OpKind::CreateMultipart), When::Always, Action::Panic));
+        let content = data(40 * MIB, 9);
+        let (_, fh) = fs.create(ROOT_INO, "f", 0o644, 1, 1).await.unwrap();
+        write_mib(&fs, fh, &content, 0..24).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        write_mib(&fs, fh, &content, 24..40).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            store.stats().injected(OpKind::CreateMultipart),
+            1,
+            "one write-behind panicked, and no other was started"
+        );
+        store.clear_rules();
+        fs.release(fh).await.unwrap();
+        same(&read_back(&fs, "f").await, &content, "after a panicked create");
         no_upload_left(&store).await;
     }
 
