@@ -77,9 +77,10 @@ pub enum FsError {
     /// The error of a fetch that several readers waited on.
     #[error("{0}")]
     Shared(std::sync::Arc<FsError>),
-    /// The file's upload task panicked (a bug, perhaps in a library below s3crypt); it is started again.
-    #[error("the upload task panicked (see the log); it is started again after a pause")]
-    Panicked,
+    /// A task or request (named) panicked: a bug, perhaps in a library below s3crypt. EIO for the call that met
+    /// it; an upload is started again.
+    #[error("{0} panicked (a bug; the panic is in the log)")]
+    Panicked(String),
 }
 
 impl FsError {
@@ -105,7 +106,7 @@ impl FsError {
             FsError::Conflict { .. } => libc::EIO,
             FsError::Poisoned => libc::EIO,
             FsError::FileTooBig => libc::EFBIG,
-            FsError::NotSaved { .. } | FsError::Panicked => libc::EIO,
+            FsError::NotSaved { .. } | FsError::Panicked(_) => libc::EIO,
             FsError::Local(e) | FsError::Journal { source: e, .. } => local_errno(e),
             FsError::Store(e) => store_errno(e),
             FsError::Key(e) => key_errno(e),
@@ -144,7 +145,7 @@ impl FsError {
             FsError::Store(e) | FsError::Key(KeyError::Store(e)) => store_retryable(e),
             FsError::Key(KeyError::Kms(_)) => true,
             FsError::Shared(inner) => inner.is_retryable(),
-            FsError::NotSaved { .. } | FsError::Panicked => true,
+            FsError::NotSaved { .. } | FsError::Panicked(_) => true,
             _ => false,
         }
     }

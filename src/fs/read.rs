@@ -227,8 +227,31 @@ impl ReadAhead {
 }
 
 /// Fetches `blocks` of `v` with one ranged GET, then opens them on the blocking pool, each on its own, so that a
-/// block that fails authentication fails only the reads that need it.
+/// block that fails authentication fails only the reads that need it. A panic below (in the store's client, say)
+/// is an error of this fetch: every read waiting on it gets EIO, where a read-ahead chunk's shared future would
+/// otherwise leave the readers waiting on it pending for ever, and panic any that polls it later.
 async fn fetch_run(
+    store: Arc<dyn ObjectStore>,
+    counters: Arc<FsCounters>,
+    key: String,
+    v: Version,
+    blocks: Range<u64>,
+) -> FsResult<FetchedRun> {
+    let what = || format!("{key}: the GET of blocks {}..{}", blocks.start, blocks.end);
+    match std::panic::AssertUnwindSafe(fetch_run_here(store, counters, key.clone(), v, blocks.clone()))
+        .catch_unwind()
+        .await
+    {
+        Ok(fetched) => fetched,
+        Err(_) => {
+            let what = what();
+            log::error!("{what} panicked; the reads that need those blocks fail with EIO");
+            Err(FsError::Panicked(what))
+        }
+    }
+}
+
+async fn fetch_run_here(
     store: Arc<dyn ObjectStore>,
     counters: Arc<FsCounters>,
     key: String,

@@ -523,3 +523,57 @@ async fn reads_are_answered_inline_only_from_blocks_at_hand() {
         fs.release(fh).await.unwrap();
     }
 }
+
+/// A GET that panics (a bug, perhaps in a client library below) fails the reads that need its blocks with EIO:
+/// a reader waiting on the read-ahead chunk it was fetching neither hangs nor panics, and once the cause is gone
+/// the same blocks are fetched again and read right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_that_panics_fails_its_reads_with_eio_and_the_next_read_fetches_again() {
+    use crate::store::failing::{Action, Rule, When};
+    let (_dir, store, fs, ino, content) = setup(KeyMode::CseLocal).await;
+    let fh = fs.open(ino, false, false).await.unwrap();
+    // A streak, so that the reads after it wait on read-ahead chunks.
+    for k in 0..4 {
+        expect(&content, k * B, B as u32, &read_at(&fs, fh, k * B, B as u32).await);
+    }
+    store.add_rule(Rule::new(
+        Some(OpKind::Get),
+        When::Always,
+        Action::Delay(Duration::from_millis(50)),
+    ));
+    store.add_rule(Rule::new(Some(OpKind::Get), When::Always, Action::Panic));
+    let panics_before = store.stats().injected(OpKind::Get);
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let fs = fs.clone();
+        readers.push(tokio::spawn(async move {
+            let mut failed = 0;
+            for k in 4..SIZE as u64 / B {
+                let read = tokio::time::timeout(Duration::from_secs(10), fs.read(fh, k * B, B as u32)).await;
+                match read.expect("a read waiting on a GET that panicked returns") {
+                    Ok(_) => {}
+                    Err(e) => {
+                        assert_eq!(e.errno(), libc::EIO, "{e}");
+                        failed += 1;
+                    }
+                }
+            }
+            failed
+        }));
+    }
+    for r in readers {
+        assert!(
+            r.await.expect("the reader did not panic") > 0,
+            "the panicking GETs failed reads"
+        );
+    }
+    assert!(store.stats().injected(OpKind::Get) > panics_before, "GETs panicked");
+    store.clear_rules();
+    let mut offset = 0u64;
+    while offset < SIZE as u64 {
+        let got = read_at(&fs, fh, offset, B as u32).await;
+        expect(&content, offset, B as u32, &got);
+        offset += got.len() as u64;
+    }
+    fs.release(fh).await.unwrap();
+}

@@ -227,7 +227,7 @@ impl Fs {
             "{key}: the upload task panicked (time {panics} in a row); the data stays in {kept} and the upload starts again in {wait:?}"
         );
         file.status.send_modify(|s| {
-            s.error = Some(Arc::new(FsError::Panicked));
+            s.error = Some(Arc::new(FsError::Panicked("the upload task".into())));
             s.permanent = false;
             s.attempts += 1;
             s.completing = 0;
