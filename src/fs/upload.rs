@@ -183,6 +183,8 @@ impl Fs {
     /// One snapshot uploaded and committed; `Ok(true)`: the base had been rekeyed (the file's state now names
     /// the rekeyed object) and nothing was written, so the caller uploads again.
     async fn upload_round(&self, file: &Arc<OpenFile>) -> FsResult<bool> {
+        self.abort_stale_multipart(file).await?;
+        self.adopt_landed_round(file).await?;
         let Some(snap) = self.snapshot(file).await? else {
             return Ok(false);
         };
@@ -235,6 +237,75 @@ impl Fs {
         };
         self.commit(file, &snap, etag, stale_attrs).await?;
         Ok(false)
+    }
+
+    /// Aborts the multipart upload an earlier attempt left (its id is in the state and the journal), unless it is
+    /// the running write-behind's. Done before every round, whichever way the round uploads: a round that sends
+    /// one PUT (the file was cut meanwhile), or none, would otherwise forget the id and leave the upload in S3.
+    pub(super) async fn abort_stale_multipart(&self, file: &OpenFile) -> FsResult<()> {
+        let (key, stale) = {
+            let st = file.state.lock().await;
+            let live = st.wb.as_ref().and_then(|w| w.upload_id.as_ref());
+            match &st.multipart {
+                Some(id) if Some(id) != live => (st.key.clone(), id.clone()),
+                _ => return Ok(()),
+            }
+        };
+        match self.store.abort_multipart(&key, &stale).await {
+            Ok(()) | Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut st = file.state.lock().await;
+        if st.multipart.as_ref() == Some(&stale) {
+            st.multipart = None;
+            st.save_manifest()?;
+        }
+        Ok(())
+    }
+
+    /// An earlier round that did not commit (it failed, or its task panicked) may still have reached S3: its
+    /// response lost, or the failure after S3 took the write. Its token is the one the state still names. If the
+    /// object carries it, that object is this file's own earlier version: it becomes the base the next round
+    /// writes over (as at mount, see `adopt_landed_upload`), where the new round's condition would otherwise fail
+    /// against it and be taken for someone else's write (a conflict). The blocks not changed since the base was
+    /// read are the same in it, and the changed ones are all still dirty, so the next round uploads them again.
+    async fn adopt_landed_round(&self, file: &OpenFile) -> FsResult<()> {
+        let (key, token) = {
+            let st = file.state.lock().await;
+            match &st.upload_token {
+                // The running write-behind's upload carries its own token and is not an earlier round's.
+                Some(t) if st.wb.as_ref().is_none_or(|w| &w.token != t) => (st.key.clone(), t.clone()),
+                _ => return Ok(()),
+            }
+        };
+        let info = match self.store.head(&key).await {
+            Ok(info) => info,
+            Err(StoreError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if info.metadata.get(META_UPLOAD_TOKEN) != Some(&token) {
+            return Ok(());
+        }
+        let mut st = file.state.lock().await;
+        if st.upload_token.as_ref() != Some(&token) || st.key != key {
+            return Ok(());
+        }
+        let plain = st.codec.plain_size(info.size).map_err(|source| FsError::Format {
+            key: key.clone(),
+            source,
+        })?;
+        log::info!("{key}: an earlier attempt of this upload had reached S3 (its answer was lost); writing over it");
+        st.base = Some(Version::new(
+            info.etag,
+            info.size,
+            plain,
+            st.codec.clone(),
+            st.header.clone(),
+        ));
+        st.base_valid = st.base_valid.min(plain);
+        st.upload_token = None;
+        st.save_manifest()?;
+        Ok(())
     }
 
     /// The snapshot of a file with unsaved changes (and a fresh upload token, recorded in the journal first).
@@ -371,15 +442,7 @@ impl Fs {
         let (upload_id, sent, created_with) = match self.take_write_behind(file, snap).await {
             Some(behind) => behind,
             None => {
-                // An earlier attempt's upload that could not be aborted then (S3 was away) goes first: once a new
-                // id is recorded, nothing would remember the old one.
-                let stale = file.state.lock().await.multipart.clone();
-                if let Some(old) = stale {
-                    match self.store.abort_multipart(key, &old).await {
-                        Ok(()) | Err(StoreError::NotFound(_)) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
+                // An earlier attempt's upload was aborted when this round began (`abort_stale_multipart`).
                 let id = self.store.create_multipart(key, &snap.meta).await?;
                 self.record_multipart(file, Some(id.clone())).await?;
                 (id, BTreeMap::new(), snap.meta.clone())

@@ -200,11 +200,14 @@ impl Fs {
             let (fs, file) = (fs.clone(), file.clone());
             async move { fs.upload_loop(file).await }
         });
+        // The watcher, not the loop, ends the task's turn (`running`), so a panic anywhere in the loop is seen
+        // while `running` is still held for it, and two loops of one file never run at once.
         tokio::spawn(async move {
             match task.await {
+                Ok(()) => fs.upload_ended(file).await,
                 Err(e) if e.is_panic() => fs.upload_panicked(file).await,
-                // Ended, or cancelled (the runtime ending).
-                _ => {}
+                // Cancelled: the runtime is ending.
+                Err(_) => {}
             }
         });
     }
@@ -240,7 +243,8 @@ impl Fs {
         self.kick(&file);
     }
 
-    /// Uploads until S3 holds the generation asked for, retrying with backoff; ends on a conflict.
+    /// Uploads until S3 holds the generation asked for, retrying with backoff; ends on a conflict. Runs under
+    /// [`Self::kick`]'s watch, which ends its turn.
     async fn upload_loop(self: Arc<Self>, file: Arc<OpenFile>) {
         let mut failures = 0u32;
         loop {
@@ -252,10 +256,7 @@ impl Fs {
                 }
             }
             match self.upload_once(&file).await {
-                Ok(()) => {
-                    failures = 0;
-                    file.panics.store(0, Ordering::SeqCst);
-                }
+                Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
                     if self.report_failure(&file, e, failures).await {
@@ -268,6 +269,12 @@ impl Fs {
                 }
             }
         }
+    }
+
+    /// After the file's upload loop ended: lets the next one start, starts it if a save was asked for meanwhile,
+    /// and otherwise forgets what is saved.
+    async fn upload_ended(&self, file: Arc<OpenFile>) {
+        file.panics.store(0, Ordering::SeqCst);
         file.running.store(false, Ordering::SeqCst);
         let (again, unlinked) = {
             let st = file.state.lock().await;
@@ -279,6 +286,12 @@ impl Fs {
         if again {
             self.kick(&file);
             return;
+        }
+        if unlinked {
+            // Nothing more is uploaded for it: a multipart upload an earlier attempt left goes now.
+            if let Err(e) = self.abort_stale_multipart(&file).await {
+                log::warn!("aborting the multipart upload left by an earlier attempt (the next mount aborts it): {e}");
+            }
         }
         if unlinked && file.ino == 0 {
             self.drop_journal(&file).await;

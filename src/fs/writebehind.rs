@@ -409,7 +409,7 @@ fn spawn_behind(file: &Arc<OpenFile>, token: &str, task: impl std::future::Futur
         let mut st = file.state.lock().await;
         if st.behind(&token).is_some() {
             log::error!(
-                "{}: a write-behind task panicked; close uploads the file whole, and no write-behind is started for it while it is open",
+                "{}: a write-behind task panicked; close uploads the file whole, and no write-behind is started for it again until it is saved and closed",
                 st.key
             );
             st.wb = None;

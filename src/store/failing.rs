@@ -147,6 +147,9 @@ pub enum Action {
     /// Panic in the calling task instead of forwarding the call: a bug below the caller (in a client library,
     /// say), which ends the caller's task.
     Panic,
+    /// Forward the call, then panic in the calling task: the store took the call, and the caller's task ended
+    /// before it saw the answer (a bug in reading the response, say).
+    PanicAfter,
 }
 
 /// One fault-injection rule. Build with [`Rule::new`] or [`Rule::fail`] and refine with the builder methods.
@@ -239,6 +242,7 @@ struct Plan {
     before: Option<FaultKind>,
     after: Option<FaultKind>,
     panic: bool,
+    panic_after: bool,
 }
 
 #[derive(Default)]
@@ -427,6 +431,7 @@ impl<S: ObjectStore> FailingStore<S> {
                 Action::Delay(d) => plan.delay += d,
                 Action::DelayAfter(d) => plan.delay_after += d,
                 Action::Panic => plan.panic = true,
+                Action::PanicAfter => plan.panic_after = true,
             }
         }
         plan
@@ -469,6 +474,10 @@ impl<S: ObjectStore> FailingStore<S> {
         let result = fut.await;
         if !plan.delay_after.is_zero() {
             tokio::time::sleep(plan.delay_after).await;
+        }
+        if plan.panic_after {
+            c.injected.fetch_add(1, Ordering::Relaxed);
+            panic!("injected panic after {op:?} of {key}");
         }
         let result = match (result, plan.after) {
             (Ok(_), Some(kind)) => {
