@@ -348,6 +348,10 @@ fn local_key(path: &Path) -> io::Result<DataKey> {
     }
 }
 
+/// How many tokens of earlier attempts a file remembers (see [`Manifest::earlier_tokens`]): an attempt that lands
+/// later than this many attempts after it (minutes, with the retries' backoff) is taken for someone else's write.
+pub const EARLIER_TOKENS: usize = 16;
+
 /// What a journal entry's blocks belong to. Plain data, written as `name value` lines; strings are hex-encoded so
 /// that any key or ETag round-trips.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -376,6 +380,9 @@ pub struct Manifest {
     /// The token of the last upload that may have reached S3: an object carrying it holds this entry's data
     /// as of that upload.
     pub upload_token: Option<String>,
+    /// The tokens of earlier attempts that did not commit and may still reach S3 (the newest
+    /// [`EARLIER_TOKENS`]): an object carrying one of them is this entry's own earlier version too.
+    pub earlier_tokens: Vec<String>,
     /// A multipart upload started for this entry and not yet completed or aborted.
     pub multipart: Option<String>,
     /// The extended attributes in their stored form (sealed in the client-side modes).
@@ -410,6 +417,7 @@ impl Default for Manifest {
             object_format: false,
             journal_file_id: None,
             upload_token: None,
+            earlier_tokens: Vec::new(),
             multipart: None,
             xattr: None,
             modified: false,
@@ -452,6 +460,9 @@ impl Manifest {
         }
         if let Some(t) = &self.upload_token {
             line("upload_token", t.clone());
+        }
+        if !self.earlier_tokens.is_empty() {
+            line("earlier_tokens", self.earlier_tokens.join(" "));
         }
         if let Some(u) = &self.multipart {
             line("multipart", hex::encode(u));
@@ -510,6 +521,7 @@ impl Manifest {
                 "object_format" => m.object_format = num(0)? == 1,
                 "journal_file_id" => m.journal_file_id = Some(v.to_string()),
                 "upload_token" => m.upload_token = Some(v.to_string()),
+                "earlier_tokens" => m.earlier_tokens = f.iter().map(|t| t.to_string()).collect(),
                 "multipart" => m.multipart = Some(text(0)?),
                 "xattr" => m.xattr = Some(text(0)?),
                 "modified" => m.modified = num(0)? == 1,
@@ -1134,6 +1146,7 @@ mod tests {
             ctime: UNIX_EPOCH + Duration::new(1_700_000_001, 5),
             header: [("s3crypt-key".to_string(), "x y".to_string())].into_iter().collect(),
             upload_token: Some("tok".into()),
+            earlier_tokens: vec!["old1".into(), "old2".into()],
             multipart: Some("up/id".into()),
             xattr: Some("%7B%7D".into()),
             modified: true,

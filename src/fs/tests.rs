@@ -299,6 +299,65 @@ async fn an_attempt_that_reached_s3_before_it_failed_is_not_a_conflict() {
     }
 }
 
+/// An attempt that lands only after the next attempt began (S3 still working on it when the client gave up) is
+/// this file's own earlier version too: the next attempt's condition fails against it, and the file is saved over
+/// it, not declared in conflict. The late landing is made by hand: the object of the first attempt's token is
+/// put while the second attempt's PUT waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_lands_after_the_next_one_began_is_not_a_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let fs = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+    let (attr, fh) = fs.create(ROOT_INO, "late", 0o644, 1, 1).await.unwrap();
+    let first = data(5000, 3);
+    fs.write(fh, 0, &first).await.unwrap();
+    store.add_rule(Rule::fail(OpKind::Put, When::Nth(1), FaultKind::Transient));
+    store.add_rule(Rule::new(
+        Some(OpKind::Put),
+        When::Nth(2),
+        Action::Delay(Duration::from_millis(300)),
+    ));
+    let saving = {
+        let fs = fs.clone();
+        tokio::spawn(async move { fs.flush(fh).await })
+    };
+    // The second attempt has begun once the journal remembers the first one's token.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let earlier = loop {
+        if let Some(t) = fs
+            .journal
+            .entries()
+            .into_iter()
+            .find_map(|(_, m)| m.earlier_tokens.first().cloned())
+        {
+            break t;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a second attempt began");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let meta: crate::store::Metadata = [(journal::META_UPLOAD_TOKEN.to_string(), earlier)]
+        .into_iter()
+        .collect();
+    store
+        .put(
+            "vol/late",
+            bytes::Bytes::from(first.clone()),
+            &meta,
+            crate::store::PutCondition::IfNoneMatch,
+        )
+        .await
+        .expect("the late landing");
+    saving.await.unwrap().unwrap();
+    fs.release(fh).await.unwrap();
+    assert!(!dir.path().join("recovery").exists(), "no recovery file");
+    same(&read_all(&fs, attr.ino).await, &first, "saved over the late landing");
+    assert_eq!(
+        store.stats().count(OpKind::Put),
+        4,
+        "two attempts, the landing, and the attempt over it"
+    );
+}
+
 /// A multipart upload left by an attempt that panicked is aborted by the next attempt even when that one sends a
 /// single PUT (the file was cut meanwhile): nothing is left pending in S3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -650,6 +709,47 @@ async fn the_next_mount_uploads_what_a_killed_one_left_in_the_journal() {
         assert_eq!(r.aborted, 1);
         assert_eq!(memory.open_uploads(), 0, "no multipart upload left pending");
     }
+}
+
+/// The next mount adopts an object that an earlier attempt of a killed daemon's file put there (its token among
+/// the journal's earlier tokens) as that file's own version, and saves the journal over it: no conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_mount_adopts_what_an_earlier_attempt_of_a_killed_one_landed() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory = Arc::new(MemoryStore::new());
+    let store: Arc<dyn ObjectStore> = memory.clone();
+    let first = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+    let (attr, fh) = first.create(ROOT_INO, "e", 0o644, 1, 1).await.unwrap();
+    let want = data(9000, 2);
+    first.write(fh, 0, &want).await.unwrap();
+    // As after an attempt that failed and another that began: the journal remembers the first one's token, and
+    // the first one's object reached S3 after all.
+    let file = lock(&first.open_files).get(&attr.ino).unwrap().file.clone();
+    {
+        let mut st = file.state.lock().await;
+        st.earlier_tokens = vec!["t-landed".into()];
+        st.save_manifest().unwrap();
+    }
+    drop(file);
+    let meta: Metadata = [(journal::META_UPLOAD_TOKEN.to_string(), "t-landed".to_string())]
+        .into_iter()
+        .collect();
+    store
+        .put(
+            "vol/e",
+            bytes::Bytes::from(want[..5000].to_vec()),
+            &meta,
+            crate::store::PutCondition::IfNoneMatch,
+        )
+        .await
+        .unwrap();
+    killed(first).await;
+    let second = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+    let r = second.recover().await;
+    assert_eq!((r.saved, r.pending, r.conflicts, r.broken), (1, 0, 0, 0), "{r:?}");
+    let e = second.lookup(ROOT_INO, "e").await.unwrap();
+    same(&read_all(&second, e.ino).await, &want, "saved over the landed attempt");
+    assert!(!dir.path().join("recovery").exists(), "no recovery file");
 }
 
 /// A kill inside the pwrite that rewrites a block already in the journal (here: the last block of a file written

@@ -168,23 +168,23 @@ enum Piece {
 impl Fs {
     /// Takes a snapshot, uploads it and commits. `Ok` means S3 holds (at least) the snapshot's generation.
     pub(super) async fn upload_once(&self, file: &Arc<OpenFile>) -> FsResult<()> {
-        // A key rotation that copied the base meanwhile is followed at most this often in one round.
+        // A base that moved under the round (a key rotation's copy of it, or an earlier attempt of this file's that
+        // landed) is followed at most this often in one round.
         for _ in 0..3 {
             if !self.upload_round(file).await? {
                 return Ok(());
             }
         }
         Err(FsError::Store(StoreError::Transient(format!(
-            "{}: the object kept being rekeyed under this upload; it is tried again",
+            "{}: the object kept changing under this upload (rekeyed, or earlier attempts landing); it is tried again",
             file.state.lock().await.key
         ))))
     }
 
-    /// One snapshot uploaded and committed; `Ok(true)`: the base had been rekeyed (the file's state now names
-    /// the rekeyed object) and nothing was written, so the caller uploads again.
+    /// One snapshot uploaded and committed; `Ok(true)`: the base had moved (rekeyed, or an earlier attempt of this
+    /// file's landed: the file's state now names that object) and nothing was written, so the caller uploads again.
     async fn upload_round(&self, file: &Arc<OpenFile>) -> FsResult<bool> {
         self.abort_stale_multipart(file).await?;
-        self.adopt_landed_round(file).await?;
         let Some(snap) = self.snapshot(file).await? else {
             return Ok(false);
         };
@@ -219,6 +219,7 @@ impl Fs {
                             snap.key
                         ))))
                     }
+                    None if self.adopt_earlier_attempt(file, now.as_ref()).await? => return Ok(true),
                     None if snap.base.is_none() && matches!(e, StoreError::NotFound(_)) => return Err(e.into()),
                     None if self.rebase_after_rekey(file, &snap, now.as_ref()).await? => return Ok(true),
                     None => {
@@ -253,7 +254,18 @@ impl Fs {
         };
         match self.store.abort_multipart(&key, &stale).await {
             Ok(()) | Err(StoreError::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                let e = FsError::from(e);
+                // S3 away: tried again with the round.
+                if e.is_retryable() {
+                    return Err(e);
+                }
+                // Refused for good (no s3:AbortMultipartUpload, say): that must not keep the file from being saved.
+                log::warn!(
+                "{key}: the multipart upload {stale} left by an earlier attempt could not be aborted ({e}); it stays \
+                 pending in S3 until a lifecycle rule (AbortIncompleteMultipartUpload) or someone aborts it"
+                );
+            }
         }
         let mut st = file.state.lock().await;
         if st.multipart.as_ref() == Some(&stale) {
@@ -263,49 +275,35 @@ impl Fs {
         Ok(())
     }
 
-    /// An earlier round that did not commit (it failed, or its task panicked) may still have reached S3: its
-    /// response lost, or the failure after S3 took the write. Its token is the one the state still names. If the
-    /// object carries it, that object is this file's own earlier version: it becomes the base the next round
-    /// writes over (as at mount, see `adopt_landed_upload`), where the new round's condition would otherwise fail
-    /// against it and be taken for someone else's write (a conflict). The blocks not changed since the base was
-    /// read are the same in it, and the changed ones are all still dirty, so the next round uploads them again.
-    async fn adopt_landed_round(&self, file: &OpenFile) -> FsResult<()> {
-        let (key, token) = {
-            let st = file.state.lock().await;
-            match &st.upload_token {
-                // The running write-behind's upload carries its own token and is not an earlier round's.
-                Some(t) if st.wb.as_ref().is_none_or(|w| &w.token != t) => (st.key.clone(), t.clone()),
-                _ => return Ok(()),
-            }
+    /// Whether the object (`now`, as a HEAD found it) is this file's own earlier version: an attempt that did not
+    /// commit (it failed, or its task panicked) and reached S3 anyway, its answer lost or the failure after S3
+    /// took the write, maybe only after the next attempt began. Its token is one the state remembers. Then that
+    /// object becomes the base the next round writes over (as at mount, see `adopt_landed_upload`), where the
+    /// round's condition failed against it. The blocks not changed since the old base was read are the same in
+    /// it, and every block changed since is still dirty (dirty is cleared only at a commit), so the next round
+    /// uploads them again.
+    async fn adopt_earlier_attempt(&self, file: &OpenFile, now: Option<&crate::store::ObjectInfo>) -> FsResult<bool> {
+        let Some(info) = now else { return Ok(false) };
+        let Some(token) = info.metadata.get(META_UPLOAD_TOKEN) else {
+            return Ok(false);
         };
-        let info = match self.store.head(&key).await {
-            Ok(info) => info,
-            Err(StoreError::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        if info.metadata.get(META_UPLOAD_TOKEN) != Some(&token) {
-            return Ok(());
-        }
         let mut st = file.state.lock().await;
-        if st.upload_token.as_ref() != Some(&token) || st.key != key {
-            return Ok(());
+        if !st.earlier_tokens.contains(token) {
+            return Ok(false);
         }
         let plain = st.codec.plain_size(info.size).map_err(|source| FsError::Format {
-            key: key.clone(),
+            key: st.key.clone(),
             source,
         })?;
-        log::info!("{key}: an earlier attempt of this upload had reached S3 (its answer was lost); writing over it");
-        st.base = Some(Version::new(
-            info.etag,
-            info.size,
-            plain,
-            st.codec.clone(),
-            st.header.clone(),
-        ));
+        log::info!(
+            "{}: an earlier attempt of this upload had reached S3 (its answer was lost); writing over it",
+            st.key
+        );
+        let v = Version::new(info.etag.clone(), info.size, plain, st.codec.clone(), st.header.clone());
+        st.base = Some(v);
         st.base_valid = st.base_valid.min(plain);
-        st.upload_token = None;
         st.save_manifest()?;
-        Ok(())
+        Ok(true)
     }
 
     /// The snapshot of a file with unsaved changes (and a fresh upload token, recorded in the journal first).
@@ -316,6 +314,13 @@ impl Fs {
             return Ok(None);
         }
         let token = Self::upload_token(&st);
+        // The attempt before, if it did not commit, may still reach S3 (see `adopt_earlier_attempt`).
+        if let Some(old) = st.upload_token.take().filter(|old| *old != token) {
+            if st.earlier_tokens.len() >= super::journal::EARLIER_TOKENS {
+                st.earlier_tokens.remove(0);
+            }
+            st.earlier_tokens.push(old);
+        }
         st.upload_token = Some(token.clone());
         st.min_cut = u64::MAX;
         st.save_manifest()?;
@@ -692,6 +697,7 @@ impl Fs {
         let object_size = snap.codec.object_size(snap.size);
         let mut st = file.state.lock().await;
         st.upload_token = None;
+        st.earlier_tokens.clear();
         st.multipart = None;
         if st.unlinked {
             // Unlinked while the upload ran: the upload may have made the object again.

@@ -545,6 +545,7 @@ impl Fs {
             },
             xattr: m.xattr.clone(),
             upload_token: None,
+            earlier_tokens: Vec::new(),
             multipart: None,
             wb: None,
             behind_off: false,
@@ -555,17 +556,20 @@ impl Fs {
         Ok(OpenFile::new(0, st))
     }
 
-    /// If the upload recorded in the manifest reached S3 before the crash (the object carries its token), that
-    /// object is the version the journal's changes now apply to.
+    /// If the upload recorded in the manifest, or an earlier attempt it remembers, reached S3 before the crash (the
+    /// object carries its token), that object is the version the journal's changes now apply to.
     async fn adopt_landed_upload(
         &self,
         m: &Manifest,
         codec: &Arc<Codec>,
         header: &Option<ObjectHeader>,
     ) -> FsResult<Option<Version>> {
-        let Some(token) = &m.upload_token else { return Ok(None) };
+        if m.upload_token.is_none() && m.earlier_tokens.is_empty() {
+            return Ok(None);
+        }
+        let ours = |t: &String| m.upload_token.as_ref() == Some(t) || m.earlier_tokens.contains(t);
         match self.store.head(&m.key).await {
-            Ok(info) if info.metadata.get(super::journal::META_UPLOAD_TOKEN) == Some(token) => {
+            Ok(info) if info.metadata.get(super::journal::META_UPLOAD_TOKEN).is_some_and(ours) => {
                 let plain = codec.plain_size(info.size).map_err(|source| FsError::Format {
                     key: m.key.clone(),
                     source,

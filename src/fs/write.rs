@@ -202,6 +202,8 @@ pub struct FileState {
     pub xattr: Option<String>,
     /// Token and upload id of the upload in flight, as the journal's manifest records them.
     pub upload_token: Option<String>,
+    /// Tokens of earlier attempts that did not commit (see [`Manifest::earlier_tokens`]).
+    pub earlier_tokens: Vec<String>,
     pub multipart: Option<String>,
     /// The upload of parts while the file is written, if one runs.
     pub wb: Option<super::writebehind::WriteBehind>,
@@ -236,6 +238,7 @@ impl FileState {
             min_cut: u64::MAX,
             attr: Attr { size: 0, ..attr },
             upload_token: None,
+            earlier_tokens: Vec::new(),
             xattr: None,
             multipart: None,
             wb: None,
@@ -355,6 +358,7 @@ impl FileState {
             ctime: self.attr.ctime,
             header,
             upload_token: self.upload_token.clone(),
+            earlier_tokens: self.earlier_tokens.clone(),
             multipart: self.multipart.clone(),
             xattr: self.xattr.clone(),
             modified: self.modified(),
@@ -439,6 +443,7 @@ impl Fs {
             min_cut: u64::MAX,
             attr: attr.clone(),
             upload_token: None,
+            earlier_tokens: Vec::new(),
             xattr: None,
             multipart: None,
             wb: None,
