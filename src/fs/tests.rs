@@ -315,36 +315,30 @@ async fn an_attempt_that_lands_after_the_next_one_began_is_not_a_conflict() {
     store.add_rule(Rule::new(
         Some(OpKind::Put),
         When::Nth(2),
-        Action::Delay(Duration::from_millis(300)),
+        Action::Delay(Duration::from_secs(3)),
     ));
     let saving = {
         let fs = fs.clone();
         tokio::spawn(async move { fs.flush(fh).await })
     };
-    // The second attempt has begun once the journal remembers the first one's token.
+    // The second attempt's PUT has begun (it waits 3 s before it reaches the store): the first one lands now,
+    // straight into the store below, past the rules and the counts.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let earlier = loop {
-        if let Some(t) = fs
-            .journal
-            .entries()
-            .into_iter()
-            .find_map(|(_, m)| m.earlier_tokens.first().cloned())
-        {
-            break t;
-        }
+    while store.stats().count(OpKind::Put) < 2 {
         assert!(tokio::time::Instant::now() < deadline, "a second attempt began");
         tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    let meta: crate::store::Metadata = [(journal::META_UPLOAD_TOKEN.to_string(), earlier)]
+    }
+    let earlier = fs
+        .journal
+        .entries()
         .into_iter()
-        .collect();
+        .find_map(|(_, m)| m.earlier_tokens.first().cloned());
+    let token = earlier.expect("the first attempt's token is remembered");
+    let meta: crate::store::Metadata = [(journal::META_UPLOAD_TOKEN.to_string(), token)].into_iter().collect();
+    let landing = bytes::Bytes::from(first.clone());
     store
-        .put(
-            "vol/late",
-            bytes::Bytes::from(first.clone()),
-            &meta,
-            crate::store::PutCondition::IfNoneMatch,
-        )
+        .inner()
+        .put("vol/late", landing, &meta, crate::store::PutCondition::IfNoneMatch)
         .await
         .expect("the late landing");
     saving.await.unwrap().unwrap();
@@ -353,8 +347,8 @@ async fn an_attempt_that_lands_after_the_next_one_began_is_not_a_conflict() {
     same(&read_all(&fs, attr.ino).await, &first, "saved over the late landing");
     assert_eq!(
         store.stats().count(OpKind::Put),
-        4,
-        "two attempts, the landing, and the attempt over it"
+        3,
+        "two attempts, and the one over the landing"
     );
 }
 
@@ -749,6 +743,57 @@ async fn the_next_mount_adopts_what_an_earlier_attempt_of_a_killed_one_landed() 
     assert_eq!((r.saved, r.pending, r.conflicts, r.broken), (1, 0, 0, 0), "{r:?}");
     let e = second.lookup(ROOT_INO, "e").await.unwrap();
     same(&read_all(&second, e.ino).await, &want, "saved over the landed attempt");
+    assert!(!dir.path().join("recovery").exists(), "no recovery file");
+}
+
+/// The tokens the journal remembers stay the file's own after the next mount: an earlier attempt of the killed
+/// daemon that lands only after the mount looked (while the mount's own upload of the file waits) is written over,
+/// not taken for someone else's write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_attempt_that_lands_after_the_next_mount_looked_is_not_a_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FailingStore::new(MemoryStore::new()));
+    let first = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+    let (attr, fh) = first.create(ROOT_INO, "e", 0o644, 1, 1).await.unwrap();
+    let want = data(9000, 4);
+    first.write(fh, 0, &want).await.unwrap();
+    let file = lock(&first.open_files).get(&attr.ino).unwrap().file.clone();
+    {
+        let mut st = file.state.lock().await;
+        st.upload_token = Some("t-in-flight".into());
+        st.save_manifest().unwrap();
+    }
+    drop(file);
+    killed(first).await;
+    // The next mount's HEAD finds nothing; its PUT waits 3 s, and the killed run's attempt lands meanwhile.
+    store.add_rule(Rule::new(
+        Some(OpKind::Put),
+        When::Nth(1),
+        Action::Delay(Duration::from_secs(3)),
+    ));
+    let second = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+    let recovering = {
+        let second = second.clone();
+        tokio::spawn(async move { second.recover().await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.stats().count(OpKind::Put) < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the next mount's upload began");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let meta: Metadata = [(journal::META_UPLOAD_TOKEN.to_string(), "t-in-flight".to_string())]
+        .into_iter()
+        .collect();
+    let landing = bytes::Bytes::from(want[..5000].to_vec());
+    store
+        .inner()
+        .put("vol/e", landing, &meta, crate::store::PutCondition::IfNoneMatch)
+        .await
+        .expect("the late landing");
+    let r = recovering.await.unwrap();
+    assert_eq!((r.saved, r.pending, r.conflicts, r.broken), (1, 0, 0, 0), "{r:?}");
+    let e = second.lookup(ROOT_INO, "e").await.unwrap();
+    same(&read_all(&second, e.ino).await, &want, "saved over the late landing");
     assert!(!dir.path().join("recovery").exists(), "no recovery file");
 }
 

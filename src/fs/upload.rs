@@ -219,7 +219,7 @@ impl Fs {
                             snap.key
                         ))))
                     }
-                    None if self.adopt_earlier_attempt(file, now.as_ref()).await? => return Ok(true),
+                    None if self.adopt_earlier_attempt(file, &snap, now.as_ref()).await? => return Ok(true),
                     None if snap.base.is_none() && matches!(e, StoreError::NotFound(_)) => return Err(e.into()),
                     None if self.rebase_after_rekey(file, &snap, now.as_ref()).await? => return Ok(true),
                     None => {
@@ -262,8 +262,8 @@ impl Fs {
                 }
                 // Refused for good (no s3:AbortMultipartUpload, say): that must not keep the file from being saved.
                 log::warn!(
-                "{key}: the multipart upload {stale} left by an earlier attempt could not be aborted ({e}); it stays \
-                 pending in S3 until a lifecycle rule (AbortIncompleteMultipartUpload) or someone aborts it"
+                    "{key}: the multipart upload {stale} left by an earlier attempt could not be aborted ({e}); it \
+                     stays pending in S3 until a lifecycle rule (AbortIncompleteMultipartUpload) or someone aborts it"
                 );
             }
         }
@@ -282,13 +282,21 @@ impl Fs {
     /// round's condition failed against it. The blocks not changed since the old base was read are the same in
     /// it, and every block changed since is still dirty (dirty is cleared only at a commit), so the next round
     /// uploads them again.
-    async fn adopt_earlier_attempt(&self, file: &OpenFile, now: Option<&crate::store::ObjectInfo>) -> FsResult<bool> {
+    async fn adopt_earlier_attempt(
+        &self,
+        file: &OpenFile,
+        snap: &Snapshot,
+        now: Option<&crate::store::ObjectInfo>,
+    ) -> FsResult<bool> {
         let Some(info) = now else { return Ok(false) };
         let Some(token) = info.metadata.get(META_UPLOAD_TOKEN) else {
             return Ok(false);
         };
         let mut st = file.state.lock().await;
-        if !st.earlier_tokens.contains(token) {
+        // `now` is the snapshot's key as the snapshot's base left it: not if the file was renamed or its base
+        // moved meanwhile.
+        let same_base = st.base.as_ref().map(|b| &b.etag) == snap.base.as_ref().map(|b| &b.etag);
+        if !st.earlier_tokens.contains(token) || st.key != snap.key || !same_base {
             return Ok(false);
         }
         let plain = st.codec.plain_size(info.size).map_err(|source| FsError::Format {

@@ -545,7 +545,14 @@ impl Fs {
             },
             xattr: m.xattr.clone(),
             upload_token: None,
-            earlier_tokens: Vec::new(),
+            // Attempts of the run before may still land after this mount's HEAD (`adopt_landed_upload`): they are
+            // this file's own versions for the rounds to come too.
+            earlier_tokens: {
+                let mut t: Vec<String> = m.earlier_tokens.iter().chain(&m.upload_token).cloned().collect();
+                let over = t.len().saturating_sub(super::journal::EARLIER_TOKENS);
+                t.drain(..over);
+                t
+            },
             multipart: None,
             wb: None,
             behind_off: false,
