@@ -62,6 +62,7 @@ use codec::{Codec, Version};
 use inode::{AttrDefaults, InodeTable};
 use rand::RngCore;
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -221,6 +222,23 @@ pub struct Fs {
 }
 
 /// A poisoned std mutex only means a panic elsewhere; the data is still consistent for our use.
+/// Spawns `task` and, once it has ended, `after(panicked)`: the one place where the file system watches its
+/// background tasks for panics (a bug, perhaps in a library below), so that a task that held something for
+/// others (an upload's turn, a part's count) gives it back. A task cancelled by the runtime ending has no after.
+fn spawn_watched<A>(task: impl Future<Output = ()> + Send + 'static, after: impl FnOnce(bool) -> A + Send + 'static)
+where
+    A: Future<Output = ()> + Send + 'static,
+{
+    let task = tokio::spawn(task);
+    tokio::spawn(async move {
+        match task.await {
+            Ok(()) => after(false).await,
+            Err(e) if e.is_panic() => after(true).await,
+            Err(_) => {}
+        }
+    });
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -196,18 +196,14 @@ impl Fs {
             return;
         };
         let file = file.clone();
-        let task = tokio::spawn({
-            let (fs, file) = (fs.clone(), file.clone());
-            async move { fs.upload_loop(file).await }
-        });
+        let upload = fs.clone().upload_loop(file.clone());
         // The watcher, not the loop, ends the task's turn (`running`), so a panic anywhere in the loop is seen
         // while `running` is still held for it, and two loops of one file never run at once.
-        tokio::spawn(async move {
-            match task.await {
-                Ok(()) => fs.upload_ended(file).await,
-                Err(e) if e.is_panic() => fs.upload_panicked(file).await,
-                // Cancelled: the runtime is ending.
-                Err(_) => {}
+        super::spawn_watched(upload, move |panicked| async move {
+            if panicked {
+                fs.upload_panicked(file).await
+            } else {
+                fs.upload_ended(file).await
             }
         });
     }

@@ -398,13 +398,11 @@ impl Drop for WriteBehind {
 /// upload is aborted) and the upload sends the file whole, from the journal, as when a change reaches what was
 /// sent.
 fn spawn_behind(file: &Arc<OpenFile>, token: &str, task: impl std::future::Future<Output = ()> + Send + 'static) {
-    let task = tokio::spawn(task);
     let (file, token) = (file.clone(), token.to_string());
-    tokio::spawn(async move {
-        match task.await {
-            Err(e) if e.is_panic() => {}
-            // Ended, or cancelled (the runtime ending): nobody is left waiting for it.
-            _ => return,
+    super::spawn_watched(task, move |panicked| async move {
+        // Ended: nobody is left waiting for it.
+        if !panicked {
+            return;
         }
         let mut st = file.state.lock().await;
         if st.behind(&token).is_some() {
