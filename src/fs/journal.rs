@@ -352,6 +352,12 @@ fn local_key(path: &Path) -> io::Result<DataKey> {
 /// later than this many attempts after it (minutes, with the retries' backoff) is taken for someone else's write.
 pub const EARLIER_TOKENS: usize = 16;
 
+/// Drops the oldest of `tokens` beyond [`EARLIER_TOKENS`].
+pub fn keep_newest(tokens: &mut Vec<String>) {
+    let over = tokens.len().saturating_sub(EARLIER_TOKENS);
+    tokens.drain(..over);
+}
+
 /// What a journal entry's blocks belong to. Plain data, written as `name value` lines; strings are hex-encoded so
 /// that any key or ETag round-trips.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1206,6 +1212,17 @@ mod tests {
         assert_eq!(j2.recorded_size(&m3).unwrap(), 10);
         j2.remove();
         assert!(root2.entries().is_empty());
+    }
+
+    #[test]
+    fn only_the_newest_earlier_tokens_are_kept() {
+        let mut t: Vec<String> = (0..EARLIER_TOKENS + 3).map(|i| format!("t{i}")).collect();
+        keep_newest(&mut t);
+        assert_eq!(t.len(), EARLIER_TOKENS);
+        assert_eq!((t[0].as_str(), t[EARLIER_TOKENS - 1].as_str()), ("t3", "t18"));
+        let mut few = vec!["a".to_string()];
+        keep_newest(&mut few);
+        assert_eq!(few, ["a"]);
     }
 
     #[test]

@@ -239,6 +239,16 @@ where
     });
 }
 
+/// The version behind `info` (a HEAD or an upload's answer), read with `codec`: a file's own, when the object is
+/// known to be one of its versions.
+fn version_with(info: &ObjectInfo, codec: Arc<Codec>, header: Option<ObjectHeader>) -> FsResult<Version> {
+    let plain = codec.plain_size(info.size).map_err(|source| FsError::Format {
+        key: info.key.clone(),
+        source,
+    })?;
+    Ok(Version::new(info.etag.clone(), info.size, plain, codec, header))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -416,11 +426,7 @@ impl Fs {
     /// The version behind `info` (a HEAD or an upload's answer).
     async fn version_of(&self, info: &ObjectInfo) -> FsResult<Version> {
         let (codec, header) = self.codec_for(&info.key, &info.metadata).await?;
-        let plain = codec.plain_size(info.size).map_err(|source| FsError::Format {
-            key: info.key.clone(),
-            source,
-        })?;
-        Ok(Version::new(info.etag.clone(), info.size, plain, codec, header))
+        version_with(info, codec, header)
     }
 
     /// File-system statistics: S3 has no capacity limit, so report a large, constant one.

@@ -237,14 +237,13 @@ async fn fetch_run(
     v: Version,
     blocks: Range<u64>,
 ) -> FsResult<FetchedRun> {
-    let what = || format!("{key}: the GET of blocks {}..{}", blocks.start, blocks.end);
     match std::panic::AssertUnwindSafe(fetch_run_here(store, counters, key.clone(), v, blocks.clone()))
         .catch_unwind()
         .await
     {
         Ok(fetched) => fetched,
         Err(_) => {
-            let what = what();
+            let what = format!("{key}: the GET of blocks {}..{}", blocks.start, blocks.end);
             log::error!("{what} panicked; the reads that need those blocks fail with EIO");
             Err(FsError::Panicked(what))
         }

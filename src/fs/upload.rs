@@ -299,17 +299,13 @@ impl Fs {
         if !st.earlier_tokens.contains(token) || st.key != snap.key || !same_base {
             return Ok(false);
         }
-        let plain = st.codec.plain_size(info.size).map_err(|source| FsError::Format {
-            key: st.key.clone(),
-            source,
-        })?;
+        let v = super::version_with(info, st.codec.clone(), st.header.clone())?;
         log::info!(
             "{}: an earlier attempt of this upload had reached S3 (its answer was lost); writing over it",
             st.key
         );
-        let v = Version::new(info.etag.clone(), info.size, plain, st.codec.clone(), st.header.clone());
+        st.base_valid = st.base_valid.min(v.plain_size);
         st.base = Some(v);
-        st.base_valid = st.base_valid.min(plain);
         st.save_manifest()?;
         Ok(true)
     }
@@ -324,10 +320,8 @@ impl Fs {
         let token = Self::upload_token(&st);
         // The attempt before, if it did not commit, may still reach S3 (see `adopt_earlier_attempt`).
         if let Some(old) = st.upload_token.take().filter(|old| *old != token) {
-            if st.earlier_tokens.len() >= super::journal::EARLIER_TOKENS {
-                st.earlier_tokens.remove(0);
-            }
             st.earlier_tokens.push(old);
+            super::journal::keep_newest(&mut st.earlier_tokens);
         }
         st.upload_token = Some(token.clone());
         st.min_cut = u64::MAX;

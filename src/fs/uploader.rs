@@ -169,13 +169,18 @@ impl Fs {
         }
     }
 
+    /// Where a file's journal entry is, for messages.
+    fn journal_shown(&self, j: &super::journal::Journal) -> String {
+        format!("the journal ({}/{}.*)", self.journal.dir().display(), j.id())
+    }
+
     /// Syncs the file's journal entry to disk; returns where it is, for messages.
     async fn sync_journal(&self, file: &OpenFile) -> String {
         let j = file.state.lock().await.journal.clone();
         let Some(j) = j else {
             return "memory (no journal entry)".into();
         };
-        let shown = format!("the journal ({}/{}.*)", self.journal.dir().display(), j.id());
+        let shown = self.journal_shown(&j);
         match tokio::task::spawn_blocking(move || j.sync()).await {
             Ok(Ok(())) => shown,
             Ok(Err(e)) => format!("{shown}, which could not be synced: {e}"),
@@ -213,15 +218,11 @@ impl Fs {
     async fn upload_panicked(&self, file: Arc<OpenFile>) {
         let panics = file.panics.fetch_add(1, Ordering::SeqCst) + 1;
         let wait = backoff(panics);
-        let (key, journal) = {
+        let (key, kept) = {
             let st = file.state.lock().await;
-            let journal = st
-                .journal
-                .as_ref()
-                .map(|j| format!("{}/{}.*", self.journal.dir().display(), j.id()));
-            (st.key.clone(), journal)
+            let kept = st.journal.as_ref().map_or("memory".into(), |j| self.journal_shown(j));
+            (st.key.clone(), kept)
         };
-        let kept = journal.map_or("memory".into(), |j| format!("the journal ({j})"));
         log::error!(
             "{key}: the upload task panicked (time {panics} in a row); the data stays in {kept} and the upload starts again in {wait:?}"
         );
@@ -545,8 +546,7 @@ impl Fs {
             // this file's own versions for the rounds to come too.
             earlier_tokens: {
                 let mut t: Vec<String> = m.earlier_tokens.iter().chain(&m.upload_token).cloned().collect();
-                let over = t.len().saturating_sub(super::journal::EARLIER_TOKENS);
-                t.drain(..over);
+                super::journal::keep_newest(&mut t);
                 t
             },
             multipart: None,
@@ -573,18 +573,9 @@ impl Fs {
         let ours = |t: &String| m.upload_token.as_ref() == Some(t) || m.earlier_tokens.contains(t);
         match self.store.head(&m.key).await {
             Ok(info) if info.metadata.get(super::journal::META_UPLOAD_TOKEN).is_some_and(ours) => {
-                let plain = codec.plain_size(info.size).map_err(|source| FsError::Format {
-                    key: m.key.clone(),
-                    source,
-                })?;
+                let v = super::version_with(&info, codec.clone(), header.clone())?;
                 log::info!("{}: the upload in flight at the crash had reached S3", m.key);
-                Ok(Some(Version::new(
-                    info.etag,
-                    info.size,
-                    plain,
-                    codec.clone(),
-                    header.clone(),
-                )))
+                Ok(Some(v))
             }
             Ok(_) | Err(StoreError::NotFound(_)) => Ok(None),
             Err(e) => Err(e.into()),
