@@ -561,13 +561,20 @@ fn start_own_session(
 ) -> Result<(fuser::BackgroundSession, OwnMount)> {
     use std::os::fd::AsFd;
     metrics.set_fs(&fs);
-    let adapter = crate::fuse::FuseAdapter::new(fs, rt, metrics.clone(), opts.fuse_threads.max(1));
+    let adapter = crate::fuse::FuseAdapter::new(fs.clone(), rt, metrics.clone(), opts.fuse_threads.max(1));
     let session = fuser::Session::new(adapter, mountpoint, &session_config(opts, source)).with_context(|| {
         format!(
             "mounting at {} (is FUSE available: /dev/fuse, fuse3?)",
             mountpoint.display()
         )
     })?;
+    // Attributes only (a negative offset): the kernel asks for them again at the next stat, and keeps the pages.
+    let notifier = session.notifier();
+    fs.on_attr_changed(move |ino| {
+        if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), -1, 0) {
+            log::debug!("invalidating the kernel's attributes of inode {ino}: {e}");
+        }
+    });
     let conn = session
         .as_fd()
         .try_clone_to_owned()

@@ -303,6 +303,43 @@ fn parse_exposition(text: &str) -> (BTreeMap<String, String>, Vec<Sample>) {
     (types, samples)
 }
 
+/// The FUSE requests of one operation the mount has answered so far.
+fn fuse_requests(addr: SocketAddr, operation: &str) -> u64 {
+    let (status, text) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let label = format!("operation=\"{operation}\"");
+    text.lines()
+        .find(|l| l.starts_with("s3crypt_fuse_request_duration_seconds_count{") && l.contains(&label))
+        .map(|l| l.rsplit(' ').next().and_then(|n| n.parse().ok()).expect("a count"))
+        .unwrap_or(0)
+}
+
+/// The mount clears set-user-ID bits on write itself (`FUSE_HANDLE_KILLPRIV_V2`; posix.rs checks that it does),
+/// so the kernel does not ask for the file's `security.capability` before each write to find out whether it
+/// must: 256 writes of 4 KiB cost a query or two, not one each.
+#[test]
+fn small_writes_do_not_each_ask_for_the_files_capabilities() {
+    let vol = Volume::new(KeyMode::CseLocal);
+    let m = TestMount::mount_with(&vol, &["metrics_addr=127.0.0.1:0"]);
+    let addr = metrics_addr(&m);
+    let mut f = std::fs::File::create(m.path("f")).unwrap();
+    let before = fuse_requests(addr, "getxattr");
+    let writes = fuse_requests(addr, "write");
+    for i in 0..256u32 {
+        f.write_all(&[i as u8; 4096]).unwrap();
+    }
+    let asked = fuse_requests(addr, "getxattr") - before;
+    assert_eq!(fuse_requests(addr, "write") - writes, 256, "one request per write");
+    common::mount::close_checked(f).unwrap();
+    assert!(asked <= 2, "{asked} capability queries for 256 writes");
+    let back = std::fs::read(m.path("f")).unwrap();
+    assert_eq!(back.len(), 256 * 4096);
+    assert!(back
+        .chunks(4096)
+        .enumerate()
+        .all(|(i, c)| c.iter().all(|b| *b == i as u8)));
+}
+
 #[test]
 fn metrics_text_is_strict_with_help_and_type_and_no_names_in_labels() {
     let vol = Volume::new(KeyMode::CseKms);

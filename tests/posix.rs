@@ -57,6 +57,7 @@ in_two_modes!(
     an_unlink_that_would_fill_the_staging_disk_keeps_only_what_the_mount_holds,
     a_full_staging_disk_fails_the_write_with_enospc_and_keeps_what_was_written,
     set_group_id_directories_pass_their_group_down,
+    set_id_bits_are_dropped_by_writes_truncates_and_chowns,
 );
 
 fn cpath(p: &Path) -> CString {
@@ -406,6 +407,114 @@ fn set_group_id_directories_pass_their_group_down(mode: KeyMode) {
     check(&m);
     m.unmount();
     check(&TestMount::mount(&vol));
+}
+
+/// Runs `script` with `sh` as root without CAP_FSETID (dropped from the bounding and inheritable sets, so the
+/// exec does not get it back), in `dir`; its standard output.
+fn sh_without_fsetid(dir: &Path, script: &str) -> String {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--bounding-set=-fsetid",
+            "--inh-caps=-fsetid",
+            "--",
+            "sh",
+            "-ec",
+            script,
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("setpriv (util-linux) runs");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// What Linux does to set-user-ID and set-group-ID bits (chown(2), write(2) via `file_remove_privs`, truncate(2),
+/// and FUSE's own rule for set-group-ID): a write or a truncate by a caller without CAP_FSETID drops set-user-ID,
+/// and set-group-ID where group execute is set (without it the bit marks mandatory locking and stays); a chown of
+/// a file drops them whoever asks; a directory keeps them; a caller with CAP_FSETID keeps them. The mount does
+/// this itself (the kernel leaves it to the mount under `FUSE_HANDLE_KILLPRIV_V2`), so it must last: the
+/// modes are checked again after a remount.
+fn set_id_bits_are_dropped_by_writes_truncates_and_chowns(mode: KeyMode) {
+    use std::os::unix::fs::PermissionsExt;
+    let vol = Volume::new(mode);
+    let m = TestMount::mount(&vol);
+    let set = |name: &str, perm: u32| fs::set_permissions(m.path(name), fs::Permissions::from_mode(perm)).unwrap();
+    for name in [
+        "written",
+        "truncated",
+        "chowned",
+        "by-root",
+        "no-gx-written",
+        "no-gx-truncated",
+        "other-group",
+    ] {
+        write_file(&m.path(name), b"0123456789").unwrap();
+    }
+    for name in ["written", "truncated", "chowned", "by-root"] {
+        set(name, 0o6775);
+    }
+    for name in ["no-gx-written", "no-gx-truncated", "other-group"] {
+        set(name, 0o2765);
+    }
+    std::os::unix::fs::chown(m.path("other-group"), None, Some(4321)).unwrap();
+    set("other-group", 0o2765);
+    fs::create_dir(m.path("dir")).unwrap();
+    set("dir", 0o6775);
+    // Each mode as the writer sees it right after its call (the kernel's cached attributes must not keep the
+    // bits the mount dropped).
+    let seen = sh_without_fsetid(
+        &m.path(""),
+        "printf more >> written; stat -c %a written; truncate -s 4 truncated; stat -c %a truncated; \
+         printf more >> no-gx-written; stat -c %a no-gx-written; truncate -s 4 no-gx-truncated; \
+         stat -c %a no-gx-truncated; printf more >> other-group; stat -c %a other-group",
+    );
+    assert_eq!(
+        seen.split_whitespace().collect::<Vec<_>>(),
+        ["775", "775", "2765", "2765", "2765"]
+    );
+    std::os::unix::fs::chown(m.path("chowned"), Some(1), Some(1)).unwrap();
+    std::os::unix::fs::chown(m.path("dir"), Some(1), Some(1)).unwrap();
+    // This process has CAP_FSETID: its write and truncate keep the bits.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("by-root"))
+        .unwrap()
+        .write_all(b"more")
+        .unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("by-root"))
+        .unwrap()
+        .set_len(12)
+        .unwrap();
+    let want = [
+        ("written", 0o775, &b"0123456789more"[..]),
+        ("truncated", 0o775, b"0123"),
+        ("chowned", 0o775, b"0123456789"),
+        ("by-root", 0o6775, b"0123456789mo"),
+        ("no-gx-written", 0o2765, b"0123456789more"),
+        ("no-gx-truncated", 0o2765, b"0123"),
+        ("other-group", 0o2765, b"0123456789more"),
+    ];
+    let check = |m: &TestMount, when: &str| {
+        for (name, perm, content) in want {
+            let md = fs::metadata(m.path(name)).unwrap();
+            assert_eq!(md.mode() & 0o7777, perm, "{name} {when}: mode {:o}", md.mode() & 0o7777);
+            assert_eq!(fs::read(m.path(name)).unwrap(), content, "{name} {when}");
+        }
+        assert_eq!(
+            fs::metadata(m.path("dir")).unwrap().mode() & 0o7777,
+            0o6775,
+            "dir {when}"
+        );
+    };
+    check(&m, "at once");
+    m.unmount();
+    check(&TestMount::mount(&vol), "after a remount");
 }
 
 fn special_files_keep_type_mode_and_rdev_across_remount(mode: KeyMode) {

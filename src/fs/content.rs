@@ -76,6 +76,9 @@ pub struct WriteData {
     /// Where each piece starts in the write.
     starts: Vec<usize>,
     len: usize,
+    /// The inode written, when the writer lacks CAP_FSETID and the mount clears set-user-ID bits itself
+    /// (`FUSE_WRITE_KILL_SUIDGID`).
+    kill_set_id: Option<u64>,
 }
 
 impl WriteData {
@@ -86,6 +89,13 @@ impl WriteData {
             w.push(data[bytes].to_vec());
         }
         w
+    }
+
+    /// The same write, marked as one that drops the set-user-ID and set-group-ID bits of the inode it names, if
+    /// any (see [`super::dir::without_set_id`]).
+    pub fn killing_set_id(mut self, ino: Option<u64>) -> WriteData {
+        self.kill_set_id = ino;
+        self
     }
 
     fn push(&mut self, piece: Vec<u8>) {
@@ -441,6 +451,17 @@ impl Fs {
         fetched: Vec<(u64, usize, Vec<u8>)>,
     ) -> FsResult<SealJob> {
         self.ensure_journal(st)?;
+        if let Some(ino) = data.kill_set_id {
+            let perm = super::dir::without_set_id(st.attr.perm);
+            if perm != st.attr.perm {
+                // Saved before the data: a recovered file never carries the bits with the new content.
+                st.attr.perm = perm;
+                st.touch(false);
+                st.save_manifest()?;
+                // A write's answer carries no attributes: the kernel would show the old mode until its TTL.
+                self.attr_changed(ino);
+            }
+        }
         let b = st.bs.get();
         let end = offset + data.len() as u64;
         st.changing(offset / b, end.div_ceil(b));

@@ -728,14 +728,37 @@ pub struct AttrChange {
     pub gid: Option<u32>,
     pub mtime: Option<SystemTime>,
     pub atime: Option<SystemTime>,
+    /// Drop the set-user-ID and set-group-ID bits of a file that is not a directory, after `perm` (see
+    /// [`without_set_id`]): a chown, or a truncate by a caller without CAP_FSETID, where the mount clears them
+    /// itself (`FUSE_HANDLE_KILLPRIV_V2`).
+    pub kill_set_id: bool,
+}
+
+/// `perm` as a write, a truncate or a chown by a caller without CAP_FSETID leaves it (the rule Linux's FUSE
+/// applies when the kernel clears the bits itself): set-user-ID dropped, set-group-ID dropped where group execute
+/// is set (without it the bit marks mandatory locking, not a privilege).
+pub fn without_set_id(perm: u16) -> u16 {
+    let perm = perm & !0o4000;
+    if perm & 0o010 != 0 {
+        perm & !0o2000
+    } else {
+        perm
+    }
 }
 
 impl AttrChange {
+    /// Names no attribute. `kill_set_id` alone is not a change; [`Self::changes`] says whether it makes one.
     pub fn is_empty(&self) -> bool {
         self.perm.is_none() && self.uid.is_none() && self.gid.is_none() && self.mtime.is_none() && self.atime.is_none()
     }
 
+    /// Whether applying this to `a` changes anything.
+    pub fn changes(&self, a: &Attr) -> bool {
+        !self.is_empty() || (self.kill_set_id && a.kind != Kind::Dir && without_set_id(a.perm) != a.perm)
+    }
+
     pub fn apply(&self, a: &mut Attr) {
+        let changes = self.changes(a);
         if let Some(p) = self.perm {
             a.perm = p & 0o7777;
         }
@@ -751,8 +774,59 @@ impl AttrChange {
         if let Some(t) = self.atime {
             a.atime = t;
         }
-        if !self.is_empty() {
+        if self.kill_set_id && a.kind != Kind::Dir {
+            a.perm = without_set_id(a.perm);
+        }
+        if changes {
             a.ctime = SystemTime::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_id_bits_drop_as_linux_drops_them() {
+        assert_eq!(without_set_id(0o6775), 0o775);
+        assert_eq!(without_set_id(0o4755), 0o755);
+        // Set-group-ID without group execute marks mandatory locking: it stays.
+        assert_eq!(without_set_id(0o2765), 0o2765);
+        assert_eq!(without_set_id(0o6745), 0o2745);
+        assert_eq!(without_set_id(0o1777), 0o1777);
+    }
+
+    #[test]
+    fn a_kill_alone_changes_a_file_with_the_bits_and_nothing_else() {
+        let kill = AttrChange {
+            kill_set_id: true,
+            ..AttrChange::default()
+        };
+        let old = SystemTime::UNIX_EPOCH;
+        let at = |kind, perm| Attr {
+            ctime: old,
+            ..Attr::made_now(kind, 0, perm, 0, 0)
+        };
+        let mut file = at(Kind::File, 0o6775);
+        assert!(kill.changes(&file));
+        kill.apply(&mut file);
+        assert_eq!((file.perm, file.ctime > old), (0o775, true));
+        let mut plain = at(Kind::File, 0o755);
+        assert!(!kill.changes(&plain));
+        kill.apply(&mut plain);
+        assert_eq!((plain.perm, plain.ctime), (0o755, old), "no change, no new ctime");
+        let mut dir = at(Kind::Dir, 0o6775);
+        assert!(!kill.changes(&dir));
+        kill.apply(&mut dir);
+        assert_eq!(dir.perm, 0o6775, "a directory keeps them");
+        // With a chmod in the same request, the kill applies to the new mode.
+        let chmod_and_kill = AttrChange {
+            perm: Some(0o4711),
+            ..kill
+        };
+        let mut f = at(Kind::File, 0o644);
+        chmod_and_kill.apply(&mut f);
+        assert_eq!(f.perm, 0o711);
     }
 }

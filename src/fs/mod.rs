@@ -219,7 +219,13 @@ pub struct Fs {
     write_cached: Arc<AtomicU64>,
     /// This file system, for the upload tasks it spawns.
     me: Weak<Fs>,
+    /// Tells the kernel that an inode's attributes changed behind its cache (set by the FUSE session; see
+    /// [`Fs::on_attr_changed`]).
+    attr_changed: std::sync::OnceLock<AttrChanged>,
 }
+
+/// See [`Fs::on_attr_changed`].
+type AttrChanged = Box<dyn Fn(u64) + Send + Sync>;
 
 /// A poisoned std mutex only means a panic elsewhere; the data is still consistent for our use.
 /// Spawns `task` and, once it has ended, `after(panicked)`: the one place where the file system watches its
@@ -284,7 +290,21 @@ impl Fs {
             write_cached: Default::default(),
             me: me.clone(),
             cfg,
+            attr_changed: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// `f(ino)` is called when the file system changes an inode's attributes on its own, in a request that does
+    /// not answer with them (a write that drops set-user-ID bits), so that the kernel forgets what it cached.
+    /// Only the first call takes effect.
+    pub fn on_attr_changed(&self, f: impl Fn(u64) + Send + Sync + 'static) {
+        let _ = self.attr_changed.set(Box::new(f));
+    }
+
+    fn attr_changed(&self, ino: u64) {
+        if let Some(f) = self.attr_changed.get() {
+            f(ino);
+        }
     }
 
     pub fn config(&self) -> &FsConfig {

@@ -764,7 +764,7 @@ impl Fs {
         if let Some(size) = size {
             self.truncate_locked(&mut st, size).await?;
         }
-        if !change.is_empty() {
+        if change.changes(&st.attr) {
             change.apply(&mut st.attr);
             st.touch(false);
             self.ensure_journal(&mut st)?;
