@@ -148,12 +148,21 @@ fn name_str(name: &OsStr) -> Result<String, Errno> {
 }
 
 /// Whether the thread `pid` (as the request names it) holds CAP_FSETID, and so keeps a file's set-user-ID bits
-/// when it truncates it, read from its effective capabilities in /proc. A caller that cannot be read (gone, or in
-/// another PID namespace: pid 0) is taken as one without it: the bits are dropped, the safe way to err.
+/// when it truncates it, read from its effective capabilities in /proc. The kernel asks `capable()`, in the
+/// initial user namespace and with the credentials the caller acts with; /proc shows the thread's own, in its own
+/// namespace. So a caller in another user namespace than the daemon's (root in a container) is taken as one
+/// without it, as is one that cannot be read (gone, or in another PID namespace: pid 0): the bits are dropped,
+/// the safe way to err. What remains: a kernel service acting for someone else with borrowed credentials is
+/// judged by its own.
 fn may_keep_set_id(pid: u32) -> bool {
     const CAP_FSETID: u32 = 4;
     if pid == 0 {
         return false;
+    }
+    let user_ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/user")).ok();
+    match (user_ns(&pid.to_string()), user_ns("self")) {
+        (Some(theirs), Some(ours)) if theirs == ours => {}
+        _ => return false,
     }
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return false;
@@ -220,7 +229,9 @@ impl Filesystem for FuseAdapter {
         }
         // The mount clears set-user-ID and set-group-ID bits on write, truncate and chown itself (the kernel says
         // when, see `write` and `setattr`). Without it the kernel asks for `security.capability` before every
-        // write, a round trip of its own: small writes are about a third slower.
+        // write, a round trip of its own: small writes are about a third slower. (FUSE_ATOMIC_O_TRUNC must stay
+        // off with it: the kernel would then say so for an open with O_TRUNC in `open_flags`, which the FUSE
+        // library does not pass on. Without it, O_TRUNC comes as a setattr with a size.)
         match config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2) {
             Ok(()) => self.kills_set_id = true,
             Err(missing) => log::debug!("the kernel lacks {missing:?}: it clears set-ID bits itself"),

@@ -569,6 +569,8 @@ fn start_own_session(
         )
     })?;
     // Attributes only (a negative offset): the kernel asks for them again at the next stat, and keeps the pages.
+    // It must stay negative: the hook is called during a write, and invalidating pages would wait for the page
+    // that write holds locked.
     let notifier = session.notifier();
     fs.on_attr_changed(move |ino| {
         if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), -1, 0) {

@@ -446,6 +446,7 @@ fn set_id_bits_are_dropped_by_writes_truncates_and_chowns(mode: KeyMode) {
     for name in [
         "written",
         "truncated",
+        "opened-truncated",
         "chowned",
         "by-root",
         "no-gx-written",
@@ -454,7 +455,7 @@ fn set_id_bits_are_dropped_by_writes_truncates_and_chowns(mode: KeyMode) {
     ] {
         write_file(&m.path(name), b"0123456789").unwrap();
     }
-    for name in ["written", "truncated", "chowned", "by-root"] {
+    for name in ["written", "truncated", "opened-truncated", "chowned", "by-root"] {
         set(name, 0o6775);
     }
     for name in ["no-gx-written", "no-gx-truncated", "other-group"] {
@@ -470,11 +471,12 @@ fn set_id_bits_are_dropped_by_writes_truncates_and_chowns(mode: KeyMode) {
         &m.path(""),
         "printf more >> written; stat -c %a written; truncate -s 4 truncated; stat -c %a truncated; \
          printf more >> no-gx-written; stat -c %a no-gx-written; truncate -s 4 no-gx-truncated; \
-         stat -c %a no-gx-truncated; printf more >> other-group; stat -c %a other-group",
+         stat -c %a no-gx-truncated; printf more >> other-group; stat -c %a other-group; \
+         : > opened-truncated; stat -c %a opened-truncated",
     );
     assert_eq!(
         seen.split_whitespace().collect::<Vec<_>>(),
-        ["775", "775", "2765", "2765", "2765"]
+        ["775", "775", "2765", "2765", "2765", "775"]
     );
     std::os::unix::fs::chown(m.path("chowned"), Some(1), Some(1)).unwrap();
     std::os::unix::fs::chown(m.path("dir"), Some(1), Some(1)).unwrap();
@@ -494,6 +496,7 @@ fn set_id_bits_are_dropped_by_writes_truncates_and_chowns(mode: KeyMode) {
     let want = [
         ("written", 0o775, &b"0123456789more"[..]),
         ("truncated", 0o775, b"0123"),
+        ("opened-truncated", 0o775, b""),
         ("chowned", 0o775, b"0123456789"),
         ("by-root", 0o6775, b"0123456789mo"),
         ("no-gx-written", 0o2765, b"0123456789more"),

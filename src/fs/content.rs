@@ -452,12 +452,16 @@ impl Fs {
     ) -> FsResult<SealJob> {
         self.ensure_journal(st)?;
         if let Some(ino) = data.kill_set_id {
-            let perm = super::dir::without_set_id(st.attr.perm);
-            if perm != st.attr.perm {
-                // Saved before the data: a recovered file never carries the bits with the new content.
+            let (was, perm) = (st.attr.perm, super::dir::without_set_id(st.attr.perm));
+            if perm != was {
+                // In the manifest before the data: a recovered file never carries the bits with the new content.
+                // A failed save puts them back in the state, so that the next write drops them again.
                 st.attr.perm = perm;
+                if let Err(e) = st.save_manifest() {
+                    st.attr.perm = was;
+                    return Err(e);
+                }
                 st.touch(false);
-                st.save_manifest()?;
                 // A write's answer carries no attributes: the kernel would show the old mode until its TTL.
                 self.attr_changed(ino);
             }

@@ -762,6 +762,11 @@ impl Fs {
     ) -> FsResult<Attr> {
         let mut st = file.state.lock().await;
         if let Some(size) = size {
+            // Set-ID bits the truncate drops go into the manifest it saves first: a recovered file never has the
+            // new size with them (after a failed truncate they stay dropped, the safe way to err).
+            if change.kill_set_id {
+                st.attr.perm = super::dir::without_set_id(st.attr.perm);
+            }
             self.truncate_locked(&mut st, size).await?;
         }
         if change.changes(&st.attr) {
