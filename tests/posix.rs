@@ -424,11 +424,7 @@ fn sh_without_fsetid(dir: &Path, script: &str) -> String {
         .current_dir(dir)
         .output()
         .expect("setpriv (util-linux) runs");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{script}: {}", common::describe(&out));
     String::from_utf8(out.stdout).unwrap()
 }
 

@@ -758,7 +758,7 @@ impl AttrChange {
     }
 
     pub fn apply(&self, a: &mut Attr) {
-        let changes = self.changes(a);
+        let perm_before = a.perm;
         if let Some(p) = self.perm {
             a.perm = p & 0o7777;
         }
@@ -777,7 +777,7 @@ impl AttrChange {
         if self.kill_set_id && a.kind != Kind::Dir {
             a.perm = without_set_id(a.perm);
         }
-        if changes {
+        if !self.is_empty() || a.perm != perm_before {
             a.ctime = SystemTime::now();
         }
     }

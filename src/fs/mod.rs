@@ -227,7 +227,6 @@ pub struct Fs {
 /// See [`Fs::on_attr_changed`].
 type AttrChanged = Box<dyn Fn(u64) + Send + Sync>;
 
-/// A poisoned std mutex only means a panic elsewhere; the data is still consistent for our use.
 /// Spawns `task` and, once it has ended, `after(panicked)`: the one place where the file system watches its
 /// background tasks for panics (a bug, perhaps in a library below), so that a task that held something for
 /// others (an upload's turn, a part's count) gives it back. A task cancelled by the runtime ending has no after.
@@ -255,6 +254,7 @@ fn version_with(info: &ObjectInfo, codec: Arc<Codec>, header: Option<ObjectHeade
     Ok(Version::new(info.etag.clone(), info.size, plain, codec, header))
 }
 
+/// A poisoned std mutex only means a panic elsewhere; the data is still consistent for our use.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
