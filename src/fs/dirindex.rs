@@ -184,10 +184,46 @@ impl Fs {
         if start_flusher {
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
-                    rt.spawn(Self::index_flusher(self.me.clone()));
+                    let _in_runtime = rt.enter();
+                    Self::spawn_index_flusher(self.me.clone());
                 }
                 Err(_) => lock(&self.dir_index.pending).flusher = false,
             }
+        }
+    }
+
+    /// Starts the background task, watched: if a round panics (a bug below it), the notes that round had taken
+    /// are dropped (an index is only a cache; the next one is rebuilt from a listing), and the task starts again
+    /// for the notes still waiting, or ends its turn, so that the next note starts it. Without the watcher the
+    /// flag would stay set and no index would be written until the unmount.
+    fn spawn_index_flusher(me: Weak<Self>) {
+        let watcher = me.clone();
+        super::spawn_watched(Self::index_flusher(me), move |panicked| async move {
+            if panicked {
+                Self::index_flusher_panicked(watcher);
+            }
+        });
+    }
+
+    fn index_flusher_panicked(me: Weak<Self>) {
+        let Some(fs) = me.upgrade() else { return };
+        let again = {
+            let mut p = lock(&fs.dir_index.pending);
+            let again = !p.dirs.is_empty() && !fs.dir_index.closing.load(std::sync::atomic::Ordering::SeqCst);
+            p.flusher = again;
+            again
+        };
+        log::error!(
+            "directory indexes: the background writer panicked; the notes of its round are dropped (the indexes \
+             are rebuilt from listings){}",
+            if again {
+                ", and it starts again for the rest"
+            } else {
+                ""
+            }
+        );
+        if again {
+            Self::spawn_index_flusher(me);
         }
     }
 
@@ -432,26 +468,59 @@ mod tests {
 
     /// The unmount's index write while the background task's is in progress (its LIST is slow): the index left
     /// holds the files of both, not only the background round's.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_unmount_waits_for_a_background_index_write_and_keeps_its_files() {
+    /// A mount that has written `first` files, once the background round's LIST (FLUSH_DELAY after the first
+    /// note) has started, with `action` done to it.
+    async fn background_round_with(
+        action: Action,
+        first: usize,
+    ) -> (tempfile::TempDir, Arc<FailingStore<MemoryStore>>, Arc<Fs>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(FailingStore::new(MemoryStore::new()));
         let fs = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
-        let first = MIN_FILES + 4;
         write_files(&fs, 0..first).await;
-        // The next LIST, the background round's (FLUSH_DELAY after the first note), takes 3 s.
         let lists = store.stats().count(OpKind::List);
-        store.add_rule(Rule::new(
-            Some(OpKind::List),
-            When::Nth(1),
-            Action::Delay(Duration::from_secs(3)),
-        ));
+        store.add_rule(Rule::new(Some(OpKind::List), When::Nth(1), action));
         call_started(&store, OpKind::List, lists, FLUSH_DELAY * 2).await;
+        (dir, store, fs)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_unmount_waits_for_a_background_index_write_and_keeps_its_files() {
+        let first = MIN_FILES + 4;
+        // The background round's LIST takes 3 s.
+        let (_dir, _store, fs) = background_round_with(Action::Delay(Duration::from_secs(3)), first).await;
         // Files noted after the background round took its notes, then the unmount.
         write_files(&fs, first..first + 5).await;
         fs.flush_dir_indexes().await;
         let index = fs.read_index("vol/").await;
         assert_eq!(index.len(), first + 5, "every file is in the index: {:?}", index.keys());
+    }
+
+    /// A background round that panics (here in its LIST) must not leave the indexes unwritten until the
+    /// unmount: the next notes start the task again, and their files are indexed in the background.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_background_round_that_panics_does_not_stop_the_next_ones() {
+        let (_dir, store, fs) = background_round_with(Action::Panic, MIN_FILES + 4).await;
+        assert_eq!(
+            store.stats().injected(OpKind::List),
+            1,
+            "the background round's LIST panicked"
+        );
+        let second = 100..100 + MIN_FILES + 2;
+        write_files(&fs, second.clone()).await;
+        let deadline = std::time::Instant::now() + FLUSH_DELAY * 3;
+        loop {
+            let index = fs.read_index("vol/").await;
+            if second.clone().all(|k| index.contains_key(&format!("f{k}"))) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the files written after the panic are indexed in the background: {:?}",
+                index.keys()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     #[test]
