@@ -389,12 +389,20 @@ pub struct Manifest {
     /// The tokens of earlier attempts that did not commit and may still reach S3 (the newest
     /// [`EARLIER_TOKENS`]): an object carrying one of them is this entry's own earlier version too.
     pub earlier_tokens: Vec<String>,
-    /// A multipart upload started for this entry and not yet completed or aborted.
-    pub multipart: Option<String>,
+    /// A multipart upload started for this entry and not yet completed or aborted, with the key it was started
+    /// under (the file may have been renamed since).
+    pub multipart: Option<MultipartRef>,
     /// The extended attributes in their stored form (sealed in the client-side modes).
     pub xattr: Option<String>,
     /// Content changed (else only attributes).
     pub modified: bool,
+}
+
+/// A multipart upload: its id and the key it was created under (S3 knows an upload only by both).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MultipartRef {
+    pub key: String,
+    pub id: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -471,7 +479,8 @@ impl Manifest {
             line("earlier_tokens", self.earlier_tokens.join(" "));
         }
         if let Some(u) = &self.multipart {
-            line("multipart", hex::encode(u));
+            // The key second: a build that reads only the id takes the entry's key for it, as it always did.
+            line("multipart", format!("{} {}", hex::encode(&u.id), hex::encode(&u.key)));
         }
         if let Some(x) = &self.xattr {
             line("xattr", hex::encode(x));
@@ -484,6 +493,8 @@ impl Manifest {
     pub fn parse(text: &str) -> Result<Manifest, String> {
         let mut m = Manifest::default();
         let mut complete = false;
+        // The multipart line's id and, if it names one, the key the upload was created under.
+        let mut multipart: Option<(String, Option<String>)> = None;
         for l in text.lines() {
             let (k, v) = l.split_once(' ').ok_or_else(|| format!("bad line {l:?}"))?;
             let f: Vec<&str> = v.split(' ').collect();
@@ -528,7 +539,7 @@ impl Manifest {
                 "journal_file_id" => m.journal_file_id = Some(v.to_string()),
                 "upload_token" => m.upload_token = Some(v.to_string()),
                 "earlier_tokens" => m.earlier_tokens = f.iter().map(|t| t.to_string()).collect(),
-                "multipart" => m.multipart = Some(text(0)?),
+                "multipart" => multipart = Some((text(0)?, f.get(1).map(|_| text(1)).transpose()?)),
                 "xattr" => m.xattr = Some(text(0)?),
                 "modified" => m.modified = num(0)? == 1,
                 "end" => complete = true,
@@ -538,6 +549,11 @@ impl Manifest {
         if !complete || m.key.is_empty() {
             return Err("incomplete manifest".into());
         }
+        // Written before the key was recorded with the id: the upload was created under the entry's key.
+        m.multipart = multipart.map(|(id, key)| MultipartRef {
+            key: key.unwrap_or_else(|| m.key.clone()),
+            id,
+        });
         Ok(m)
     }
 }
@@ -1153,7 +1169,10 @@ mod tests {
             header: [("s3crypt-key".to_string(), "x y".to_string())].into_iter().collect(),
             upload_token: Some("tok".into()),
             earlier_tokens: vec!["old1".into(), "old2".into()],
-            multipart: Some("up/id".into()),
+            multipart: Some(MultipartRef {
+                key: "vol/before a rename".into(),
+                id: "up/id".into(),
+            }),
             xattr: Some("%7B%7D".into()),
             modified: true,
             ..Manifest::default()
@@ -1166,6 +1185,27 @@ mod tests {
         let root = JournalRoot::open(dir.path(), "vol", None).unwrap();
         let j = root.create(SealWith::JournalKey, bs(), &mut manifest()).unwrap();
         (dir, root, j)
+    }
+
+    /// A manifest written before the multipart line named its key (the id alone): the upload was created
+    /// under the entry's key.
+    #[test]
+    fn a_multipart_line_without_its_key_means_the_entrys_key() {
+        let mut m = manifest();
+        let text = m.render();
+        let id_only = text
+            .lines()
+            .map(|l| match l.strip_prefix("multipart ") {
+                Some(v) => format!("multipart {}\n", v.split(' ').next().unwrap()),
+                None => format!("{l}\n"),
+            })
+            .collect::<String>();
+        assert_ne!(id_only, text, "the test rewrote the multipart line");
+        m.multipart = Some(MultipartRef {
+            key: m.key.clone(),
+            id: "up/id".into(),
+        });
+        assert_eq!(Manifest::parse(&id_only).unwrap(), m);
     }
 
     #[test]

@@ -705,6 +705,64 @@ async fn the_next_mount_uploads_what_a_killed_one_left_in_the_journal() {
     }
 }
 
+/// A mount of a fresh volume whose open file "renamed" has unsaved data and, in its state and journal, a
+/// multipart upload created under its old name: as a write-behind that started while a rename of the file ran
+/// leaves it when its abort fails (S3 away). Returns the file's inode, handle and content.
+async fn left_upload_under_an_old_name(fs: &Fs, seed: u8) -> (u64, u64, Vec<u8>) {
+    let (attr, fh) = fs.create(ROOT_INO, "renamed", 0o644, 1, 1).await.unwrap();
+    let want = data(9000, seed);
+    fs.write(fh, 0, &want).await.unwrap();
+    let created_under = "vol/old name";
+    let id = fs
+        .store
+        .create_multipart(created_under, &Metadata::new())
+        .await
+        .unwrap();
+    let file = lock(&fs.open_files).get(&attr.ino).unwrap().file.clone();
+    let mut st = file.state.lock().await;
+    st.multipart = Some(journal::MultipartRef {
+        key: created_under.into(),
+        id,
+    });
+    st.save_manifest().unwrap();
+    (attr.ino, fh, want)
+}
+
+/// An upload an earlier attempt left under the file's old name is aborted under that name by the next round:
+/// S3 knows an upload by key and id, and an abort under the new name would find nothing and leave it pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_left_under_the_old_name_of_a_renamed_file_is_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory = Arc::new(MemoryStore::new());
+    let fs = Fs::new(memory.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+    let (ino, fh, want) = left_upload_under_an_old_name(&fs, 3).await;
+    assert_eq!(memory.open_uploads(), 1);
+    fs.release(fh).await.unwrap();
+    assert_eq!(memory.open_uploads(), 0, "no multipart upload left pending");
+    same(&read_all(&fs, ino).await, &want, "saved");
+}
+
+/// The same after a kill: the next mount aborts the recorded upload under the name it was created under.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_mount_aborts_an_upload_left_under_the_old_name_of_a_renamed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let memory = Arc::new(MemoryStore::new());
+    let store: Arc<dyn ObjectStore> = memory.clone();
+    let first = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+    let (_, _, want) = left_upload_under_an_old_name(&first, 4).await;
+    killed(first).await;
+    let second = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+    let r = second.recover().await;
+    assert_eq!(
+        (r.saved, r.pending, r.conflicts, r.broken, r.aborted),
+        (1, 0, 0, 0, 1),
+        "{r:?}"
+    );
+    assert_eq!(memory.open_uploads(), 0, "no multipart upload left pending");
+    let f = second.lookup(ROOT_INO, "renamed").await.unwrap();
+    same(&read_all(&second, f.ino).await, &want, "saved");
+}
+
 /// The next mount adopts an object that an earlier attempt of a killed daemon's file put there (its token among
 /// the journal's earlier tokens) as that file's own version, and saves the journal over it: no conflict.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

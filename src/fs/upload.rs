@@ -31,7 +31,7 @@
 //! is poisoned.
 use super::codec::{Codec, Version};
 use super::inode::Remote;
-use super::journal::{Journal, META_UPLOAD_TOKEN};
+use super::journal::{Journal, MultipartRef, META_UPLOAD_TOKEN};
 use super::write::{FileState, OpenFile};
 use super::{lock, Fs, FsError, FsResult};
 use crate::format::ObjectHeader;
@@ -240,19 +240,22 @@ impl Fs {
         Ok(false)
     }
 
-    /// Aborts the multipart upload an earlier attempt left (its id is in the state and the journal), unless it is
-    /// the running write-behind's. Done before every round, whichever way the round uploads: a round that sends
-    /// one PUT (the file was cut meanwhile), or none, would otherwise forget the id and leave the upload in S3.
+    /// Aborts the multipart upload an earlier attempt left (its id and key are in the state and the journal),
+    /// unless it is the running write-behind's. Done before every round, whichever way the round uploads: a round
+    /// that sends one PUT (the file was cut meanwhile), or none, would otherwise forget the id and leave the upload
+    /// in S3. Aborted under the key it was created under: the file may have been renamed since, and S3 answers an
+    /// abort under another key as if the upload did not exist.
     pub(super) async fn abort_stale_multipart(&self, file: &OpenFile) -> FsResult<()> {
-        let (key, stale) = {
+        let stale = {
             let st = file.state.lock().await;
             let live = st.wb.as_ref().and_then(|w| w.upload_id.as_ref());
             match &st.multipart {
-                Some(id) if Some(id) != live => (st.key.clone(), id.clone()),
+                Some(m) if Some(&m.id) != live => m.clone(),
                 _ => return Ok(()),
             }
         };
-        match self.store.abort_multipart(&key, &stale).await {
+        let key = &stale.key;
+        match self.store.abort_multipart(key, &stale.id).await {
             Ok(()) | Err(StoreError::NotFound(_)) => {}
             Err(e) => {
                 let e = FsError::from(e);
@@ -262,8 +265,9 @@ impl Fs {
                 }
                 // Refused for good (no s3:AbortMultipartUpload, say): that must not keep the file from being saved.
                 log::warn!(
-                    "{key}: the multipart upload {stale} left by an earlier attempt could not be aborted ({e}); it \
-                     stays pending in S3 until a lifecycle rule (AbortIncompleteMultipartUpload) or someone aborts it"
+                    "{key}: the multipart upload {} left by an earlier attempt could not be aborted ({e}); it \
+                     stays pending in S3 until a lifecycle rule (AbortIncompleteMultipartUpload) or someone aborts it",
+                    stale.id
                 );
             }
         }
@@ -451,7 +455,11 @@ impl Fs {
             None => {
                 // An earlier attempt's upload was aborted when this round began (`abort_stale_multipart`).
                 let id = self.store.create_multipart(key, &snap.meta).await?;
-                self.record_multipart(file, Some(id.clone())).await?;
+                let made = MultipartRef {
+                    key: key.clone(),
+                    id: id.clone(),
+                };
+                self.record_multipart(file, Some(made)).await?;
                 (id, BTreeMap::new(), snap.meta.clone())
             }
         };
@@ -480,9 +488,9 @@ impl Fs {
         Ok((result?, created_with != snap.meta))
     }
 
-    async fn record_multipart(&self, file: &OpenFile, id: Option<String>) -> FsResult<()> {
+    async fn record_multipart(&self, file: &OpenFile, upload: Option<MultipartRef>) -> FsResult<()> {
         let mut st = file.state.lock().await;
-        st.multipart = id;
+        st.multipart = upload;
         st.save_manifest()
     }
 

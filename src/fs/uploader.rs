@@ -436,23 +436,23 @@ impl Fs {
         report
     }
 
-    /// Aborts the multipart uploads an earlier run left for this entry's key: the one its manifest records, and
-    /// any other pending one for the same key (a crash can fall between CreateMultipartUpload and the record).
-    /// Returns how many were aborted.
+    /// Aborts the multipart uploads an earlier run left for this entry: the one its manifest records (under the
+    /// key it was created under, which a rename may have changed since), and any other pending one for the
+    /// entry's key (a crash can fall between CreateMultipartUpload and the record). Returns how many were aborted.
     async fn abort_left_uploads(&self, m: &Manifest) -> usize {
-        let mut ids: Vec<String> = m.multipart.iter().cloned().collect();
+        let mut uploads: Vec<(String, String)> = m.multipart.iter().map(|u| (u.key.clone(), u.id.clone())).collect();
         match self.store.list_multipart_uploads(&m.key).await {
-            Ok(found) => ids.extend(found.into_iter().filter(|(k, _)| *k == m.key).map(|(_, id)| id)),
+            Ok(found) => uploads.extend(found.into_iter().filter(|(k, _)| *k == m.key)),
             Err(e) => log::warn!("{}: listing multipart uploads left by an earlier run: {e}", m.key),
         }
-        ids.sort();
-        ids.dedup();
+        uploads.sort();
+        uploads.dedup();
         let mut aborted = 0;
-        for upload_id in ids {
-            match self.store.abort_multipart(&m.key, &upload_id).await {
+        for (key, upload_id) in uploads {
+            match self.store.abort_multipart(&key, &upload_id).await {
                 Ok(()) => aborted += 1,
                 Err(StoreError::NotFound(_)) => {}
-                Err(e) => log::warn!("{}: aborting the multipart upload left by an earlier run: {e}", m.key),
+                Err(e) => log::warn!("{key}: aborting the multipart upload left by an earlier run: {e}"),
             }
         }
         aborted

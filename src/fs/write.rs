@@ -19,7 +19,7 @@ use super::codec::{Codec, Version};
 use super::content::WriteData;
 use super::dir::AttrChange;
 use super::inode::{Attr, Kind};
-use super::journal::{Journal, Manifest, SealWith};
+use super::journal::{Journal, Manifest, MultipartRef, SealWith};
 use super::{lock, Fs, FsError, FsResult, Handle};
 use crate::format::{BlockSize, ObjectHeader};
 use std::collections::{BTreeMap, BTreeSet};
@@ -204,7 +204,8 @@ pub struct FileState {
     pub upload_token: Option<String>,
     /// Tokens of earlier attempts that did not commit (see [`Manifest::earlier_tokens`]).
     pub earlier_tokens: Vec<String>,
-    pub multipart: Option<String>,
+    /// The multipart upload of an attempt in flight or left by one (see [`Manifest::multipart`]).
+    pub multipart: Option<MultipartRef>,
     /// The upload of parts while the file is written, if one runs.
     pub wb: Option<super::writebehind::WriteBehind>,
     /// A write-behind task of this file panicked: no other is started while the state lives (close uploads whole).

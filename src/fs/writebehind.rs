@@ -41,7 +41,7 @@
 //! attributes are in the journal as any attribute change is, so a crash leaves the copy to the next mount. A
 //! rename, which copies the object, waits for it.
 use super::codec::Codec;
-use super::journal::new_token;
+use super::journal::{new_token, MultipartRef};
 use super::upload::{part_blocks, Snapshot, MAX_PARTS, SINGLE_PUT_MAX};
 use super::write::{FileState, OpenFile};
 use super::{Fs, FsResult};
@@ -554,7 +554,7 @@ impl Fs {
         w.upload_id = Some(id.clone());
         w.meta = meta;
         w.set_in_flight(0);
-        st.multipart = Some(id);
+        st.multipart = Some(MultipartRef { key: key.clone(), id });
         if let Err(e) = st.save_manifest() {
             log::warn!("{key}: recording the write-behind upload in the journal failed: {e}");
             st.wb = None;
