@@ -466,8 +466,6 @@ mod tests {
         }
     }
 
-    /// The unmount's index write while the background task's is in progress (its LIST is slow): the index left
-    /// holds the files of both, not only the background round's.
     /// A mount that has written `first` files, once the background round's LIST (FLUSH_DELAY after the first
     /// note) has started, with `action` done to it.
     async fn background_round_with(
@@ -484,6 +482,8 @@ mod tests {
         (dir, store, fs)
     }
 
+    /// The unmount's index write while the background task's is in progress (its LIST is slow): the index left
+    /// holds the files of both, not only the background round's.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_unmount_waits_for_a_background_index_write_and_keeps_its_files() {
         let first = MIN_FILES + 4;
