@@ -20,14 +20,19 @@
 //! while a stream of their directory opened before them is being read, for at most [`STREAM_ANSWER_MAX`]: the
 //! names of a long listing read for longer than the TTL come with attributes of the same moment (see
 //! [`Fs::answer_fresh`]). Open streams are held by handle, one entry each, until releasedir.
+//!
+//! The marks that make lookups wait (an index being read, a HEAD in flight) are [`Mark`]s: dropped however the
+//! work behind them ends, a panic in it (in the store's client, say) included, so none is left behind to keep
+//! a name from being fetched ahead again.
 use super::dirindex::{self, Listed};
 use super::{lock, Fs};
 use crate::store::{ObjectInfo, StoreError};
 use futures::stream::{self, StreamExt};
 use lru::LruCache;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::Hash;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -44,6 +49,9 @@ const STREAM_ANSWER_MAX: Duration = Duration::from_secs(60);
 
 type Name = (u64, String);
 
+/// What lookups wait on, by key (see [`Mark`]).
+type Marks<K> = Mutex<HashMap<K, watch::Receiver<bool>>>;
+
 struct Listing {
     dir: u64,
     at: Instant,
@@ -58,9 +66,9 @@ pub struct Prefetcher {
     listings: Mutex<VecDeque<Listing>>,
     ready: Mutex<LruCache<Name, (ObjectInfo, Instant)>>,
     /// Names whose HEAD is in flight: a lookup waits for it rather than sending its own.
-    inflight: Mutex<HashMap<Name, watch::Receiver<bool>>>,
+    inflight: Marks<Name>,
     /// Directories whose attribute index is being read: their lookups wait for it.
-    loading: Mutex<HashMap<u64, watch::Receiver<bool>>>,
+    loading: Marks<u64>,
     /// Open directory streams (by handle): the directory and when the listing they read was made.
     streams: Mutex<HashMap<u64, (u64, Instant)>>,
 }
@@ -168,9 +176,9 @@ impl Fs {
         let loading = (files.len() >= dirindex::MIN_FILES && !index_read).then(|| self.loading(parent));
         let looked_up = name.to_string();
         tokio::spawn(async move {
-            if let Some(tx) = loading {
+            if let Some(mark) = loading {
                 skip.extend(me.fill_from_index(parent, &dir, &files).await);
-                me.loaded(parent, tx);
+                drop(mark);
             }
             // The index's answers are waiting for their lookups; a HEAD of one whose answer a lookup has just
             // taken, and not yet put in the inode table, would ask again for nothing.
@@ -202,12 +210,12 @@ impl Fs {
             x.files.clone()
         };
         let Ok(dir) = self.dir_path(parent) else { return };
-        let tx = self.loading(parent);
+        let mark = self.loading(parent);
         let found = self.fill_from_index(parent, &dir, &files).await;
         if let Some(x) = lock(&self.prefetch.listings).iter_mut().find(|x| x.dir == parent) {
             x.indexed = found.into_iter().collect();
         }
-        self.loaded(parent, tx);
+        drop(mark);
     }
 
     /// `name` in `parent` was removed or replaced here: an answer fetched ahead for it is out of date.
@@ -215,16 +223,9 @@ impl Fs {
         lock(&self.prefetch.ready).pop(&(parent, name.to_string()));
     }
 
-    /// Marks `parent`'s index as being read: its lookups wait until [`Self::loaded`].
-    fn loading(&self, parent: u64) -> watch::Sender<bool> {
-        let (tx, rx) = watch::channel(false);
-        lock(&self.prefetch.loading).insert(parent, rx);
-        tx
-    }
-
-    fn loaded(&self, parent: u64, tx: watch::Sender<bool>) {
-        lock(&self.prefetch.loading).remove(&parent);
-        let _ = tx.send(true);
+    /// Marks `parent`'s index as being read: its lookups wait until the mark is dropped.
+    fn loading(&self, parent: u64) -> Mark<u64> {
+        Mark::new(&self.me, |p| &p.loading, parent)
     }
 
     /// Puts what the index of directory `parent` (at `dir`) still says about `files` among the waiting answers.
@@ -291,14 +292,9 @@ impl Fs {
         if known || lock(&self.prefetch.ready).contains(&key) {
             return;
         }
-        let (tx, rx) = watch::channel(false);
-        {
-            let mut inflight = lock(&self.prefetch.inflight);
-            if inflight.contains_key(&key) {
-                return;
-            }
-            inflight.insert(key.clone(), rx);
-        }
+        let Some(_mark) = Mark::unless_marked(&self.me, |p| &p.inflight, key.clone()) else {
+            return;
+        };
         let object = self.key_of(&super::inode::join(dir, &key.1));
         match self.store.head(&object).await {
             Ok(info) => {
@@ -309,7 +305,108 @@ impl Fs {
             // The lookup asks again and reports its own error.
             Err(e) => log::debug!("prefetching the attributes of {object}: {e}"),
         }
-        lock(&self.prefetch.inflight).remove(&key);
-        let _ = tx.send(true);
+    }
+}
+
+/// A mark that lookups of `key` wait on (see [`Prefetcher`]'s `loading` and `inflight`): set when made, taken
+/// away and its waiters woken when dropped, whether the work it marks finished, failed, panicked or was
+/// cancelled. A mark set again for the same key meanwhile is left alone.
+pub(super) struct Mark<K: Eq + Hash> {
+    fs: Weak<Fs>,
+    map: fn(&Prefetcher) -> &Marks<K>,
+    key: K,
+    tx: watch::Sender<bool>,
+}
+
+impl<K: Eq + Hash + Clone> Mark<K> {
+    /// Sets the mark for `key`, in place of any set before.
+    fn new(fs: &Weak<Fs>, map: fn(&Prefetcher) -> &Marks<K>, key: K) -> Self {
+        Self::set(fs, map, key, true).expect("a mark that replaces is always set")
+    }
+
+    /// Sets the mark for `key` unless one is set already (checked and set under one lock).
+    fn unless_marked(fs: &Weak<Fs>, map: fn(&Prefetcher) -> &Marks<K>, key: K) -> Option<Self> {
+        Self::set(fs, map, key, false)
+    }
+
+    fn set(fs: &Weak<Fs>, map: fn(&Prefetcher) -> &Marks<K>, key: K, replace: bool) -> Option<Self> {
+        let (tx, rx) = watch::channel(false);
+        if let Some(fs) = fs.upgrade() {
+            let mut marks = lock(map(&fs.prefetch));
+            if !replace && marks.contains_key(&key) {
+                return None;
+            }
+            marks.insert(key.clone(), rx);
+        }
+        Some(Mark {
+            fs: fs.clone(),
+            map,
+            key,
+            tx,
+        })
+    }
+}
+
+impl<K: Eq + Hash> Drop for Mark<K> {
+    fn drop(&mut self) {
+        if let Some(fs) = self.fs.upgrade() {
+            let mut marks = lock((self.map)(&fs.prefetch));
+            if marks
+                .get(&self.key)
+                .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
+            {
+                marks.remove(&self.key);
+            }
+        }
+        let _ = self.tx.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{config, data};
+    use super::super::*;
+    use crate::store::failing::{Action, FailingStore, OpKind, Rule, When};
+    use crate::store::memory::MemoryStore;
+    use std::time::Duration;
+
+    /// The GET of a directory's index, made by the prefetch that a lookup after a listing starts, panics: the
+    /// lookup is still answered (by its own HEAD), and the mark that made the directory's lookups wait for the
+    /// index is taken away with the task, not left behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prefetch_that_panics_leaves_no_mark_behind() {
+        let (dir, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = Arc::new(FailingStore::new(MemoryStore::new()));
+        let files = dirindex::MIN_FILES + 2;
+        {
+            let fs = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+            for k in 0..files {
+                let (_, fh) = fs.create(ROOT_INO, &format!("f{k}"), 0o644, 1, 1).await.unwrap();
+                fs.write(fh, 0, &data(100, k as u8)).await.unwrap();
+                fs.release(fh).await.unwrap();
+            }
+            fs.flush_dir_indexes().await;
+        }
+        // Another mount of the volume, which knows nothing yet: a listing, then a lookup.
+        let fs = Fs::new(store.clone(), None, config(dir2.path(), KeyMode::SseS3)).unwrap();
+        assert_eq!(fs.opendir(ROOT_INO, 1).await.unwrap().len(), files, "the listing");
+        store.add_rule(Rule::new(Some(OpKind::Get), When::Nth(1), Action::Panic));
+        let attr = fs.lookup(ROOT_INO, "f0").await.unwrap();
+        assert_eq!(attr.size, 100);
+        assert_eq!(store.stats().injected(OpKind::Get), 1, "the index's GET panicked");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !lock(&fs.prefetch.loading).is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            lock(&fs.prefetch.loading).is_empty(),
+            "the directory is still marked as having its index read"
+        );
+        // The other files' answers still come ahead of their lookups (the HEADs were not stopped by the panic).
+        let _ = fs.lookup(ROOT_INO, "f1").await.unwrap();
+        assert!(
+            lock(&fs.prefetch.inflight).is_empty(),
+            "no HEAD is left marked as in flight"
+        );
     }
 }
