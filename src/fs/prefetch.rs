@@ -394,19 +394,49 @@ mod tests {
         let attr = fs.lookup(ROOT_INO, "f0").await.unwrap();
         assert_eq!(attr.size, 100);
         assert_eq!(store.stats().injected(OpKind::Get), 1, "the index's GET panicked");
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !lock(&fs.prefetch.loading).is_empty() && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         assert!(
-            lock(&fs.prefetch.loading).is_empty(),
+            eventually(|| lock(&fs.prefetch.loading).is_empty()).await,
             "the directory is still marked as having its index read"
         );
-        // The other files' answers still come ahead of their lookups (the HEADs were not stopped by the panic).
-        let _ = fs.lookup(ROOT_INO, "f1").await.unwrap();
+    }
+
+    /// Waits until `f` holds, for at most 5 s; whether it held.
+    async fn eventually(f: impl Fn() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !f() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        f()
+    }
+
+    /// A HEAD sent ahead by the prefetch panics: the name is not left marked as in flight (which would keep it
+    /// from being fetched ahead again), and its own lookup is answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_prefetch_head_that_panics_leaves_no_mark_behind() {
+        let (dir, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = Arc::new(FailingStore::new(MemoryStore::new()));
+        {
+            let fs = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
+            for k in 0..3 {
+                let (_, fh) = fs.create(ROOT_INO, &format!("f{k}"), 0o644, 1, 1).await.unwrap();
+                fs.write(fh, 0, &data(100, k as u8)).await.unwrap();
+                fs.release(fh).await.unwrap();
+            }
+        }
+        // Too few files for an index: the lookup of f0 after the listing HEADs f1 and f2 ahead.
+        let fs = Fs::new(store.clone(), None, config(dir2.path(), KeyMode::SseS3)).unwrap();
+        assert_eq!(fs.opendir(ROOT_INO, 1).await.unwrap().len(), 3, "the listing");
+        store.add_rule(Rule::new(Some(OpKind::Head), When::Nth(1), Action::Panic).key_contains("f1"));
+        fs.lookup(ROOT_INO, "f0").await.unwrap();
         assert!(
-            lock(&fs.prefetch.inflight).is_empty(),
-            "no HEAD is left marked as in flight"
+            eventually(|| store.stats().injected(OpKind::Head) == 1).await,
+            "the HEAD of f1 panicked"
         );
+        assert!(
+            eventually(|| lock(&fs.prefetch.inflight).is_empty()).await,
+            "a HEAD is left marked as in flight: {:?}",
+            lock(&fs.prefetch.inflight).keys().collect::<Vec<_>>()
+        );
+        assert_eq!(fs.lookup(ROOT_INO, "f1").await.unwrap().size, 100);
     }
 }
