@@ -29,10 +29,11 @@ use super::{lock, Fs};
 use crate::store::{ObjectInfo, StoreError};
 use futures::stream::{self, StreamExt};
 use lru::LruCache;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -66,9 +67,9 @@ pub struct Prefetcher {
     listings: Mutex<VecDeque<Listing>>,
     ready: Mutex<LruCache<Name, (ObjectInfo, Instant)>>,
     /// Names whose HEAD is in flight: a lookup waits for it rather than sending its own.
-    inflight: Marks<Name>,
+    inflight: Arc<Marks<Name>>,
     /// Directories whose attribute index is being read: their lookups wait for it.
-    loading: Marks<u64>,
+    loading: Arc<Marks<u64>>,
     /// Open directory streams (by handle): the directory and when the listing they read was made.
     streams: Mutex<HashMap<u64, (u64, Instant)>>,
 }
@@ -78,8 +79,8 @@ impl Default for Prefetcher {
         Prefetcher {
             listings: Mutex::new(VecDeque::new()),
             ready: Mutex::new(LruCache::new(NonZeroUsize::new(READY_CAP).expect("non-zero"))),
-            inflight: Mutex::new(HashMap::new()),
-            loading: Mutex::new(HashMap::new()),
+            inflight: Arc::default(),
+            loading: Arc::default(),
             streams: Mutex::new(HashMap::new()),
         }
     }
@@ -225,7 +226,7 @@ impl Fs {
 
     /// Marks `parent`'s index as being read: its lookups wait until the mark is dropped.
     fn loading(&self, parent: u64) -> Mark<u64> {
-        Mark::new(&self.me, |p| &p.loading, parent)
+        Mark::new(&self.prefetch.loading, parent)
     }
 
     /// Puts what the index of directory `parent` (at `dir`) still says about `files` among the waiting answers.
@@ -292,7 +293,7 @@ impl Fs {
         if known || lock(&self.prefetch.ready).contains(&key) {
             return;
         }
-        let Some(_mark) = Mark::unless_marked(&self.me, |p| &p.inflight, key.clone()) else {
+        let Some(_mark) = Mark::unless_marked(&self.prefetch.inflight, key.clone()) else {
             return;
         };
         let object = self.key_of(&super::inode::join(dir, &key.1));
@@ -312,35 +313,32 @@ impl Fs {
 /// away and its waiters woken when dropped, whether the work it marks finished, failed, panicked or was
 /// cancelled. A mark set again for the same key meanwhile is left alone.
 pub(super) struct Mark<K: Eq + Hash> {
-    fs: Weak<Fs>,
-    map: fn(&Prefetcher) -> &Marks<K>,
+    marks: Arc<Marks<K>>,
     key: K,
     tx: watch::Sender<bool>,
 }
 
 impl<K: Eq + Hash + Clone> Mark<K> {
     /// Sets the mark for `key`, in place of any set before.
-    fn new(fs: &Weak<Fs>, map: fn(&Prefetcher) -> &Marks<K>, key: K) -> Self {
-        Self::set(fs, map, key, true).expect("a mark that replaces is always set")
+    fn new(marks: &Arc<Marks<K>>, key: K) -> Self {
+        let (tx, rx) = watch::channel(false);
+        lock(marks).insert(key.clone(), rx);
+        Mark {
+            marks: marks.clone(),
+            key,
+            tx,
+        }
     }
 
     /// Sets the mark for `key` unless one is set already (checked and set under one lock).
-    fn unless_marked(fs: &Weak<Fs>, map: fn(&Prefetcher) -> &Marks<K>, key: K) -> Option<Self> {
-        Self::set(fs, map, key, false)
-    }
-
-    fn set(fs: &Weak<Fs>, map: fn(&Prefetcher) -> &Marks<K>, key: K, replace: bool) -> Option<Self> {
+    fn unless_marked(marks: &Arc<Marks<K>>, key: K) -> Option<Self> {
         let (tx, rx) = watch::channel(false);
-        if let Some(fs) = fs.upgrade() {
-            let mut marks = lock(map(&fs.prefetch));
-            if !replace && marks.contains_key(&key) {
-                return None;
-            }
-            marks.insert(key.clone(), rx);
-        }
+        match lock(marks).entry(key.clone()) {
+            Entry::Occupied(_) => return None,
+            Entry::Vacant(v) => v.insert(rx),
+        };
         Some(Mark {
-            fs: fs.clone(),
-            map,
+            marks: marks.clone(),
             key,
             tx,
         })
@@ -349,15 +347,14 @@ impl<K: Eq + Hash + Clone> Mark<K> {
 
 impl<K: Eq + Hash> Drop for Mark<K> {
     fn drop(&mut self) {
-        if let Some(fs) = self.fs.upgrade() {
-            let mut marks = lock((self.map)(&fs.prefetch));
-            if marks
-                .get(&self.key)
-                .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
-            {
-                marks.remove(&self.key);
-            }
+        let mut marks = lock(&self.marks);
+        if marks
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()))
+        {
+            marks.remove(&self.key);
         }
+        drop(marks);
         let _ = self.tx.send(true);
     }
 }
