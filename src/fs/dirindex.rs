@@ -451,20 +451,12 @@ impl Fs {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{call_started, config, data};
+    use super::super::tests::{call_started, config, write_files};
     use super::super::*;
     use super::{split_key, FLUSH_DELAY, MIN_FILES};
     use crate::store::failing::{Action, FailingStore, OpKind, Rule, When};
     use crate::store::memory::MemoryStore;
     use std::time::Duration;
-
-    async fn write_files(fs: &Fs, names: std::ops::Range<usize>) {
-        for k in names {
-            let (_, fh) = fs.create(ROOT_INO, &format!("f{k}"), 0o644, 1, 1).await.unwrap();
-            fs.write(fh, 0, &data(100, k as u8)).await.unwrap();
-            fs.release(fh).await.unwrap();
-        }
-    }
 
     /// A mount that has written `first` files, once the background round's LIST (FLUSH_DELAY after the first
     /// note) has started, with `action` done to it.

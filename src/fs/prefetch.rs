@@ -361,32 +361,39 @@ impl<K: Eq + Hash> Drop for Mark<K> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{config, data};
+    use super::super::tests::{config, write_files};
     use super::super::*;
     use crate::store::failing::{Action, FailingStore, OpKind, Rule, When};
     use crate::store::memory::MemoryStore;
     use std::time::Duration;
+
+    /// `files` files written (and their directory's index, if they are enough for one) by one mount of a
+    /// volume, then the root listed by another mount, which knows nothing else yet: its next lookup starts a
+    /// prefetch.
+    async fn listed_by_another_mount(
+        files: usize,
+    ) -> (
+        (tempfile::TempDir, tempfile::TempDir),
+        Arc<FailingStore<MemoryStore>>,
+        Arc<Fs>,
+    ) {
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = Arc::new(FailingStore::new(MemoryStore::new()));
+        let first = Fs::new(store.clone(), None, config(dirs.0.path(), KeyMode::SseS3)).unwrap();
+        write_files(&first, 0..files).await;
+        first.flush_dir_indexes().await;
+        drop(first);
+        let fs = Fs::new(store.clone(), None, config(dirs.1.path(), KeyMode::SseS3)).unwrap();
+        assert_eq!(fs.opendir(ROOT_INO, 1).await.unwrap().len(), files, "the listing");
+        (dirs, store, fs)
+    }
 
     /// The GET of a directory's index, made by the prefetch that a lookup after a listing starts, panics: the
     /// lookup is still answered (by its own HEAD), and the mark that made the directory's lookups wait for the
     /// index is taken away with the task, not left behind.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_prefetch_that_panics_leaves_no_mark_behind() {
-        let (dir, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let store = Arc::new(FailingStore::new(MemoryStore::new()));
-        let files = dirindex::MIN_FILES + 2;
-        {
-            let fs = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
-            for k in 0..files {
-                let (_, fh) = fs.create(ROOT_INO, &format!("f{k}"), 0o644, 1, 1).await.unwrap();
-                fs.write(fh, 0, &data(100, k as u8)).await.unwrap();
-                fs.release(fh).await.unwrap();
-            }
-            fs.flush_dir_indexes().await;
-        }
-        // Another mount of the volume, which knows nothing yet: a listing, then a lookup.
-        let fs = Fs::new(store.clone(), None, config(dir2.path(), KeyMode::SseS3)).unwrap();
-        assert_eq!(fs.opendir(ROOT_INO, 1).await.unwrap().len(), files, "the listing");
+        let (_dirs, store, fs) = listed_by_another_mount(dirindex::MIN_FILES + 2).await;
         store.add_rule(Rule::new(Some(OpKind::Get), When::Nth(1), Action::Panic));
         let attr = fs.lookup(ROOT_INO, "f0").await.unwrap();
         assert_eq!(attr.size, 100);
@@ -410,19 +417,8 @@ mod tests {
     /// from being fetched ahead again), and its own lookup is answered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_prefetch_head_that_panics_leaves_no_mark_behind() {
-        let (dir, dir2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let store = Arc::new(FailingStore::new(MemoryStore::new()));
-        {
-            let fs = Fs::new(store.clone(), None, config(dir.path(), KeyMode::SseS3)).unwrap();
-            for k in 0..3 {
-                let (_, fh) = fs.create(ROOT_INO, &format!("f{k}"), 0o644, 1, 1).await.unwrap();
-                fs.write(fh, 0, &data(100, k as u8)).await.unwrap();
-                fs.release(fh).await.unwrap();
-            }
-        }
         // Too few files for an index: the lookup of f0 after the listing HEADs f1 and f2 ahead.
-        let fs = Fs::new(store.clone(), None, config(dir2.path(), KeyMode::SseS3)).unwrap();
-        assert_eq!(fs.opendir(ROOT_INO, 1).await.unwrap().len(), 3, "the listing");
+        let (_dirs, store, fs) = listed_by_another_mount(3).await;
         store.add_rule(Rule::new(Some(OpKind::Head), When::Nth(1), Action::Panic).key_contains("f1"));
         fs.lookup(ROOT_INO, "f0").await.unwrap();
         assert!(

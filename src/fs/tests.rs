@@ -59,6 +59,15 @@ pub(super) fn data(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
+/// Files `f{k}` for `k` in `names` at the root, 100 bytes each, written and closed (so in the store).
+pub(super) async fn write_files(fs: &Fs, names: std::ops::Range<usize>) {
+    for k in names {
+        let (_, fh) = fs.create(ROOT_INO, &format!("f{k}"), 0o644, 1, 1).await.unwrap();
+        fs.write(fh, 0, &data(100, k as u8)).await.unwrap();
+        fs.release(fh).await.unwrap();
+    }
+}
+
 async fn read_all(fs: &Fs, ino: u64) -> Vec<u8> {
     let fh = fs.open(ino, false, false).await.unwrap();
     let mut out = Vec::new();
