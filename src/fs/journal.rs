@@ -85,9 +85,6 @@ const REDO_HEADER: usize = 16;
 pub const RESERVE_BYTES: u64 = 1 << 20;
 /// The reserve's file name in the journal directory.
 pub const RESERVE_FILE: &str = "reserve";
-/// Runs of at least this many blocks are sealed on two threads (a thread costs tens of microseconds; sealing
-/// eight 4 KiB blocks about as much).
-const PARALLEL_SEAL_BLOCKS: usize = 8;
 
 /// The journal directory of one volume and the key that seals journal blocks of files that have no key of their
 /// own (the SSE modes, and plaintext objects in a client-side mount with `allow_plaintext`).
@@ -674,7 +671,7 @@ impl Journal {
     }
 
     /// Seals `plains` (whole blocks, zero-padded) as blocks `first..` and writes them with one pwrite: their slots
-    /// are next to each other. A long run is sealed on two threads, so one writer uses both cores.
+    /// are next to each other.
     pub fn write_run(&self, first: u64, plains: &[&[u8]]) -> io::Result<()> {
         let mut out = vec![0u8; plains.len() * self.stored_len as usize];
         self.seal_run(first, plains, &mut out);
@@ -735,25 +732,17 @@ impl Journal {
         Ok(Some((first, slots)))
     }
 
-    /// Seals `plains` as blocks `first..` into `out`, one slot each.
+    /// Seals `plains` as blocks `first..` into `out`, one slot each, on the calling thread.
+    ///
+    /// One thread, not two: the writer's other core is not idle (the write-behind stages and sends parts on it, and
+    /// through S3 the server runs there), and a second thread per write cost its start, the wake-up at its end and
+    /// the plaintext's trip to the other core's cache. Over the in-memory store, 1 GiB in 1 MiB writes ran at
+    /// 705-760 MB/s on one thread against 589-633 on two, alternated five times (scripts/bench.d/analysis.md).
     fn seal_run(&self, first: u64, plains: &[&[u8]], out: &mut [u8]) {
-        let slot = self.stored_len as usize;
-        let seal = |first: u64, plains: &[&[u8]], out: &mut [u8]| {
-            let mut rng = rand::thread_rng();
-            for (k, (plain, slot_out)) in plains.iter().zip(out.chunks_mut(slot)).enumerate() {
-                self.cipher
-                    .seal_to_slice(first + k as u64, false, plain, &mut rng, slot_out);
-            }
-        };
-        if plains.len() >= PARALLEL_SEAL_BLOCKS {
-            let half = plains.len() / 2;
-            let (a, b) = out.split_at_mut(half * slot);
-            std::thread::scope(|s| {
-                s.spawn(|| seal(first + half as u64, &plains[half..], b));
-                seal(first, &plains[..half], a);
-            });
-        } else {
-            seal(first, plains, out);
+        let mut rng = rand::thread_rng();
+        for (k, (plain, slot_out)) in plains.iter().zip(out.chunks_mut(self.stored_len as usize)).enumerate() {
+            self.cipher
+                .seal_to_slice(first + k as u64, false, plain, &mut rng, slot_out);
         }
     }
 
