@@ -737,7 +737,7 @@ impl Journal {
     /// One thread, not two: the writer's other core is not idle (the write-behind stages and sends parts on it, and
     /// through S3 the server runs there), and a second thread per write cost its start, the wake-up at its end and
     /// the plaintext's trip to the other core's cache. Over the in-memory store, 1 GiB in 1 MiB writes ran at
-    /// 705-760 MB/s on one thread against 589-633 on two, alternated five times (scripts/bench.d/analysis.md).
+    /// 705-760 MB/s on one thread against 570-683 on two, alternated five times (scripts/bench.d/analysis.md).
     fn seal_run(&self, first: u64, plains: &[&[u8]], out: &mut [u8]) {
         let mut rng = rand::thread_rng();
         for (k, (plain, slot_out)) in plains.iter().zip(out.chunks_mut(self.stored_len as usize)).enumerate() {
